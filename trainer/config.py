@@ -1,0 +1,313 @@
+"""The run configuration: frozen, keyword-only sections under one root, loaded strictly from YAML + overrides.
+
+A run file is flat YAML with one mapping per section (``model:``, ``train:``, ...). Overrides are dotted
+``section.key=value`` strings whose value is parsed as YAML. Unknown sections or keys, and values of the
+wrong type, fail at start-up with a message that names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration the user must fix; the message names the key and what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: str
+    """Local Hugging Face model directory holding config.json and the tokenizer (weights unless random_init)."""
+    random_init: bool = False
+    """Build the weights from config.json with random values instead of loading them (tests, demo, benchmarks)."""
+    method: Literal["full", "lora", "qlora"] = "full"
+    """full: every parameter trains. lora: PEFT adapters on a frozen base. qlora: lora on a 4-bit NF4 base."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision; injected into the DeepSpeed config (bf16/fp16 sections). fp32 for exact CPU tests."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """auto: flash_attention_2 when installed and on GPU, else sdpa."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% more compute."""
+    family: str = "auto"
+    """Model family for LoRA targets and packing isolation (llama, qwen, mistral, baichuan, chatglm, moss, gpt2,
+    starcoder); auto reads config.json's model_type."""
+    trust_remote_code_paths: tuple[str, ...] = ()
+    """Model directories allowed to run their own modeling code (Baichuan, ChatGLM, MOSS). Empty: none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: str = "auto"
+    """auto: the family registry's modules; all-linear: every linear layer but the head; or a comma list."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA); slower, sometimes better at low rank."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str
+    """A directory written by ``python -m data_pipeline prepare`` (manifest.json, train/, val/)."""
+    verify_shards: bool = True
+    """Recompute shard hashes against the manifest before the first step (rank 0), refusing on mismatch."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0: load in the training process)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    output_dir: str
+    """Where checkpoints, metrics.jsonl, the resolved configs and the final export go."""
+    max_steps: int
+    """Optimizer steps of the whole run; the LR schedule is laid out over this many steps."""
+    micro_batch_size: int = 1
+    """Rows per rank per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step. global_batch_size = micro_batch_size x grad_accum_steps x world size."""
+    lr: float = 2e-5
+    """Peak learning rate, reached after warmup_steps."""
+    seed: int = 42
+    """Seeds model init, data order (with the epoch) and dropout."""
+    save_every_steps: int = 0
+    """Save a checkpoint every this many optimizer steps (0: only at the end)."""
+    log_every_steps: int = 1
+    """Print and append to metrics.jsonl every this many optimizer steps."""
+    stop_at_step: int | None = None
+    """Save and stop cleanly after this step, without changing the LR schedule (a job with a time limit)."""
+    keep_last_checkpoints: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a newer one is marked complete."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to lr x min_lr_ratio at max_steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay; never applied to norms and biases."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0: off); injected into the DeepSpeed config."""
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    """What to do when the loss is NaN/Inf: skip that optimizer step, or save nothing and stop with an error."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest complete checkpoint in output_dir if there is one."""
+    export: bool = True
+    """Write OUT/final (HF model or PEFT adapter + tokenizer) at the end of the run."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2.json"
+    """Path to a ds_configs JSON with DeepSpeed-only settings; batch sizes, clipping and precision are injected."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Compute val loss (token-weighted, all ranks) every this many optimizer steps; 0: only at the end."""
+    max_batches: int = 0
+    """Cap on val micro-batches per evaluation per rank (0: the whole val split)."""
+    prompts_file: str | None = None
+    """JSON lines or CSV of prompts to generate for at each evaluation (fixed seed); None: no generation."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt during evaluation."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Track the run in MLflow. false: mlflow is not even imported."""
+    uri: str | None = None
+    """Tracking URI; None: $MLFLOW_TRACKING_URI, else a local sqlite store under the output directory's parent."""
+    experiment: str = "sft"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Run name shown in the dashboard; None: the output directory's name."""
+    upload_weights: bool = False
+    """Upload full model weights as artifacts; false logs their path only. LoRA adapters are always uploaded."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        if t.max_steps <= 0:
+            raise ConfigError(f"train.max_steps={t.max_steps}: must be > 0")
+        if t.micro_batch_size <= 0 or t.grad_accum_steps <= 0:
+            raise ConfigError("train.micro_batch_size and train.grad_accum_steps must be > 0")
+        if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
+            raise ConfigError(f"train.stop_at_step={t.stop_at_step}: must be in 1..train.max_steps ({t.max_steps})")
+        if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
+            raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+        if t.keep_last_checkpoints < 1:
+            raise ConfigError("train.keep_last_checkpoints must be >= 1")
+        if self.model.method == "qlora" and self.model.dtype == "fp16":
+            raise ConfigError("model.dtype=fp16 with model.method=qlora: QLoRA computes in bf16; set model.dtype=bf16")
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation, converting only lossless cases (int->float, list->tuple)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (item_type, _ellipsis) = get_args(annotation)
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key {section}.{key}; valid keys of {section}: {', '.join(valid)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required key(s) {', '.join(f'{section}.{m}' for m in missing)}")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a nested dict, strictly."""
+    sections = _section_types()
+    merged = {name: dict(body or {}) for name, body in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, _, text = item.partition("=")
+        section, _, key = dotted.strip().partition(".")
+        if section not in sections or not key:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sections)}")
+        merged.setdefault(section, {})[key] = yaml.safe_load(text) if text.strip() else None
+    return merged
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts, failing on unknown sections/keys and wrong types."""
+    sections = _section_types()
+    unknown = [name for name in raw if name not in sections]
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}")
+    built = {name: _build_section(sections[name], raw[name] or {}, name) for name in raw}
+    for name in ("model", "data", "train"):
+        if name not in built:
+            raise ConfigError(f"missing section {name!r}")
+    return RunConfig(**built)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run YAML (or nothing) and apply dotted overrides; the one way a RunConfig is made from files."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
+        raw = loaded
+    try:
+        return build_config(apply_overrides(raw, overrides or []))
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists), for YAML/JSON dumps."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """``{"section.key": value}`` for every field, e.g. for MLflow params."""
+    return {f"{section}.{key}": value for section, body in to_dict(config).items() for key, value in body.items()}
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
