@@ -1,0 +1,852 @@
+"""Format readers: SFT corpus files, as published, streamed into normalized records.
+
+``detect_format`` names the format of a file from its extension and its first record; ``read_records`` yields one
+:class:`Conversation`, :class:`Text` or :class:`Reject` per source record, in file order, and never holds a whole
+corpus in memory: JSON lines are read line by line, a JSON array item by item (ijson), a Safety-Prompts object
+scenario by scenario (``ijson.kvitems``), CSV row by row. docs/formats.md has an example of every format, the
+reject reasons, and the MOSS plugin rule.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ijson
+
+from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Role, Text
+
+FORMATS: tuple[str, ...] = (
+    "alpaca",
+    "firefly",
+    "moss",
+    "conversation",
+    "sharegpt",
+    "messages",
+    "safety",
+    "csv",
+    "text",
+)
+"""Every format name ``--format`` accepts, in the order docs/formats.md lists them."""
+
+REJECT_REASONS: tuple[str, ...] = (
+    "malformed_json",
+    "malformed_csv",
+    "missing_field",
+    "non_string_field",
+    "empty_user",
+    "empty_assistant",
+    "empty_text",
+    "wrong_role_order",
+    "unknown_role",
+    "unsupported_role",
+    "unsupported_content",
+    "moss_plugin_turn",
+)
+"""Every ``Reject.reason`` a reader can give. Stable keys: manifests and rejects.jsonl count by them."""
+
+RAW_LIMIT = 500
+"""Characters of the raw record a Reject keeps (the rest is cut and the cut length noted)."""
+
+_SNIFF_LINES = 20
+"""Leading non-empty lines looked at when the first one is not JSON (a malformed first record)."""
+
+_WHITESPACE = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"
+
+# ShareGPT dumps name the speakers many ways; these are the ones that mean a plain chat role.
+_SHAREGPT_ROLES: dict[str, Role] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
+_MESSAGES_ROLES: dict[str, Role] = {
+    "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system message
+    "user": "user",
+    "assistant": "assistant",
+}
+# Roles that exist in published tool-use data (LLaMA-Factory, Glaive, OpenAI) but that no chat template here renders.
+_TOOL_ROLES = frozenset({"function_call", "observation", "tool", "function", "tool_call", "tool_response", "ipython"})
+
+_MOSS_PLUGIN_FIELDS = ("Inner Thoughts", "Commands", "Tool Responses")
+_MOSS_START = re.compile(r"\A<\|[^|<>]+\|>: ?")  # <|Human|>: , <|MOSS|>: , <|Results|>:
+_MOSS_END = re.compile(r"<eo[a-z]>\s*\Z")  # <eoh> <eom> <eot> <eoc> <eor>, then the newline after it
+_MOSS_TURN = re.compile(r"\Aturn_(\d+)\Z")
+
+Layout = Literal["array", "lines", "document"]
+
+
+class _Refused(Exception):
+    """Raised inside a converter: the record cannot be used, for ``reason``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Item:
+    """One parsed JSON record before conversion."""
+
+    index: int
+    value: Any
+    raw: str | None
+    """The record as read (a JSON line, a file's text); None when only the parsed value exists (array items)."""
+    error: str | None = None
+    """Why the record could not be parsed; ``value`` is None then."""
+    where: str = ""
+    """Prefix for a Reject's detail, e.g. the file name inside a MOSS directory."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def detect_format(path: Path) -> str:
+    """The format of ``path``: by extension for .csv/.txt, else by the keys of its first JSON record.
+
+    A directory is a MOSS directory (one conversation object per .json file). Raises InputError, in one line that
+    names the file and the formats known, when the file is missing, empty, or its first record fits no format.
+    """
+    path = Path(path)
+    _require_exists(path)
+    if path.is_dir():
+        return _detect_directory(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".txt":
+        return "text"
+    _require_nonempty(path)
+    shape = _peek_first_record(path)
+    if shape is None:
+        raise InputError(
+            f"{path}: cannot tell its format: none of its first {_SNIFF_LINES} records is a JSON object; "
+            f"known formats: {', '.join(FORMATS)} (.csv and .txt by extension); fix the file or pass --format NAME"
+        )
+    keys, item_keys = shape
+    fmt = _format_from_keys(keys, item_keys)
+    if fmt is None:
+        shown = ", ".join(sorted(keys)[:12]) or "none"
+        raise InputError(
+            f"{path}: cannot tell its format from the first record (keys: {shown}); known formats: "
+            f"{', '.join(FORMATS)}; see docs/formats.md or pass --format NAME"
+        )
+    return fmt
+
+
+def read_records(path: Path, fmt: str) -> Iterator[Record]:
+    """Yield one Conversation, Text or Reject per record of ``path`` read as ``fmt``, in file order.
+
+    Every record carries ``source=str(path)`` and a stable ``index``: line number - 1 for JSON lines, array index
+    for a JSON array, running index across scenarios for safety, data-row index for csv, sorted-file index for a
+    MOSS directory. Problems with the whole input (missing file, unknown format, a csv without a prompt,output
+    header, a JSON array broken mid-file) raise InputError; problems with one record yield a Reject.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r} for {path}; known formats: {', '.join(FORMATS)}")
+    _require_exists(path)
+    if path.is_dir():
+        if fmt != "moss":
+            raise InputError(f"{path} is a directory; only the moss format reads directories; pass a file instead")
+        return _read_moss_directory(path)
+    _require_nonempty(path)
+    match fmt:
+        case "csv":
+            columns = _csv_columns(path)
+            return _read_csv(path, columns)
+        case "text" if path.suffix.lower() == ".txt":
+            return _read_txt(path)
+        case "safety":
+            return _read_safety(path)
+        case _:
+            return _convert_items(path, fmt, _iter_json_items(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks and detection
+
+
+def _require_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory; check the --source path")
+
+
+def _require_nonempty(path: Path) -> None:
+    with path.open("rb") as f:
+        if _first_byte(f) == b"":
+            raise InputError(f"{path}: the file is empty; remove it from the sources")
+
+
+def _first_byte(f: Any) -> bytes:
+    """The first byte that is not whitespace or a UTF-8 byte-order mark, or b"" at end of file."""
+    start = True
+    while chunk := f.read(1 << 16):
+        if start and chunk.startswith(_BOM):
+            chunk = chunk[len(_BOM) :]
+        start = False
+        stripped = chunk.lstrip(_WHITESPACE)
+        if stripped:
+            return bytes(stripped[:1])
+    return b""
+
+
+def _detect_directory(path: Path) -> str:
+    files = _moss_files(path)
+    if not files:
+        raise InputError(f"{path} is a directory without .json files; a directory source must hold MOSS .json files")
+    shape = _peek_first_record(files[0])
+    if shape is None or _format_from_keys(*shape) != "moss":
+        raise InputError(
+            f"{path} is a directory, which only the moss format reads, but {files[0].name} is not a MOSS "
+            f"conversation (meta_instruction, chat); pass a file instead"
+        )
+    return "moss"
+
+
+def _format_from_keys(keys: frozenset[str], item_keys: frozenset[str]) -> str | None:
+    """The format whose record has these keys; ``item_keys``: keys of the first element of the first list value."""
+    if {"meta_instruction", "chat"} <= keys:
+        return "moss"
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "conversation" in keys:
+        return "conversation"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"input", "target"} <= keys:
+        return "firefly"
+    if "text" in keys:
+        return "text"
+    if {"prompt", "response"} <= item_keys:
+        return "safety"
+    return None
+
+
+def _peek_first_record(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
+    """Keys of the first record (the top object, or the first element of a top array), streamed.
+
+    Also the keys of the first element of its first value when that is a list of objects, which is how a
+    Safety-Prompts object (scenario -> [{prompt, response, type}]) shows. Falls back to the first lines that
+    parse when the very first record is malformed JSON lines. None when no record can be read.
+    """
+    try:
+        return _peek_events(path)
+    except (ijson.JSONError, UnicodeDecodeError):
+        pass
+    with path.open("rb") as f:
+        for line in _leading_lines(f):
+            try:
+                value = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(value, dict):
+                return frozenset(value), _first_item_keys(value)
+    return None
+
+
+def _peek_events(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
+    keys: list[str] = []
+    item_keys: list[str] = []
+    item_prefix: str | None = None
+    item_open = False
+    with path.open("rb") as f:
+        events = ijson.parse(f, multiple_values=True)
+        match next(events, None):
+            case ("", "start_map", _):
+                base = ""
+            case ("", "start_array", _):
+                if next(events, (None, None, None))[:2] != ("item", "start_map"):
+                    return None
+                base = "item"
+            case _:
+                return None
+        for prefix, event, value in events:
+            if prefix == base:
+                if event == "end_map":
+                    break
+                keys.append(value)  # the only other event at the record's own prefix is map_key
+                if len(keys) == 1:
+                    item_prefix = f"{base}.{value}.item" if base else f"{value}.item"
+            elif prefix == item_prefix:
+                # The first element of the record's first value: collect its keys until it closes.
+                if event == "start_map" and not item_open:
+                    item_open = True
+                elif event == "map_key" and item_open:
+                    item_keys.append(value)
+                else:
+                    item_prefix = None
+                    # A Safety-Prompts object may be one huge minified line: decide without reading further.
+                    if {"prompt", "response"} <= set(item_keys) and len(keys) == 1:
+                        break
+    return frozenset(keys), frozenset(item_keys)
+
+
+def _first_item_keys(record: dict[str, Any]) -> frozenset[str]:
+    for value in record.values():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return frozenset(value[0])
+        break
+    return frozenset()
+
+
+def _leading_lines(f: Any) -> Iterator[bytes]:
+    """Up to _SNIFF_LINES non-empty lines from the start of a binary file, stripped."""
+    found = 0
+    for number, line in enumerate(f):
+        stripped = (line[len(_BOM) :] if number == 0 and line.startswith(_BOM) else line).strip(_WHITESPACE)
+        if not stripped:
+            continue
+        yield stripped
+        found += 1
+        if found == _SNIFF_LINES:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON: lines, one array, or one document
+
+
+def _json_layout(path: Path) -> Layout:
+    """How a JSON file holds its records: one array, one object per line, or one (pretty-printed) document."""
+    with path.open("rb") as f:
+        if _first_byte(f) == b"[":
+            return "array"
+        f.seek(0)
+        lines = list(_leading_lines(f))
+    if _is_json(lines[0]):
+        return "lines"
+    if lines[0] == b"{":  # json.dump(indent=...) opens every document on a line of its own
+        return "document"
+    if any(_is_json(line) for line in lines[1:]):
+        return "lines"  # JSON lines whose first record is malformed
+    return "document"
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _iter_json_items(path: Path) -> Iterator[_Item]:
+    match _json_layout(path):
+        case "array":
+            return _iter_array(path)
+        case "lines":
+            return _iter_lines(path)
+        case "document":
+            return iter([_read_document(path, index=0)])
+
+
+def _iter_lines(path: Path) -> Iterator[_Item]:
+    with path.open("rb") as f:
+        for number, line in enumerate(f):
+            if number == 0 and line.startswith(_BOM):
+                line = line[len(_BOM) :]
+            if not line.strip(_WHITESPACE):
+                continue  # a blank line is no record; the line numbering of the others is kept
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                yield _Item(index=number, value=None, raw=raw, error=f"line is not UTF-8 ({error.reason})")
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                yield _Item(index=number, value=None, raw=text, error=f"not JSON: {error.msg} at column {error.colno}")
+                continue
+            yield _Item(index=number, value=value, raw=text)
+
+
+def _iter_array(path: Path) -> Iterator[_Item]:
+    with path.open("rb") as f:
+        items = ijson.items(f, "item", use_float=True)
+        index = 0
+        while True:
+            try:
+                value = next(items)
+            except StopIteration:
+                return
+            except (ijson.JSONError, UnicodeDecodeError) as error:
+                # The array itself is broken: nothing after this point can be located, so the file is unusable.
+                raise InputError(
+                    f"{path}: the JSON array is broken after record {index}: {_first_line(error)}; "
+                    f"fix the file or convert it to JSON lines"
+                ) from error
+            yield _Item(index=index, value=value, raw=None)
+            index += 1
+
+
+def _read_document(path: Path, *, index: int, where: str = "") -> _Item:
+    data = path.read_bytes()
+    raw = data.decode("utf-8", errors="replace")
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return _Item(index=index, value=None, raw=raw, error=f"not JSON: {_first_line(error)}", where=where)
+    return _Item(index=index, value=value, raw=raw, where=where)
+
+
+def _convert_items(path: Path, fmt: str, items: Iterator[_Item]) -> Iterator[Record]:
+    source = str(path)
+    for item in items:
+        record: Record
+        try:
+            if item.error is not None:
+                raise _Refused("malformed_json", item.error)
+            if not isinstance(item.value, dict):
+                raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
+            record = _convert(fmt, item.value, source, item.index)
+        except _Refused as refused:
+            raw = item.raw if item.raw is not None else _dump(item.value)
+            record = Reject(
+                reason=refused.reason,
+                source=source,
+                index=item.index,
+                raw=_truncate(raw),
+                detail=item.where + refused.detail,
+            )
+        yield record
+
+
+def _convert(fmt: str, record: dict[str, Any], source: str, index: int) -> Conversation | Text:
+    match fmt:
+        case "alpaca":
+            turns = _alpaca_turns(record)
+        case "firefly":
+            turns = [("user", _text_field(record, "input")), ("assistant", _text_field(record, "target"))]
+        case "moss":
+            turns = _moss_turns(record)
+        case "conversation":
+            turns = _conversation_turns(record)
+        case "sharegpt":
+            turns = _sharegpt_turns(record)
+        case "messages":
+            turns = _messages_turns(record)
+        case "text":
+            return _text_record(_text_field(record, "text"), source, index)
+        case _:
+            raise AssertionError(f"format {fmt} has no JSON record converter")
+    return Conversation(messages=_validated(turns), source=source, index=index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Record converters: a published record -> [(role, text), ...]; they raise _Refused
+
+
+def _alpaca_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+    instruction = _text_field(record, "instruction")
+    query = _optional_text(record, "input")
+    output = _text_field(record, "output")
+    turns = _system_turn(record, "system")
+    # LLaMA-Factory's alpaca form: earlier rounds as [[user, assistant], ...] before the instruction.
+    for number, pair in enumerate(_optional_list(record, "history")):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _Refused("non_string_field", f"history[{number}] is not a [user, assistant] pair")
+        for part in pair:
+            if not isinstance(part, str):
+                raise _Refused("non_string_field", f"history[{number}] holds {_type_name(part)}, not a string")
+        turns += [("user", pair[0]), ("assistant", pair[1])]
+    user = f"{instruction}\n{query}" if query else instruction
+    return [*turns, ("user", user), ("assistant", output)]
+
+
+def _moss_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+    turns: list[tuple[Role, str]] = [("system", _text_field(record, "meta_instruction"))]
+    chat = record.get("chat")
+    if not isinstance(chat, dict):
+        reason = "missing_field" if chat is None else "non_string_field"
+        raise _Refused(reason, f"'chat' is {_type_name(chat)}, not an object of turn_N")
+    names = []
+    for name in chat:
+        match = _MOSS_TURN.match(name)
+        if match is None:
+            raise _Refused("missing_field", f"chat key {name!r} is not turn_N")
+        names.append((int(match.group(1)), name))
+    for position, (_, name) in enumerate(sorted(names)):
+        turn = chat[name]
+        if not isinstance(turn, dict):
+            raise _Refused("non_string_field", f"chat.{name} is {_type_name(turn)}, not an object")
+        plugin = _moss_plugin_use(turn, name)
+        if plugin is not None:
+            # Documented choice: keep the turns before the first plugin turn, refuse if that leaves none.
+            if position == 0:
+                raise _Refused("moss_plugin_turn", f"chat.{name} uses plugins ({plugin}); no turn before it")
+            break
+        user = _strip_moss_markers(_text_field(turn, "Human", f"chat.{name}."))
+        assistant = _strip_moss_markers(_text_field(turn, "MOSS", f"chat.{name}."))
+        turns += [("user", user), ("assistant", assistant)]
+    return turns
+
+
+def _moss_plugin_use(turn: dict[str, Any], name: str) -> str | None:
+    """The first plugin field this turn fills (not "None"), or None for a plain chat turn."""
+    for field in _MOSS_PLUGIN_FIELDS:
+        value = turn.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _Refused("non_string_field", f"chat.{name}.{field} is {_type_name(value)}, not a string")
+        if _strip_moss_markers(value).strip() not in ("", "None"):
+            return field
+    return None
+
+
+def _strip_moss_markers(value: str) -> str:
+    """``<|Human|>: text<eoh>\\n`` -> ``text``; text without the markers is returned as it is."""
+    return _MOSS_END.sub("", _MOSS_START.sub("", value, count=1), count=1)
+
+
+def _conversation_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+    turns = _system_turn(record, "system")
+    rounds = _list_field(record, "conversation")
+    if not rounds:
+        raise _Refused("missing_field", "'conversation' is an empty list")
+    for number, pair in enumerate(rounds):
+        where = f"conversation[{number}]."
+        if not isinstance(pair, dict):
+            raise _Refused("non_string_field", f"conversation[{number}] is {_type_name(pair)}, not an object")
+        turns += [("user", _text_field(pair, "human", where)), ("assistant", _text_field(pair, "assistant", where))]
+    return turns
+
+
+def _sharegpt_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+    turns = _system_turn(record, "system")
+    messages = _list_field(record, "conversations")
+    if not messages:
+        raise _Refused("missing_field", "'conversations' is an empty list")
+    for number, message in enumerate(messages):
+        where = f"conversations[{number}]."
+        if not isinstance(message, dict):
+            raise _Refused("non_string_field", f"conversations[{number}] is {_type_name(message)}, not an object")
+        # Some ShareGPT exports use OpenAI's role/content keys inside "conversations".
+        role_key, text_key = ("role", "content") if "from" not in message and "role" in message else ("from", "value")
+        role = _role(_text_field(message, role_key, where).lower(), _SHAREGPT_ROLES, where)
+        text = _text_field(message, text_key, where)
+        if role == "system" and not turns and number == 0 and not text.strip():
+            continue
+        turns.append((role, text))
+    return turns
+
+
+def _messages_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+    turns: list[tuple[Role, str]] = []
+    messages = _list_field(record, "messages")
+    if not messages:
+        raise _Refused("missing_field", "'messages' is an empty list")
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]."
+        if not isinstance(message, dict):
+            raise _Refused("non_string_field", f"messages[{number}] is {_type_name(message)}, not an object")
+        role = _role(_text_field(message, "role", where).lower(), _MESSAGES_ROLES, where)
+        for call_key in ("tool_calls", "function_call"):
+            if message.get(call_key):
+                raise _Refused("unsupported_content", f"{where}{call_key} is set; tool calls are not rendered")
+        text = _message_content(message, where)
+        if role == "system" and number == 0 and not text.strip():
+            continue
+        turns.append((role, text))
+    return turns
+
+
+def _message_content(message: dict[str, Any], where: str) -> str:
+    """A message's text: a string, or a list of text parts joined (OpenAI's multi-part form)."""
+    if "content" not in message:
+        raise _Refused("missing_field", f"{where}missing 'content'")
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _Refused("non_string_field", f"{where}content is {_type_name(content)}, not a string")
+    texts = []
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = kind if isinstance(kind, str) else _type_name(part)
+            raise _Refused("unsupported_content", f"{where}content[{number}] is a {shown} part; only text is rendered")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _role(name: str, roles: dict[str, Role], where: str) -> Role:
+    if name in roles:
+        return roles[name]
+    if name in _TOOL_ROLES:
+        raise _Refused("unsupported_role", f"{where}role {name!r} (tool use) is not rendered by the chat templates")
+    raise _Refused("unknown_role", f"{where}role {name!r}; known: {', '.join(sorted(roles))}")
+
+
+def _validated(turns: list[tuple[Role, str]]) -> tuple[Message, ...]:
+    """Check the role order and emptiness rules of a Conversation; text is kept exactly."""
+    body = turns[1:] if turns and turns[0][0] == "system" else turns
+    if not body:
+        raise _Refused("missing_field", "no user or assistant turn")
+    order = ",".join(role for role, _ in turns)
+    for position, (role, _) in enumerate(body):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if role != expected:
+            raise _Refused(
+                "wrong_role_order",
+                f"roles {order}: expected an optional system, then user/assistant alternating, ending with assistant",
+            )
+    if body[-1][0] != "assistant":
+        raise _Refused("wrong_role_order", f"roles {order}: the last turn is a user turn with no answer")
+    for position, (role, text) in enumerate(body):
+        if not text.strip():
+            raise _Refused(f"empty_{role}", f"turn {position} ({role}) is empty or whitespace")
+    return tuple(Message(role=role, content=text) for role, text in turns)
+
+
+def _text_record(text: str, source: str, index: int) -> Text:
+    if not text.strip():
+        raise _Refused("empty_text", "the text is empty or whitespace")
+    return Text(text=text, source=source, index=index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field access
+
+
+def _text_field(record: dict[str, Any], key: str, where: str = "") -> str:
+    if key not in record:
+        raise _Refused("missing_field", f"{where}{key} is missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise _Refused("non_string_field", f"{where}{key} is {_type_name(value)}, not a string")
+    return value
+
+
+def _optional_text(record: dict[str, Any], key: str) -> str:
+    """A text field that may be absent or null (alpaca's input): "" then."""
+    if record.get(key) is None:
+        return ""
+    return _text_field(record, key)
+
+
+def _system_turn(record: dict[str, Any], key: str) -> list[tuple[Role, str]]:
+    """An optional system prompt; empty or whitespace counts as none."""
+    system = _optional_text(record, key)
+    return [("system", system)] if system.strip() else []
+
+
+def _list_field(record: dict[str, Any], key: str) -> list[Any]:
+    if key not in record:
+        raise _Refused("missing_field", f"{key} is missing")
+    value = record[key]
+    if not isinstance(value, list):
+        raise _Refused("non_string_field", f"{key} is {_type_name(value)}, not a list")
+    return value
+
+
+def _optional_list(record: dict[str, Any], key: str) -> list[Any]:
+    return [] if record.get(key) is None else _list_field(record, key)
+
+
+def _type_name(value: Any) -> str:
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "a boolean"
+        case int() | float():
+            return "a number"
+        case str():
+            return "a string"
+        case list():
+            return "a list"
+        case dict():
+            return "an object"
+        case _:
+            return type(value).__name__
+
+
+def _truncate(raw: str) -> str:
+    if len(raw) <= RAW_LIMIT:
+        return raw
+    return f"{raw[:RAW_LIMIT]}...[{len(raw) - RAW_LIMIT} more characters]"
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error.args[0] if error.args else None, bytes):
+        text = error.args[0].decode("utf-8", errors="replace")
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MOSS directories, Safety-Prompts, CSV, plain text
+
+
+def _moss_files(directory: Path) -> list[Path]:
+    """The .json files under a MOSS directory (its category subfolders too), in sorted relative-path order."""
+    files = [p for p in directory.rglob("*.json") if p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def _read_moss_directory(directory: Path) -> Iterator[Record]:
+    files = _moss_files(directory)
+    if not files:
+        raise InputError(f"{directory} is a directory without .json files; a moss directory holds one .json per chat")
+    items = (
+        _read_document(file, index=index, where=f"{file.relative_to(directory).as_posix()}: ")
+        for index, file in enumerate(files)
+    )
+    return _convert_items(directory, "moss", items)
+
+
+def _read_safety(path: Path) -> Iterator[Record]:
+    with path.open("rb") as f:
+        if _first_byte(f) != b"{":
+            raise InputError(
+                f"{path}: the safety format is one JSON object mapping scenario -> [{{prompt, response, type}}]; "
+                f"this file does not start with an object"
+            )
+    return _iter_safety(path)
+
+
+def _iter_safety(path: Path) -> Iterator[Record]:
+    source = str(path)
+    index = 0
+    with path.open("rb") as f:
+        scenarios = ijson.kvitems(f, "", use_float=True)
+        while True:
+            try:
+                scenario, items = next(scenarios)
+            except StopIteration:
+                return
+            except (ijson.JSONError, UnicodeDecodeError) as error:
+                raise InputError(
+                    f"{path}: the JSON object is broken after record {index}: {_first_line(error)}; fix the file"
+                ) from error
+            if not isinstance(items, list):
+                yield Reject(
+                    reason="non_string_field",
+                    source=source,
+                    index=index,
+                    raw=_truncate(_dump({scenario: items})),
+                    detail=f"scenario {scenario!r} is {_type_name(items)}, not a list",
+                )
+                index += 1
+                continue
+            for item in items:
+                yield _safety_record(item, scenario, source, index)
+                index += 1
+
+
+def _safety_record(item: Any, scenario: str, source: str, index: int) -> Record:
+    try:
+        if not isinstance(item, dict):
+            raise _Refused("non_string_field", f"an element of {scenario!r} is {_type_name(item)}, not an object")
+        turns: list[tuple[Role, str]] = [
+            ("user", _text_field(item, "prompt")),
+            ("assistant", _text_field(item, "response")),
+        ]
+        return Conversation(messages=_validated(turns), source=source, index=index)
+    except _Refused as refused:
+        return Reject(
+            reason=refused.reason,
+            source=source,
+            index=index,
+            raw=_truncate(_dump(item)),
+            detail=f"scenario {scenario!r}: {refused.detail}",
+        )
+
+
+def _open_csv(path: Path) -> io.TextIOWrapper:
+    # utf-8-sig drops the byte-order mark spreadsheet exports put before the header; newline="" lets the csv
+    # module see the line breaks inside quoted fields.
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _csv_columns(path: Path) -> tuple[int, int, int]:
+    """Positions of the prompt and output columns and the header width; InputError without that header."""
+    try:
+        with _open_csv(path) as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path}: cannot read the csv header: {_first_line(error)}") from error
+    names = [name.strip() for name in header]
+    if "prompt" not in names or "output" not in names:
+        raise InputError(
+            f"{path}: a csv source needs a header row with prompt,output columns; found: {','.join(names)[:200]}"
+        )
+    return names.index("prompt"), names.index("output"), len(names)
+
+
+def _read_csv(path: Path, columns: tuple[int, int, int]) -> Iterator[Record]:
+    prompt_at, output_at, width = columns
+    source = str(path)
+    # One answer may be longer than the csv module's default 128 KiB field limit; raising it affects nothing else.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    with _open_csv(path) as f:
+        rows = csv.reader(f)
+        next(rows)
+        index = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except (UnicodeDecodeError, csv.Error) as error:
+                raise InputError(f"{path}: cannot read csv row {index}: {_first_line(error)}") from error
+            if not row:
+                index += 1
+                continue  # a blank line is no row
+            record: Record
+            if len(row) != width:
+                record = Reject(
+                    reason="malformed_csv",
+                    source=source,
+                    index=index,
+                    raw=_truncate(_csv_line(row)),
+                    detail=f"row has {len(row)} fields, the header {width} (an unquoted comma or a missing field?)",
+                )
+            else:
+                try:
+                    turns: list[tuple[Role, str]] = [("user", row[prompt_at]), ("assistant", row[output_at])]
+                    record = Conversation(messages=_validated(turns), source=source, index=index)
+                except _Refused as refused:
+                    raw = _truncate(_csv_line(row))
+                    record = Reject(reason=refused.reason, source=source, index=index, raw=raw, detail=refused.detail)
+            yield record
+            index += 1
+
+
+def _csv_line(row: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(row)
+    return buffer.getvalue().rstrip("\r\n")
+
+
+def _read_txt(path: Path) -> Iterator[Record]:
+    """A .txt file is one document: every token of it is trained (prepare cuts it into max-seq-len chunks)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text (byte {error.start}); convert it to UTF-8") from error
+    # _require_nonempty has refused a blank file, so this Text is never empty.
+    return iter([Text(text=text, source=str(path), index=0)])
