@@ -472,7 +472,8 @@ def _alpaca_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
 
 
 def _moss_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
-    turns: list[tuple[Role, str]] = [("system", _text_field(record, "meta_instruction"))]
+    system = _text_field(record, "meta_instruction")
+    turns: list[tuple[Role, str]] = [("system", system)] if system.strip() else []
     chat = record.get("chat")
     if not isinstance(chat, dict):
         reason = "missing_field" if chat is None else "non_string_field"
