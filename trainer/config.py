@@ -137,13 +137,18 @@ class TrackingConfig:
     enabled: bool = True
     """Track the run in MLflow. false: mlflow is not even imported."""
     uri: str | None = None
-    """Tracking URI; None: $MLFLOW_TRACKING_URI, else a local sqlite store under the output directory's parent."""
+    """Tracking URI; None: $MLFLOW_TRACKING_URI, else the embedded store <output_dir's parent>/mlruns (sqlite)."""
     experiment: str = "sft"
     """MLflow experiment name."""
     run_name: str | None = None
     """Run name shown in the dashboard; None: the output directory's name."""
     upload_weights: bool = False
     """Upload full model weights as artifacts; false logs their path only. LoRA adapters are always uploaded."""
+    close_timeout_s: float = 60.0
+    """At the end of the run, wait at most this long for the server to take what is still queued or spooled;
+    the rest stays in OUT/mlflow_spool for `python -m trainer.tracking sync OUT`."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk (and GPU with pynvml) usage every 10 s as system/* metrics."""
 
 
 @dataclass(frozen=True, kw_only=True)
