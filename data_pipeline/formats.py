@@ -788,7 +788,9 @@ def _csv_columns(path: Path) -> tuple[int, int, int]:
     try:
         with _open_csv(path) as f:
             header = next(csv.reader(f), [])
-    except (UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text near the csv header; convert the file to UTF-8") from error
+    except csv.Error as error:
         raise InputError(f"{path}: cannot read the csv header: {_first_line(error)}") from error
     names = [name.strip() for name in header]
     if "prompt" not in names or "output" not in names:
@@ -812,7 +814,10 @@ def _read_csv(path: Path, columns: tuple[int, int, int]) -> Iterator[Record]:
                 row = next(rows)
             except StopIteration:
                 return
-            except (UnicodeDecodeError, csv.Error) as error:
+            except UnicodeDecodeError as error:
+                # The decoder reads ahead, so the bad bytes lie at or a little after this row.
+                raise InputError(f"{path}: not UTF-8 text near csv row {index}; convert the file to UTF-8") from error
+            except csv.Error as error:
                 raise InputError(f"{path}: cannot read csv row {index}: {_first_line(error)}") from error
             if not row:
                 index += 1

@@ -750,3 +750,16 @@ def test_json_lines_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert reasons == {"Conversation": 4000}
     assert peak < path.stat().st_size / 20
+
+
+def test_csv_that_is_not_utf8_is_an_input_error(tmp_path: Path) -> None:
+    small = tmp_path / "small.csv"
+    small.write_bytes("prompt,output\n你好,世界\n".encode("gbk"))
+    with pytest.raises(InputError, match="not UTF-8 text near the csv header"):
+        read_records(small, "csv")
+    big = tmp_path / "big.csv"  # the bad bytes lie past the decoder's first read
+    big.write_bytes(b"prompt,output\n" + b"ok,fine\n" * 20000 + "你好,世界\n".encode("gbk"))
+    records = read_records(big, "csv")
+    assert pairs(next(records)) == [("user", "ok"), ("assistant", "fine")]
+    with pytest.raises(InputError, match="not UTF-8 text near csv row"):
+        list(records)
