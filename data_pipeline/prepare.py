@@ -1,0 +1,785 @@
+"""Orchestrate ``prepare``: sources -> records -> blocks -> (tokenize, mask, split, pack, shard) -> manifest.
+
+The unit of work is a *block*: ``block_size`` consecutive samples of the input stream (all sources in order).
+The main process reads records in order and cuts them into blocks; each block is processed independently,
+in this process or in a worker, into at most one train shard and one val shard, a rejects file and a small
+completion record (``OUT/.blocks/NNNNN.json``) written last. Because a block's output depends only on its
+samples and the options:
+
+- any worker count gives byte-identical shards (results are assembled in block order);
+- a re-run after a crash keeps every block whose completion record and shards verify, and redoes the rest;
+- ``num_tasks``/``task_index`` take every T-th block, and ``merge`` assembles partial outputs into exactly the
+  directory a single run writes;
+- packing runs per block and split, so memory is bounded by the block, not the corpus.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from data_pipeline.conversation import Conversation, InputError, Record, Reject, Text
+from data_pipeline.pack import pack_bins
+from data_pipeline.schema import (
+    IGNORE_INDEX,
+    MANIFEST_FILE,
+    REJECTS_FILE,
+    SCHEMA_VERSION,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    SourceInfo,
+    SplitInfo,
+    sha256_file,
+    tokenizer_fingerprint,
+)
+from data_pipeline.shards import link_or_copy, write_shard, write_split_metadata
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from data_pipeline.templates import ChatTemplate
+
+BLOCKS_DIR = ".blocks"
+"""Per-block completion records, rejects and the plan, inside OUT. What resume and merge read."""
+RAW_CHARS = 500
+"""Raw record text kept per line of rejects.jsonl."""
+# Options that change nothing in the output; they are not part of the manifest or the plan fingerprint.
+EXECUTION_OPTIONS = ("out", "workers", "progress", "num_tasks", "task_index")
+
+
+class TooManyRejects(Exception):
+    """The rejected fraction exceeded ``max_bad_fraction``; rejects.jsonl is written, the manifest is not."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    path: str
+    """A corpus file (JSON lines, a JSON array or object, CSV or text; see formats.FORMATS)."""
+    format: str = "auto"
+    """Format name, or "auto" to detect it from the first records."""
+    template: str | None = None
+    """Chat template for this source only (None: PrepareOptions.template)."""
+    samples: int | None = None
+    """Take only the first this many records of the source (None: all). Exclusive with weight."""
+    weight: float | None = None
+    """Up/down-sample: each record is used floor(weight) times plus once more with probability frac(weight),
+    decided by a hash of (seed, source position, record index), so it is deterministic. Exclusive with samples."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    sources: tuple[SourceSpec, ...]
+    """Input corpora, read in this order."""
+    tokenizer: str
+    """A tokenizer directory (tokenizer.json, or a SentencePiece tokenizer.model converted to a fast tokenizer)."""
+    out: str
+    """Output directory: train/, val/, manifest.json, rejects.jsonl. Re-running into it resumes."""
+    template: str = "auto"
+    """Chat template name (templates.TEMPLATE_NAMES) or "auto" (by tokenizer family, else its chat_template)."""
+    max_seq_len: int = 2048
+    """Upper bound on tokens per row; longer samples are handled by `overlong`."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Samples over max_seq_len: truncate (keeping at least one trained token) or drop with reason too_long."""
+    last_turn_only: bool = False
+    """Train only the last assistant turn of each conversation (earlier turns become context)."""
+    pack: bool = False
+    """Bin samples into rows of max_seq_len (best-fit decreasing per block); position_ids restart per sample."""
+    val_fraction: float = 0.01
+    """Fraction of records sent to val/, decided by a hash of (seed, record content): identical records land
+    in the same split and the choice does not depend on order, workers or tasks."""
+    max_bad_fraction: float = 0.01
+    """Fail (after writing rejects.jsonl, without a manifest) when rejected / read exceeds this."""
+    seed: int = 0
+    """Seeds the val split and the weight sampling."""
+    block_size: int = 8192
+    """Samples per block: the unit of work, resume and tasks, the packing window, and at most one shard per
+    split. A shard holds at most block_size x max_seq_len tokens per column."""
+    workers: int = 1
+    """Processes that tokenize blocks (1: in this process). Output is byte-identical for any value."""
+    num_tasks: int = 1
+    """Split the work into this many tasks (e.g. a SLURM array); each writes a partial OUT for `merge`."""
+    task_index: int = 0
+    """Which task this is, 0..num_tasks-1: it processes blocks whose index % num_tasks == task_index."""
+    progress: bool = True
+    """Show a progress bar (records/s, tokens/s) on stderr."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise InputError("prepare: no sources; pass --source PATH (or `sources:` in the --config YAML)")
+        checks = [
+            (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
+            (self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
+            (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]"),
+            (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.workers >= 1, "workers", "must be >= 1"),
+            (self.num_tasks >= 1, "num_tasks", "must be >= 1"),
+            (0 <= self.task_index < self.num_tasks, "task_index", "must be in 0..num_tasks-1"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise InputError(f"prepare option {key}={getattr(self, key)!r} {what}")
+        for spec in self.sources:
+            if spec.samples is not None and spec.weight is not None:
+                raise InputError(f"source {spec.path}: give samples or weight, not both")
+            if spec.samples is not None and spec.samples < 0:
+                raise InputError(f"source {spec.path}: samples must be >= 0")
+            if spec.weight is not None and spec.weight < 0:
+                raise InputError(f"source {spec.path}: weight must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Everything resolved before any work; what decides the output bytes is hashed into `fingerprint`."""
+
+    sources: tuple[SourceInfo, ...]
+    """Sources with size, sha256 and resolved format; records is 0 here (counted per block)."""
+    specs: tuple[SourceSpec, ...]
+    templates: tuple[str, ...]
+    """Resolved template name per source."""
+    template: str
+    """Resolved name of PrepareOptions.template."""
+    tokenizer_path: str
+    tokenizer_fingerprint: str
+    options: dict[str, Any]
+    """The manifest's options: every PrepareOptions field except EXECUTION_OPTIONS."""
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Plan:
+        return cls(
+            sources=tuple(SourceInfo(**s) for s in raw["sources"]),
+            specs=tuple(SourceSpec(**s) for s in raw["specs"]),
+            templates=tuple(raw["templates"]),
+            template=raw["template"],
+            tokenizer_path=raw["tokenizer_path"],
+            tokenizer_fingerprint=raw["tokenizer_fingerprint"],
+            options=raw["options"],
+            fingerprint=raw["fingerprint"],
+        )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load a fast tokenizer from a directory; raise InputError (one line) when it does not load."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise InputError(f"--tokenizer {path}: not a directory; pass the model or tokenizer directory")
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    try:
+        if not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file():
+            # A bare SentencePiece model (e.g. Llama 2): transformers converts it to a fast tokenizer.
+            return LlamaTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types here; the user needs one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"--tokenizer {path}: does not load ({first}); pass a directory with tokenizer.json or tokenizer.model"
+        ) from exc
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a source file; of a directory source (MOSS), over its files' names and hashes."""
+    if path.is_file():
+        return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}\n" for p in files)
+    return {"size": sum(p.stat().st_size for p in files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> Plan:
+    """Check every input (files, formats, templates) and hash the sources; InputError on the first problem."""
+    from data_pipeline.formats import FORMATS, detect_format
+    from data_pipeline.templates import resolve_template
+
+    formats: list[str] = []
+    for spec in options.sources:
+        path = Path(spec.path)
+        if not path.exists():
+            raise InputError(f"--source {spec.path}: no such file or directory; check the path")
+        if spec.format == "auto":
+            formats.append(detect_format(path))
+        elif spec.format in FORMATS:
+            formats.append(spec.format)
+        else:
+            raise InputError(f"--format {spec.format!r} for {spec.path}: unknown; choose one of {', '.join(FORMATS)}")
+    default_template = resolve_template(options.template, tokenizer).name
+    templates = tuple(
+        default_template if spec.template is None else resolve_template(spec.template, tokenizer).name
+        for spec in options.sources
+    )
+    sources = tuple(
+        SourceInfo(path=spec.path, **_digest(Path(spec.path)), format=fmt, records=0)
+        for spec, fmt in zip(options.sources, formats, strict=True)
+    )
+    manifest_options = {k: v for k, v in dataclasses.asdict(options).items() if k not in EXECUTION_OPTIONS}
+    plan = Plan(
+        sources=sources,
+        specs=options.sources,
+        templates=templates,
+        template=default_template,
+        tokenizer_path=options.tokenizer,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        options=manifest_options,
+    )
+    body = plan.to_dict()
+    # max_bad_fraction only decides pass/fail, not the shards: changing it must not invalidate finished blocks.
+    body["options"] = {k: v for k, v in body["options"].items() if k != "max_bad_fraction"}
+    body.pop("specs")  # already inside options
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return dataclasses.replace(plan, fingerprint=digest)
+
+
+# ------------------------------------------------------------------------------------------ the records
+
+
+def _unit_hash(*parts: object) -> float:
+    """A deterministic number in [0, 1) from the parts (blake2b, 64 bits)."""
+    digest = hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _copies(weight: float | None, seed: int, source: int, index: int) -> int:
+    if weight is None:
+        return 1
+    whole = int(weight)
+    return whole + (1 if _unit_hash("weight", seed, source, index) < weight - whole else 0)
+
+
+def iter_samples(plan: Plan) -> Iterator[tuple[int, Record]]:
+    """Yield (source position, record) for every sample, sources in order, limits and weights applied."""
+    from data_pipeline.formats import read_records
+
+    seed = int(plan.options["seed"])
+    for position, (spec, info) in enumerate(zip(plan.specs, plan.sources, strict=True)):
+        for taken, record in enumerate(read_records(Path(info.path), info.format)):
+            if spec.samples is not None and taken >= spec.samples:
+                break
+            copies = 1 if isinstance(record, Reject) else _copies(spec.weight, seed, position, record.index)
+            for _ in range(copies):
+                yield position, record
+
+
+def _blocks(samples: Iterable[tuple[int, Record]], size: int) -> Iterator[list[tuple[int, Record]]]:
+    block: list[tuple[int, Record]] = []
+    for sample in samples:
+        block.append(sample)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+# -------------------------------------------------------------------------------------- one block's work
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerState:
+    """What processing a block needs; built once per process."""
+
+    plan: Plan
+    templates: dict[str, ChatTemplate]
+    out: Path
+
+
+_STATE: WorkerState | None = None
+
+
+def _init_worker(state: WorkerState) -> None:
+    global _STATE
+    # One tokenizer thread per worker process: workers are the unit of parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _STATE = state
+
+
+def _process_in_worker(job: tuple[int, list[tuple[int, Record]]]) -> dict[str, Any]:
+    assert _STATE is not None, "worker not initialized"
+    return process_block(_STATE, job[0], job[1])
+
+
+def _raw_of(record: Conversation | Text) -> str:
+    if isinstance(record, Text):
+        return record.text[:RAW_CHARS]
+    body = [{"role": m.role, "content": m.content} for m in record.messages]
+    return json.dumps(body, ensure_ascii=False)[:RAW_CHARS]
+
+
+def _content_key(record: Conversation | Text) -> object:
+    if isinstance(record, Text):
+        return record.text
+    return [[m.role, m.content] for m in record.messages]
+
+
+def _reject_line(reject: Reject) -> str:
+    body = {
+        "source": reject.source,
+        "index": reject.index,
+        "reason": reject.reason,
+        "detail": reject.detail,
+        "raw": reject.raw[:RAW_CHARS],
+    }
+    return json.dumps(body, ensure_ascii=False) + "\n"
+
+
+def _length_bucket(length: int) -> str:
+    bucket = 64
+    while bucket < length:
+        bucket *= 2
+    return f"<={bucket}"
+
+
+def _encode(
+    state: WorkerState, records: list[tuple[int, Record]]
+) -> list[Reject | list[tuple[np.ndarray, np.ndarray]]]:
+    """Tokenize and mask every record: a Reject, or the record's sequences as (input_ids, labels) arrays."""
+    from data_pipeline.templates import Encoded, fit_length
+
+    options = state.plan.options
+    max_len = int(options["max_seq_len"])
+    results: list[Reject | list[tuple[np.ndarray, np.ndarray]]] = [
+        record if isinstance(record, Reject) else [] for _, record in records
+    ]
+    # Records are grouped by (template, kind) so each template sees one batch call.
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for slot, (position, record) in enumerate(records):
+        if not isinstance(record, Reject):
+            groups.setdefault((state.plan.templates[position], isinstance(record, Text)), []).append(slot)
+    for (name, is_text), slots in sorted(groups.items()):
+        template = state.templates[name]
+        if is_text:
+            texts = [records[s][1] for s in slots]
+            token_lists = template.encode_text_batch([t.text for t in texts if isinstance(t, Text)])
+            for slot, ids in zip(slots, token_lists, strict=True):
+                if not ids:
+                    text = records[slot][1]
+                    assert isinstance(text, Text)
+                    results[slot] = Reject(
+                        reason="empty_text", source=text.source, index=text.index, raw=_raw_of(text), detail=""
+                    )
+                    continue
+                array = np.asarray(ids, dtype=np.int32)
+                results[slot] = [
+                    (array[i : i + max_len], array[i : i + max_len]) for i in range(0, len(array), max_len)
+                ]
+            continue
+        convs = [c for c in (records[s][1] for s in slots) if isinstance(c, Conversation)]
+        encoded = template.encode_batch(convs, last_turn_only=bool(options["last_turn_only"]))
+        for slot, conv, enc in zip(slots, convs, encoded, strict=True):
+            if isinstance(enc, Reject):
+                results[slot] = enc
+                continue
+            fitted = fit_length(enc, max_len, options["overlong"])
+            if isinstance(fitted, Encoded):
+                results[slot] = [
+                    (np.asarray(fitted.input_ids, dtype=np.int32), np.asarray(fitted.labels, dtype=np.int32))
+                ]
+            else:
+                detail = f"{len(enc.input_ids)} tokens, max_seq_len {max_len}, overlong={options['overlong']}"
+                results[slot] = Reject(
+                    reason=fitted, source=conv.source, index=conv.index, raw=_raw_of(conv), detail=detail
+                )
+    return results
+
+
+def _rows(sequences: list[tuple[np.ndarray, np.ndarray]], pack: bool, max_len: int) -> list[list[int]]:
+    if not pack:
+        return [[i] for i in range(len(sequences))]
+    return pack_bins([len(ids) for ids, _ in sequences], max_len)
+
+
+def _write_split(
+    path: Path, sequences: list[tuple[np.ndarray, np.ndarray]], pack: bool, max_len: int
+) -> tuple[ShardInfo | None, int]:
+    """Write one split's sequences of a block as one shard; return (shard or None when empty, row slots)."""
+    if not sequences:
+        return None, 0
+    rows = _rows(sequences, pack, max_len)
+    positions = [np.arange(len(ids), dtype=np.int32) for ids, _ in sequences]
+    input_ids = [np.concatenate([sequences[i][0] for i in row]) for row in rows]
+    labels = [np.concatenate([sequences[i][1] for i in row]) for row in rows]
+    position_ids = [np.concatenate([positions[i] for i in row]) for row in rows]
+    shard = write_shard(path, input_ids, labels, position_ids)
+    slots = len(rows) * max_len if pack else sum(len(ids) for ids, _ in sequences)
+    return shard, slots
+
+
+def process_block(state: WorkerState, block: int, records: list[tuple[int, Record]]) -> dict[str, Any]:
+    """Turn one block of records into shards, a rejects file and a completion record; return the record."""
+    options = state.plan.options
+    max_len = int(options["max_seq_len"])
+    seed = int(options["seed"])
+    val_fraction = float(options["val_fraction"])
+    encoded = _encode(state, records)
+
+    per_split: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {split: [] for split in SPLITS}
+    samples = dict.fromkeys(SPLITS, 0)
+    rejected: Counter[str] = Counter()
+    histogram: Counter[str] = Counter()
+    source_records = [0] * len(state.plan.sources)
+    rejects_path = state.out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl"
+    with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
+        for (position, record), outcome in zip(records, encoded, strict=True):
+            source_records[position] += 1
+            if isinstance(outcome, Reject):
+                rejected[outcome.reason] += 1
+                rejects.write(_reject_line(outcome))
+                continue
+            assert not isinstance(record, Reject)
+            split = "val" if _unit_hash("split", seed, _content_key(record)) < val_fraction else "train"
+            samples[split] += 1
+            per_split[split].extend(outcome)
+            histogram.update(_length_bucket(len(ids)) for ids, _ in outcome)
+    os.replace(rejects_path.with_name(rejects_path.name + ".tmp"), rejects_path)
+
+    splits: dict[str, dict[str, Any]] = {}
+    for split, sequences in per_split.items():
+        shard, slots = _write_split(
+            state.out / split / f"data-{block:05d}.arrow", sequences, bool(options["pack"]), max_len
+        )
+        splits[split] = {
+            "shard": None if shard is None else dataclasses.asdict(shard),
+            "samples": samples[split],
+            "sequences": len(sequences),
+            "tokens": sum(len(ids) for ids, _ in sequences),
+            "loss_tokens": sum(int(np.count_nonzero(labels != IGNORE_INDEX)) for _, labels in sequences),
+            "slots": slots,
+        }
+    result = {
+        "block": block,
+        "plan": state.plan.fingerprint,
+        "read": len(records),
+        "written": sum(samples.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "source_records": source_records,
+        "histogram": dict(sorted(histogram.items())),
+        "splits": splits,
+    }
+    _write_json_atomic(state.out / BLOCKS_DIR / f"{block:05d}.json", result)
+    return result
+
+
+def _write_json_atomic(path: Path, body: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def completed_block(out: Path, block: int, plan: Plan) -> dict[str, Any] | None:
+    """The completion record of a finished block whose files all verify, else None (the block is redone)."""
+    path = out / BLOCKS_DIR / f"{block:05d}.json"
+    if not path.is_file() or not (out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl").is_file():
+        return None
+    try:
+        result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    if result.get("plan") != plan.fingerprint:
+        return None
+    for split, info in result["splits"].items():
+        shard = info["shard"]
+        if shard is not None:
+            file = out / split / shard["file"]
+            if not file.is_file() or sha256_file(file) != shard["sha256"]:
+                return None
+    return result
+
+
+# ------------------------------------------------------------------------------------------- the output
+
+
+def _open_out(out: Path, plan: Plan) -> None:
+    """Create OUT, or check that an existing OUT was written by the same plan (then resume into it)."""
+    plan_path = out / BLOCKS_DIR / "plan.json"
+    if plan_path.is_file():
+        previous = json.loads(plan_path.read_text(encoding="utf-8"))
+        if previous.get("fingerprint") != plan.fingerprint:
+            raise InputError(
+                f"--out {out}: holds output of different sources or options; choose a new --out or delete it"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out}: exists and is not a prepare output; choose a new or empty directory")
+    for sub in (BLOCKS_DIR, *SPLITS):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    _write_json_atomic(plan_path, plan.to_dict())
+
+
+def _sum_counters(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(sorted(total.items()))
+
+
+def _histogram_sorted(histogram: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:])))
+
+
+def assemble(
+    out: Path,
+    plan: Plan,
+    results: Sequence[dict[str, Any]],
+    *,
+    partial: tuple[int, int] | None,
+    timings: dict[str, float],
+    check_rejects: bool,
+) -> Manifest:
+    """Write rejects.jsonl, the split metadata and manifest.json from block results (in block order)."""
+    results = sorted(results, key=lambda r: r["block"])
+    with open(out / (REJECTS_FILE + ".tmp"), "wb") as rejects:
+        for result in results:
+            with open(out / BLOCKS_DIR / f"{result['block']:05d}.rejects.jsonl", "rb") as part:
+                rejects.write(part.read())
+    os.replace(out / (REJECTS_FILE + ".tmp"), out / REJECTS_FILE)
+
+    read = sum(r["read"] for r in results)
+    written = sum(r["written"] for r in results)
+    rejected_by_reason = _sum_counters(r["rejected_by_reason"] for r in results)
+    rejected = sum(rejected_by_reason.values())
+    if check_rejects and read and rejected / read > float(plan.options["max_bad_fraction"]):
+        top = ", ".join(f"{reason} {n}" for reason, n in Counter(rejected_by_reason).most_common(3))
+        raise TooManyRejects(
+            f"prepare: {rejected} of {read} records rejected ({rejected / read:.1%} > --max-bad-fraction "
+            f"{plan.options['max_bad_fraction']}); top reasons: {top}; see {out / REJECTS_FILE}"
+        )
+
+    splits: dict[str, SplitInfo] = {}
+    for split in SPLITS:
+        parts = [r["splits"][split] for r in results]
+        shards = tuple(ShardInfo(**p["shard"]) for p in parts if p["shard"] is not None)
+        if not shards:
+            # load_from_disk needs at least one file: an empty split is one shard of zero rows.
+            shards = (write_shard(out / split / "data-empty.arrow", [], [], []),)
+        write_split_metadata(out / split, shards)
+        splits[split] = SplitInfo(
+            shards=shards,
+            rows=sum(s.rows for s in shards),
+            samples=sum(p["samples"] for p in parts),
+            tokens=sum(p["tokens"] for p in parts),
+            loss_tokens=sum(p["loss_tokens"] for p in parts),
+        )
+    tokens = sum(s.tokens for s in splits.values())
+    slots = sum(p["slots"] for r in results for p in r["splits"].values())
+    source_records = [sum(r["source_records"][i] for r in results) for i in range(len(plan.sources))]
+    options = dict(plan.options)
+    if partial is not None:
+        options["num_tasks"], options["task_index"] = partial
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        sources=tuple(dataclasses.replace(s, records=n) for s, n in zip(plan.sources, source_records, strict=True)),
+        tokenizer_fingerprint=plan.tokenizer_fingerprint,
+        tokenizer_path=plan.tokenizer_path,
+        template=plan.template,
+        packed=bool(plan.options["pack"]),
+        max_seq_len=int(plan.options["max_seq_len"]),
+        options=options,
+        counts={
+            "samples_read": read,
+            "samples_written": written,
+            "samples_rejected": rejected,
+            "rejected_by_reason": rejected_by_reason,
+            "sequences": sum(p["sequences"] for r in results for p in r["splits"].values()),
+            "rows": sum(s.rows for s in splits.values()),
+            "tokens": tokens,
+            "loss_tokens": sum(s.loss_tokens for s in splits.values()),
+        },
+        length_histogram=_histogram_sorted(_sum_counters(r["histogram"] for r in results)),
+        packing_efficiency=round(tokens / slots, 6) if slots else 1.0,
+        splits=splits,
+        timings=timings,
+    )
+    tmp = out / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    os.replace(tmp, out / MANIFEST_FILE)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@dataclass
+class _Progress:
+    """Records and tokens done, shown as a tqdm bar on stderr."""
+
+    enabled: bool
+    records: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    bar: Any = None
+
+    def __post_init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="rec", unit_scale=True, file=sys.stderr, disable=not self.enabled, desc="prepare")
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.records += result["read"]
+        self.tokens += sum(p["tokens"] for p in result["splits"].values())
+        self.bar.update(result["read"])
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress) -> tuple[list[dict[str, Any]], int]:
+    """Process this task's blocks (reusing verified ones); return their results and the total block count."""
+    results: list[dict[str, Any]] = []
+    seen = [0]  # blocks in the whole input, this task's or not: merge checks it has them all
+
+    def own_blocks() -> Iterator[tuple[int, list[tuple[int, Record]]]]:
+        for index, block in enumerate(_blocks(iter_samples(state.plan), options.block_size)):
+            seen[0] = index + 1
+            if index % options.num_tasks == options.task_index:
+                yield index, block
+
+    jobs = own_blocks()
+
+    def reuse_or_none(index: int) -> dict[str, Any] | None:
+        done = completed_block(state.out, index, state.plan)
+        if done is not None:
+            progress.update(done)
+        return done
+
+    if options.workers == 1:
+        _init_worker(state)
+        for index, block in jobs:
+            result = reuse_or_none(index)
+            if result is None:
+                result = process_block(state, index, block)
+                progress.update(result)
+            results.append(result)
+    else:
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+        with concurrent.futures.ProcessPoolExecutor(
+            options.workers, mp_context=context, initializer=_init_worker, initargs=(state,)
+        ) as pool:
+            for index, block in jobs:
+                done = reuse_or_none(index)
+                if done is not None:
+                    results.append(done)
+                    continue
+                # At most two blocks per worker in flight: bounded memory, workers never idle.
+                while len(pending) >= 2 * options.workers:
+                    results.append(pending.popleft().result())
+                    progress.update(results[-1])
+                pending.append(pool.submit(_process_in_worker, (index, block)))
+            while pending:
+                results.append(pending.popleft().result())
+                progress.update(results[-1])
+    return results, seen[0]
+
+
+def prepare(options: PrepareOptions) -> Manifest:
+    """Run the whole preparation; return the manifest written to OUT/manifest.json.
+
+    Raises InputError (before any work) for unusable input, TooManyRejects when the rejected fraction
+    exceeds max_bad_fraction (rejects.jsonl written, no manifest).
+    """
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(options.tokenizer)
+    plan = make_plan(options, tokenizer)
+    from data_pipeline.templates import resolve_template
+
+    templates = {name: resolve_template(name, tokenizer) for name in sorted(set(plan.templates))}
+    out = Path(options.out)
+    _open_out(out, plan)
+    state = WorkerState(plan=plan, templates=templates, out=out)
+    progress = _Progress(options.progress)
+    try:
+        with _env("TOKENIZERS_PARALLELISM", "false"):
+            results, total = _run_blocks(options, state, progress)
+    finally:
+        progress.close()
+    partial = (options.num_tasks, options.task_index) if options.num_tasks > 1 else None
+    _write_json_atomic(
+        out / BLOCKS_DIR / "done.json",
+        {"blocks": total, "num_tasks": options.num_tasks, "task_index": options.task_index},
+    )
+    elapsed = time.perf_counter() - start
+    timings = {
+        "total_s": round(elapsed, 3),
+        "workers": float(options.workers),
+        "records_per_s": round(progress.records / elapsed, 1),
+        "tokens_per_s": round(progress.tokens / elapsed, 1),
+    }
+    return assemble(out, plan, results, partial=partial, timings=timings, check_rejects=partial is None)
+
+
+def merge(partials: Sequence[Path], out: Path, *, max_bad_fraction: float | None = None) -> Manifest:
+    """Assemble the partial outputs of all tasks into ``out``: the directory a single run would have written."""
+    start = time.perf_counter()
+    if not partials:
+        raise InputError("merge: no partial outputs given")
+    plans: list[Plan] = []
+    dones: list[dict[str, Any]] = []
+    for part in partials:
+        plan_path, done_path = part / BLOCKS_DIR / "plan.json", part / BLOCKS_DIR / "done.json"
+        if not plan_path.is_file() or not done_path.is_file():
+            raise InputError(f"merge: {part} is not a finished prepare output (no {BLOCKS_DIR}/done.json); run it")
+        plans.append(Plan.from_dict(json.loads(plan_path.read_text(encoding="utf-8"))))
+        dones.append(json.loads(done_path.read_text(encoding="utf-8")))
+    plan = plans[0]
+    for part, other in zip(partials, plans, strict=True):
+        if other.fingerprint != plan.fingerprint:
+            raise InputError(f"merge: {part} was prepared with different sources or options than {partials[0]}")
+    num_tasks, blocks = dones[0]["num_tasks"], dones[0]["blocks"]
+    tasks = sorted(d["task_index"] for d in dones)
+    if tasks != list(range(num_tasks)) or any(d["num_tasks"] != num_tasks for d in dones):
+        raise InputError(f"merge: need exactly one output per task 0..{num_tasks - 1}, got task indices {tasks}")
+    if max_bad_fraction is not None:
+        plan = dataclasses.replace(plan, options={**plan.options, "max_bad_fraction": max_bad_fraction})
+
+    _open_out(out, plan)
+    results = []
+    for part, done in zip(partials, dones, strict=True):
+        for block in range(done["task_index"], blocks, num_tasks):
+            result = completed_block(part, block, plan)
+            if result is None:
+                raise InputError(f"merge: {part}: block {block} is missing or fails verification; re-run that task")
+            for split, info in result["splits"].items():
+                if info["shard"] is not None:
+                    link_or_copy(part / split / info["shard"]["file"], out / split / info["shard"]["file"])
+            for name in (f"{block:05d}.rejects.jsonl", f"{block:05d}.json"):
+                link_or_copy(part / BLOCKS_DIR / name, out / BLOCKS_DIR / name)
+            results.append(result)
+    _write_json_atomic(out / BLOCKS_DIR / "done.json", {"blocks": blocks, "num_tasks": 1, "task_index": 0})
+    timings = {"total_s": round(time.perf_counter() - start, 3)}
+    return assemble(out, plan, results, partial=None, timings=timings, check_rejects=True)

@@ -1,0 +1,88 @@
+"""Arrow shards on disk: write one atomically, describe a split directory for ``datasets``, link shards.
+
+Shards are Arrow IPC streams (what ``datasets`` itself writes) with exactly ``schema.ARROW_SCHEMA``, no
+metadata and no timestamps, written in record batches of a fixed row count; the same rows always give the
+same bytes. A split directory also holds the ``state.json`` and ``dataset_info.json`` that
+``datasets.load_from_disk`` reads to open all its shards as one dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from data_pipeline.schema import ARROW_SCHEMA, ShardInfo, sha256_file
+
+BATCH_ROWS = 1024
+"""Rows per Arrow record batch. Fixed, so a shard's bytes depend only on its rows."""
+
+
+def _list_array(parts: Sequence[np.ndarray]) -> pa.ListArray:
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int32, count=len(parts))
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int32()))
+
+
+def write_shard(
+    path: Path,
+    input_ids: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    position_ids: Sequence[np.ndarray],
+) -> ShardInfo:
+    """Write rows to ``path`` via a temporary name and an atomic rename; return its ShardInfo.
+
+    A crash leaves either no file or a complete one under the final name, never a torn shard.
+    """
+    if not len(input_ids) == len(labels) == len(position_ids):
+        raise ValueError("input_ids, labels and position_ids must have one entry per row")
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, ARROW_SCHEMA) as writer:
+        for start in range(0, len(input_ids), BATCH_ROWS):
+            stop = start + BATCH_ROWS
+            columns = [_list_array(col[start:stop]) for col in (input_ids, labels, position_ids)]
+            writer.write_batch(pa.record_batch(columns, schema=ARROW_SCHEMA))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return ShardInfo(file=path.name, rows=len(input_ids), sha256=sha256_file(path))
+
+
+def write_split_metadata(split_dir: Path, shards: Sequence[ShardInfo]) -> None:
+    """Write the ``state.json`` and ``dataset_info.json`` that let ``datasets.load_from_disk`` open the split."""
+    from datasets import Features
+
+    features = Features.from_arrow_schema(ARROW_SCHEMA).to_dict()
+    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
+    # datasets keys its cache on _fingerprint; derive it from the shards so identical data gives identical files.
+    fingerprint = hashlib.sha256("".join(s.sha256 for s in shards).encode()).hexdigest()[:16]
+    state: dict[str, object] = {
+        "_data_files": [{"filename": s.file} for s in shards],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (split_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Place ``src`` at ``dst`` (a hard link when on the same file system, else a copy), replacing ``dst``."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

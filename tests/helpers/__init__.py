@@ -1,0 +1,1 @@
+"""Shared test helpers (data preparation for trainer/eval/tracking tests)."""
