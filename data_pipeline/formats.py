@@ -244,12 +244,18 @@ def _peek_first_record(path: Path) -> tuple[frozenset[str], frozenset[str]] | No
 
     Also the keys of the first element of its first value when that is a list of objects, which is how a
     Safety-Prompts object (scenario -> [{prompt, response, type}]) shows. Falls back to the first lines that
-    parse when the very first record is malformed JSON lines. None when no record can be read.
+    parse when the very first record is broken before its keys tell the format. None when no record can be read.
     """
+    keys: list[str] = []
+    item_keys: list[str] = []
     try:
-        return _peek_events(path)
+        if _peek_events(path, keys, item_keys):
+            return frozenset(keys), frozenset(item_keys)
     except (ijson.JSONError, UnicodeDecodeError):
-        pass
+        # A record broken after its keys still says what it is (its reader then rejects it as malformed_json).
+        shape = frozenset(keys), frozenset(item_keys)
+        if _format_from_keys(*shape) is not None:
+            return shape
     with path.open("rb") as f:
         for line in _leading_lines(f):
             try:
@@ -261,9 +267,8 @@ def _peek_first_record(path: Path) -> tuple[frozenset[str], frozenset[str]] | No
     return None
 
 
-def _peek_events(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
-    keys: list[str] = []
-    item_keys: list[str] = []
+def _peek_events(path: Path, keys: list[str], item_keys: list[str]) -> bool:
+    """Fill ``keys`` and ``item_keys`` (see _peek_first_record) from ijson events; False if the file holds no object."""
     item_prefix: str | None = None
     item_open = False
     with path.open("rb") as f:
@@ -273,10 +278,10 @@ def _peek_events(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
                 base = ""
             case ("", "start_array", _):
                 if next(events, (None, None, None))[:2] != ("item", "start_map"):
-                    return None
+                    return False
                 base = "item"
             case _:
-                return None
+                return False
         for prefix, event, value in events:
             if prefix == base:
                 if event == "end_map":
@@ -295,7 +300,7 @@ def _peek_events(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
                     # A Safety-Prompts object may be one huge minified line: decide without reading further.
                     if {"prompt", "response"} <= set(item_keys) and len(keys) == 1:
                         break
-    return frozenset(keys), frozenset(item_keys)
+    return True
 
 
 def _first_item_keys(record: dict[str, Any]) -> frozenset[str]:

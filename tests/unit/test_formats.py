@@ -646,6 +646,15 @@ def test_detect_skips_a_malformed_first_line(tmp_path: Path) -> None:
     assert pairs(good) == [("user", "i"), ("assistant", "o")] and good.index == 1
 
 
+def test_detect_a_moss_file_broken_after_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "cut.json"
+    text = (MOSS_DIR / "honest_conversation_1.json").read_text(encoding="utf-8")
+    path.write_text(text[: text.index('"turn_2"')], encoding="utf-8")  # ends mid-chat
+    assert detect_format(path) == "moss"
+    reject = only_reject(read(path))
+    assert (reject.reason, reject.index) == ("malformed_json", 0)
+
+
 def test_detect_unknown_keys_names_file_and_formats(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(InputError) as caught:
