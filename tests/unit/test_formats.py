@@ -745,6 +745,7 @@ def test_big_json_array_is_read_incrementally(tmp_path: Path) -> None:
     assert seen == count
     assert record.messages[-1] == Message(role="assistant", content=answer)
     assert peak < size / 20, f"peak {peak} bytes reading a {size}-byte array"
+    path.unlink()  # 50 MiB: do not leave it in pytest's kept temporary directories
 
 
 def test_json_lines_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
@@ -759,6 +760,7 @@ def test_json_lines_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert reasons == {"Conversation": 4000}
     assert peak < path.stat().st_size / 20
+    path.unlink()
 
 
 def test_csv_that_is_not_utf8_is_an_input_error(tmp_path: Path) -> None:
