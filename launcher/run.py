@@ -1,0 +1,70 @@
+"""Process entry point: argv -> config -> process group -> merged DeepSpeed config -> train.
+
+    deepspeed [--num_gpus N | --hostfile H] launcher/run.py --config configs/X.yaml [section.key=value ...]
+    python launcher/run.py --config configs/X.yaml [section.key=value ...]      # one process
+    DS_ACCELERATOR=cpu ... runs either on CPU over gloo.
+
+Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from data_pipeline.schema import DataError
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-rank group for `python launcher/run.py`."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    from trainer.ds_config import build_ds_config
+    from trainer.loop import train
+
+    init_distributed()
+    try:
+        ds_config = build_ds_config(cfg, dist.get_world_size())
+        train(cfg, ds_config)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

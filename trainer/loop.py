@@ -1,0 +1,435 @@
+"""The training loop: our own loop over the DeepSpeed engine, readable top to bottom.
+
+``train(cfg, ds_config)`` runs on every rank inside an initialized process group (launcher/run.py does that).
+A *micro-step* is one forward/backward of one micro-batch; a *step* is one optimizer update over
+grad_accum_steps micro-batches on every rank. Every interval (log, eval, save, stop) counts steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_pipeline.schema import IGNORE_INDEX, Manifest
+from trainer import checkpoint
+from trainer.config import RunConfig, dump_yaml
+from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, val_batches
+from trainer.ds_config import dump_ds_config, with_universal_load
+from trainer.metrics import MetricsLog, eta_s, mfu, peak_flops, perplexity, train_flops
+from trainer.optim import build_optimizer, choose_adam, lr_at, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss with train.on_nonfinite=stop."""
+
+
+# -- pure predicates: what happens after optimizer step ``step`` (1-based count of completed steps) --
+
+
+def stop_step(cfg: RunConfig) -> int:
+    """The step after which this session ends: train.stop_at_step if set, else train.max_steps."""
+    return cfg.train.stop_at_step if cfg.train.stop_at_step is not None else cfg.train.max_steps
+
+
+def should_log(step: int, cfg: RunConfig) -> bool:
+    return step % cfg.train.log_every_steps == 0 or step == stop_step(cfg)
+
+
+def should_eval(step: int, cfg: RunConfig) -> bool:
+    every = cfg.eval.every_steps
+    return (every > 0 and step % every == 0) or step == cfg.train.max_steps
+
+
+def should_save(step: int, cfg: RunConfig) -> bool:
+    every = cfg.train.save_every_steps
+    return (every > 0 and step % every == 0) or step == stop_step(cfg)
+
+
+def should_stop(step: int, cfg: RunConfig) -> bool:
+    return step >= stop_step(cfg)
+
+
+# -- loss --
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def forward_loss_sum(engine: Any, batch: Batch) -> torch.Tensor:
+    outputs = engine(**batch.model_inputs(engine.device), use_cache=False)
+    return loss_sum(outputs.logits, batch.labels.to(engine.device))
+
+
+def global_loss_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
+    """Loss tokens of this step's micro-batches on all ranks (one all_reduce, no host sync)."""
+    count = torch.tensor(sum(b.loss_tokens for b in batches), dtype=torch.float32, device=device)
+    dist.all_reduce(count)
+    return count.clamp(min=1.0)
+
+
+@dataclass
+class Meter:
+    """Sums since the last log line (host numbers only; filled from the per-step reduction)."""
+
+    loss_sum: float = 0.0
+    loss_tokens: float = 0.0
+    tokens: float = 0.0
+    flops: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What setup() builds and the loop uses."""
+
+    engine: Any
+    loaded: Any
+    data: TrainData
+    manifest: Manifest
+    val: Any
+    tracker: Any
+    log: MetricsLog
+    rank: int
+    world_size: int
+    run_config_yaml: str
+    ds_config_json: str
+
+
+def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    """Train (or resume) until train.stop_at_step / train.max_steps; save and export at the end."""
+    run, state = setup(cfg, ds_config)
+    engine, t, world = run.engine, cfg.train, run.world_size
+    session_start, session_steps, meter = time.monotonic(), 0, Meter()
+    status = "FAILED"
+    try:
+        while not should_stop(state.step, cfg):
+            batches, cursor = run.data.next_step(state.cursor)
+            set_lr(engine.optimizer, lr_at(state.step, t))
+            loss_tokens = global_loss_tokens(batches, engine.device)
+            step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for batch in batches:  # micro-steps
+                micro_loss = forward_loss_sum(engine, batch)
+                step_loss += micro_loss.detach()
+                # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
+                # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over
+                # ranks; multiplying by both undoes those means, leaving one token-weighted mean per step.
+                engine.backward(micro_loss * (t.grad_accum_steps * world) / loss_tokens)
+                engine.step()
+            reduced = reduce_step(step_loss, batches, run.rank, world)
+            check_finite(reduced, state.step + 1, engine, cfg)
+            state = dataclasses.replace(
+                state, step=state.step + 1, cursor=cursor, tokens_seen=state.tokens_seen + int(reduced["tokens"])
+            )
+            session_steps += 1
+            accumulate(meter, reduced, batches, run)
+            if should_log(state.step, cfg):
+                meter = log_step(run, cfg, state, meter, lr_at(state.step - 1, t), session_start, session_steps)
+            if should_eval(state.step, cfg):
+                evaluate(run, cfg, state.step)
+            if should_save(state.step, cfg):
+                save(run, cfg, state)
+        if state.step >= t.max_steps and t.export:
+            export(run, cfg)
+        status = "FINISHED"
+    finally:
+        run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and t.export else None)
+
+
+# -- set-up --
+
+
+def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.TrainState]:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from trainer.tracking import open_tracker
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+
+    tag = checkpoint.latest_complete(out) if cfg.train.resume == "auto" else None
+    state = (
+        checkpoint.read_state(out, tag)
+        if tag
+        else checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world)
+    )
+    if tag and state.world_size != world:
+        ds_config = with_universal_load(ds_config)
+    run_config_yaml, ds_config_json = dump_yaml(cfg), dump_ds_config(ds_config)
+    if rank == 0:
+        (out / "run_config.yaml").write_text(run_config_yaml, encoding="utf-8")
+        (out / "ds_config.json").write_text(ds_config_json, encoding="utf-8")
+
+    model_lib = _model_lib()
+    model_lib.validate_method(cfg, ds_config)
+    loaded = model_lib.load_model(cfg, ds_config)
+    manifest = check_data_on_rank0(
+        cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
+    )
+    if manifest.packed and not loaded.supports_packed_positions and rank == 0:
+        warnings.warn(
+            f"{cfg.data.path}: packed rows, but family {loaded.family!r} cannot isolate samples with position_ids; "
+            "training on the rows split back into samples (unpacked)",
+            stacklevel=1,
+        )
+    pad_id = loaded.tokenizer.pad_token_id
+    pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
+    data = TrainData(
+        open_split(cfg.data.path, "train", manifest),
+        packed=manifest.packed,
+        isolate=loaded.supports_packed_positions,
+        pad_id=pad_id,
+        seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        rank=rank,
+        world_size=world,
+        source=str(Path(cfg.data.path) / "train"),
+    )
+    optimizer = build_optimizer(
+        model_lib.param_groups(loaded.model, cfg.train.weight_decay),
+        cfg.train,
+        choose_adam(ds_config, get_accelerator().device_name()),
+    )
+    engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config)
+    if tag:
+        load_dir = checkpoint.make_universal(out, tag) if state.world_size != world else checkpoint.checkpoints_dir(out)
+        engine.load_checkpoint(str(load_dir), tag=tag)
+        if not checkpoint.restore_rng(out, tag, rank):
+            seed_everything(cfg.train.seed + 1000 * state.step + rank)
+        if rank == 0:
+            print(f"resumed from {checkpoint.checkpoints_dir(out) / tag} at step {state.step}", flush=True)
+
+    tracker = open_tracker(
+        cfg=cfg,
+        ds_config=ds_config,
+        output_dir=out,
+        rank=rank,
+        world_size=world,
+        manifest=manifest,
+        data_dir=cfg.data.path,
+        resume_run_id=state.run_id,
+    )
+    state = dataclasses.replace(state, world_size=world, run_id=getattr(tracker, "run_id", None) or state.run_id)
+    run = Run(
+        engine=engine,
+        loaded=loaded,
+        data=data,
+        manifest=manifest,
+        val=open_split(cfg.data.path, "val", manifest),
+        tracker=tracker,
+        log=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
+        rank=rank,
+        world_size=world,
+        run_config_yaml=run_config_yaml,
+        ds_config_json=ds_config_json,
+    )
+    return run, state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _model_lib() -> Any:
+    """trainer.model (the model engineer's module)."""
+    from trainer import model
+
+    return model
+
+
+# -- per-step bookkeeping --
+
+
+def reduce_step(step_loss: torch.Tensor, batches: list[Batch], rank: int, world: int) -> dict[str, Any]:
+    """One all_reduce of [loss sum, loss tokens, tokens, non-finite flag per rank]: the step's one host sync.
+
+    The flag is needed on the host every step (skip or stop); DeepSpeed's step syncs anyway for the norm.
+    """
+    vector = torch.zeros(3 + world, dtype=torch.float64, device=step_loss.device)
+    finite = torch.isfinite(step_loss)
+    vector[0] = torch.where(finite, step_loss, torch.zeros_like(step_loss))
+    vector[1] = sum(b.loss_tokens for b in batches)
+    vector[2] = sum(b.tokens for b in batches)
+    vector[3 + rank] = (~finite).to(torch.float64)
+    dist.all_reduce(vector)
+    values = vector.tolist()
+    return {
+        "loss_sum": values[0],
+        "loss_tokens": values[1],
+        "tokens": values[2],
+        "bad_ranks": [r for r in range(world) if values[3 + r] > 0],
+    }
+
+
+def check_finite(reduced: dict[str, Any], step: int, engine: Any, cfg: RunConfig) -> None:
+    """Report a NaN/Inf loss with step and rank; stop, or make sure the update was skipped."""
+    if not reduced["bad_ranks"]:
+        return
+    where = f"non-finite loss at step {step} on rank(s) {reduced['bad_ranks']}"
+    if cfg.train.on_nonfinite == "stop":
+        raise NonFiniteLossError(f"{where}; stopping (train.on_nonfinite=stop; last complete checkpoint is kept)")
+    if engine.was_step_applied():
+        raise NonFiniteLossError(
+            f"{where}: DeepSpeed applied the update anyway (it skips non-finite gradients only with bf16/fp16 "
+            "or train.grad_clip > 0); set train.grad_clip > 0 or train.on_nonfinite=stop"
+        )
+    if dist.get_rank() == 0:
+        print(f"WARNING {where}; optimizer step skipped (train.on_nonfinite=skip)", flush=True)
+
+
+def accumulate(meter: Meter, reduced: dict[str, Any], batches: list[Batch], run: Run) -> None:
+    loaded = run.loaded
+    config = loaded.model.config
+    meter.loss_sum += reduced["loss_sum"]
+    meter.loss_tokens += reduced["loss_tokens"]
+    meter.tokens += reduced["tokens"]
+    # Attention term from this rank's rows, times world size (ranks see rows of similar length).
+    meter.flops += train_flops(
+        n_params=loaded.total_params,
+        n_trainable=loaded.trainable_params,
+        n_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+        hidden=int(getattr(config, "hidden_size", 0) or 0),
+        tokens=int(reduced["tokens"]),
+        sum_seq_sq=run.world_size * sum(b.sum_seq_sq for b in batches),
+    )
+
+
+def log_step(
+    run: Run,
+    cfg: RunConfig,
+    state: checkpoint.TrainState,
+    meter: Meter,
+    lr: float,
+    session_start: float,
+    session_steps: int,
+) -> Meter:
+    """Print and record one metrics row (rank 0); return a fresh meter."""
+    now = time.monotonic()
+    interval = max(now - meter.started, 1e-9)
+    elapsed = now - session_start
+    grad_norm = run.engine.get_global_grad_norm()
+    row = {
+        "step": state.step,
+        "loss": meter.loss_sum / max(meter.loss_tokens, 1.0),
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_tokens": int(meter.loss_tokens),
+        "tokens_per_s": meter.tokens / interval,
+        "mfu": mfu(meter.flops, interval, run.world_size, peak_flops(device_name())),
+        "mem_gb": memory_gb(),
+        "elapsed_s": elapsed,
+        "eta_s": eta_s(elapsed, session_steps, stop_step(cfg) - state.step),
+        "epoch": state.cursor.epoch,
+        "tokens_seen": state.tokens_seen,
+    }
+    run.log.write(row)
+    run.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, state.step)
+    return Meter()
+
+
+def device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory of this rank (GiB); on CPU the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# -- evaluation, saving, export --
+
+
+def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
+    """Token-weighted val loss over all ranks, then sample generations if eval.prompts_file is set."""
+    engine = run.engine
+    if run.val is not None:
+        batches = val_batches(
+            run.val,
+            packed=run.manifest.packed,
+            isolate=run.loaded.supports_packed_positions,
+            pad_id=run.data.pad_id,
+            micro_batch_size=cfg.train.micro_batch_size,
+            rank=run.rank,
+            world_size=run.world_size,
+            max_batches=cfg.eval.max_batches,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        engine.eval()
+        with torch.no_grad():
+            for batch in batches:
+                totals[0] += forward_loss_sum(engine, batch).double()
+                totals[1] += batch.loss_tokens
+        engine.train()
+        dist.all_reduce(totals)
+        val_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        row = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_loss_tokens": int(totals[1])}
+        run.log.write(row)
+        run.tracker.log_metrics(row, step)
+    if cfg.eval.prompts_file:
+        generate(run, cfg, step)
+
+
+def generate(run: Run, cfg: RunConfig, step: int) -> None:
+    """Sample generations on every rank (ZeRO-3 forwards are collective); rank 0 records them."""
+    from data_pipeline.templates import resolve_template
+    from trainer.generate import generate_samples, read_prompts
+
+    assert cfg.eval.prompts_file is not None
+    samples = generate_samples(
+        run.engine.module,
+        run.loaded.tokenizer,
+        resolve_template(run.manifest.template, run.loaded.tokenizer),
+        read_prompts(cfg.eval.prompts_file),
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.train.seed,
+        synced_gpus=run.world_size > 1,
+    )
+    run.tracker.log_table(samples, f"samples/step_{step:08d}.json")
+
+
+def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> None:
+    started = time.monotonic()
+    path = checkpoint.save(
+        run.engine,
+        cfg.train.output_dir,
+        state,
+        run_config_yaml=run.run_config_yaml,
+        ds_config_json=run.ds_config_json,
+        keep_last=cfg.train.keep_last_checkpoints,
+    )
+    if run.rank == 0:
+        print(f"saved {path} in {time.monotonic() - started:.1f}s", flush=True)
+
+
+def export(run: Run, cfg: RunConfig) -> None:
+    from trainer.export import export_final
+
+    path = export_final(run.engine, run.loaded, cfg, Path(cfg.train.output_dir) / "final")
+    if run.rank == 0:
+        print(f"exported {path}", flush=True)
