@@ -1,0 +1,307 @@
+"""Export a trained model to plain Hugging Face directories.
+
+Layout of ``OUT/final`` (written by ``export_final`` at the end of a run, or by this module's CLI):
+
+- full: ``model.safetensors`` (or shards) + ``config.json`` + ``generation_config.json`` + tokenizer files;
+- lora / qlora: ``adapter_model.safetensors`` + ``adapter_config.json`` + tokenizer files;
+- always ``sft_export.json``: ``{template, method, base_model_path, data_fingerprint, ...}`` so generation
+  renders prompts with the template the model was trained on.
+
+Under ZeRO-3 the weights live in partitions; ``gathered_state_dict`` is the one place they are gathered, one
+parameter at a time so a 16B model is never whole on any accelerator. An adapter that is empty (no tensors,
+zero-size tensors, or every lora_B still zero) is refused instead of written.
+
+CLI::
+
+    python -m trainer.export --adapter OUT/final --merge --out OUT/merged
+    python -m trainer.export --checkpoint OUT/checkpoints --config OUT/config.yaml --out DIR [--merge]
+    python -m trainer.export --run OUT --out DIR [--merge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, RunConfig, load_config
+from trainer.model import DTYPES, LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO_FILE = "sft_export.json"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> dict[str, torch.Tensor]:
+    """CPU copies of the kept parameters (and, when every parameter is kept, the persistent buffers) on rank 0.
+
+    All ranks must call it: under ZeRO-3 each parameter is gathered with a collective. Other ranks get {}.
+    """
+    import deepspeed
+
+    is_rank0 = _rank() == 0
+    params = dict(model.named_parameters(remove_duplicate=False))
+    keep_all = all(keep(name, param) for name, param in params.items())
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        param = params.get(name)
+        if param is None:
+            if keep_all and is_rank0 and isinstance(tensor, torch.Tensor):
+                out[name] = tensor.detach().to("cpu", copy=True)
+            continue
+        if not keep(name, param):
+            continue
+        # A no-op for parameters that ZeRO-3 does not partition.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if is_rank0:
+                out[name] = param.detach().to("cpu", copy=True)
+    return out
+
+
+def adapter_problem(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why an adapter state dict must not be written, or None when it holds trained weights."""
+    if not state_dict:
+        return "no adapter tensors were collected"
+    empty = [name for name, tensor in state_dict.items() if tensor.numel() == 0]
+    if empty:
+        return f"{len(empty)} adapter tensors have size 0 (ZeRO-3 partitions not gathered), e.g. {empty[0]}"
+    lora_b = [tensor for name, tensor in state_dict.items() if "lora_B" in name]
+    if lora_b and all(not bool(tensor.any()) for tensor in lora_b):
+        return "every lora_B matrix is all zeros (the adapter never trained, or its weights were lost)"
+    return None
+
+
+def export_info(cfg: RunConfig, base_model_path: str) -> dict[str, Any]:
+    """The contents of sft_export.json: how to load the export and render prompts for it."""
+    from data_pipeline.schema import DataError, load_manifest
+
+    template: str | None = None
+    fingerprint: str | None = None
+    try:
+        manifest = load_manifest(cfg.data.path)
+        template, fingerprint = manifest.template, manifest.fingerprint
+    except DataError as exc:
+        log.warning("export: no data manifest (%s); sft_export.json records template=null", exc)
+    return {
+        "template": template,
+        "method": cfg.model.method,
+        "base_model_path": base_model_path,
+        "data_fingerprint": fingerprint,
+        "dtype": cfg.model.dtype,
+    }
+
+
+def template_stop_token_ids(template: str | None, tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn under the training template ([] when unknown)."""
+    if template is None:
+        return []
+    from data_pipeline.conversation import InputError
+    from data_pipeline.templates import resolve_template
+
+    try:
+        return list(resolve_template(template, tokenizer).stop_token_ids)
+    except InputError as exc:
+        log.warning("export: template %r not usable with this tokenizer (%s); eos left as is", template, exc)
+        return []
+
+
+def _replace_dir(partial: Path, final: Path) -> None:
+    """Move a fully written directory into place, so a crash never leaves a half export under the final name."""
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+
+
+def _fresh_partial(out_dir: Path) -> Path:
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def write_full(
+    model: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any, info: dict[str, Any], out_dir: Path
+) -> None:
+    """Rank 0: HF safetensors + config + generation config (eos = template stop tokens) + tokenizer."""
+    partial = _fresh_partial(out_dir)
+    stop_ids = template_stop_token_ids(info["template"], tokenizer)
+    generation_config = model.generation_config
+    if stop_ids:
+        generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    if generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True  # training turned it off; generation wants it
+    try:
+        model.save_pretrained(partial, state_dict=state_dict)
+    finally:
+        model.config.use_cache = False
+    tokenizer.save_pretrained(partial)
+    (partial / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _replace_dir(partial, out_dir)
+
+
+def write_adapter(
+    model: Any, state_dict: dict[str, torch.Tensor], tokenizer: Any, info: dict[str, Any], out_dir: Path
+) -> None:
+    """Rank 0: PEFT adapter (adapter_model.safetensors + adapter_config.json) + tokenizer + sft_export.json."""
+    problem = adapter_problem(state_dict)
+    if problem is not None:
+        raise RuntimeError(f"refusing to write an empty LoRA adapter to {out_dir}: {problem}")
+    partial = _fresh_partial(out_dir)
+    model.save_pretrained(partial, state_dict=state_dict)
+    tokenizer.save_pretrained(partial)
+    (partial / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _replace_dir(partial, out_dir)
+
+
+def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir: Path) -> Path:
+    """Export a model (the engine's module, or one rebuilt from a checkpoint); all ranks call it."""
+    out_dir = Path(out_dir)
+    info = export_info(cfg, loaded.base_model_path)
+    if cfg.model.method == "full":
+        state_dict = gathered_state_dict(model, keep=lambda _name, _param: True)
+        writer = write_full
+    else:
+        state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
+        writer = write_adapter
+    error = [""]
+    if _rank() == 0:
+        try:
+            writer(model, state_dict, loaded.tokenizer, info, out_dir)
+        except RuntimeError as exc:
+            error[0] = str(exc)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(error, src=0)  # every rank fails the same way, none hangs
+    if error[0]:
+        raise RuntimeError(error[0])
+    _barrier()
+    return out_dir
+
+
+def export_final(engine: Any, loaded: LoadedModel, cfg: RunConfig, out_dir: Path) -> Path:
+    """Write OUT/final from a trained DeepSpeed engine; all ranks call it (ZeRO-3 gathers are collective)."""
+    return export_model(engine.module, loaded, cfg, out_dir)
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
+    """Merge an exported adapter into its base loaded un-quantized (bf16 for QLoRA) and save a full HF model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info_file = adapter_dir / EXPORT_INFO_FILE
+    if not info_file.is_file():
+        raise ConfigError(f"{info_file}: not found; --adapter must be a directory written by trainer.export")
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    if info["method"] not in ("lora", "qlora"):
+        raise ConfigError(f"{info_file}: method={info['method']}, only lora/qlora adapters can be merged")
+    # QLoRA trained on NF4 weights but merges into the original bf16 base: the merged model differs from the
+    # trained one by the 4-bit quantization error of the base (see docs/models.md).
+    dtype = torch.bfloat16 if info["method"] == "qlora" else DTYPES[info["dtype"]]
+    base = AutoModelForCausalLM.from_pretrained(info["base_model_path"], dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    partial = _fresh_partial(out_dir)
+    merged.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
+    merged_info = {**info, "merged_from": str(adapter_dir)}
+    (partial / EXPORT_INFO_FILE).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
+    _replace_dir(partial, out_dir)
+    return out_dir
+
+
+def load_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 module state from a DeepSpeed checkpoint folder (the one holding ``latest``, or a tag)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag: str | None = None
+    folder = checkpoint_dir
+    if not (checkpoint_dir / "latest").is_file():
+        folder, tag = checkpoint_dir.parent, checkpoint_dir.name
+    tag_dir = folder / (tag if tag is not None else (folder / "latest").read_text().strip())
+    if not tag_dir.is_dir():
+        raise ConfigError(f"--checkpoint {checkpoint_dir}: no DeepSpeed checkpoint at {tag_dir}")
+    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+        state: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        return state
+    # Without ZeRO the whole module is in the model-states file.
+    model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not model_states:
+        raise ConfigError(f"--checkpoint {checkpoint_dir}: {tag_dir} holds no model states")
+    module: dict[str, torch.Tensor] = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
+    return module
+
+
+def export_checkpoint(checkpoint_dir: Path, cfg: RunConfig, out_dir: Path) -> Path:
+    """Rebuild the run's model in one process, load a checkpoint's weights into it, and export it."""
+    loaded = load_model(cfg, ds_config={})
+    model = loaded.model
+    state = load_checkpoint_state(checkpoint_dir)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(trainable - state.keys())
+    if missing:
+        raise ConfigError(
+            f"--checkpoint {checkpoint_dir}: {len(missing)} trained parameters missing (e.g. {missing[0]}); "
+            "is --config the run's own resolved config?"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            if name in params and params[name].requires_grad:
+                params[name].copy_(value.to(params[name].dtype))
+    return export_model(model, loaded, cfg, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
+    source.add_argument("--checkpoint", type=Path, help="a DeepSpeed checkpoint folder (with `latest`) or tag")
+    source.add_argument("--run", type=Path, help="a run output directory: its checkpoints and config.yaml")
+    parser.add_argument("--config", type=Path, help="the run's resolved config (default: RUN/config.yaml)")
+    parser.add_argument("--merge", action="store_true", help="lora/qlora: also write a merged full model")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.adapter is not None:
+            if not args.merge:
+                raise ConfigError("--adapter without --merge has nothing to do; add --merge")
+            merge_adapter(args.adapter, args.out)
+            print(f"merged {args.adapter} -> {args.out}")
+            return 0
+        checkpoint = args.checkpoint if args.checkpoint is not None else args.run / "checkpoints"
+        config_path = args.config
+        if config_path is None:
+            if args.run is None:
+                raise ConfigError("--checkpoint needs --config (the run's resolved config.yaml)")
+            config_path = args.run / "config.yaml"
+        cfg = load_config(config_path)
+        adapter_out = args.out / "adapter" if args.merge and cfg.model.method != "full" else args.out
+        export_checkpoint(checkpoint, cfg, adapter_out)
+        if args.merge and cfg.model.method != "full":
+            merge_adapter(adapter_out, args.out / "merged")
+        print(f"exported {checkpoint} -> {args.out}")
+        return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
