@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline import tracking
 from data_pipeline.conversation import InputError
 from data_pipeline.prepare import PrepareOptions, SourceSpec, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, help="split the work into this many tasks (then `merge`)")
     p.add_argument("--task-index", type=int, help="this task's index, 0..num-tasks-1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--track",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record the run in MLflow (default: on unless SFT_TRACKING=0; see data_pipeline/tracking.py)",
+    )
 
     i = commands.add_parser("inspect", help="print the manifest summary and one decoded sample")
     i.add_argument("out", type=Path)
@@ -73,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("partials", type=Path, nargs="+", help="the tasks' output directories")
     m.add_argument("--out", type=Path, required=True, help="the merged output directory")
     m.add_argument("--max-bad-fraction", type=float, help="override the tasks' threshold")
+    m.add_argument(
+        "--track",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record the run in MLflow (default: on unless SFT_TRACKING=0; see data_pipeline/tracking.py)",
+    )
     return parser
 
 
@@ -154,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{manifest.splits['train'].rows} train / {manifest.splits['val'].rows} val rows, "
                     f"packing efficiency {manifest.packing_efficiency:.3f} -> {options.out}"
                 )
+                if options.num_tasks == 1 and tracking.is_enabled(args.track):
+                    tracking.log_prepare_run(manifest, options.out, options)
                 return 0
             case "inspect":
                 from data_pipeline.inspect import inspect_output
@@ -167,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"merge: {len(args.partials)} partial outputs -> {args.out} ({manifest.counts['samples_written']} samples)"
                 )
+                if tracking.is_enabled(args.track):
+                    tracking.log_prepare_run(manifest, args.out)
                 return 0
     except (InputError, DataError, TooManyRejects) as exc:
         print(f"error: {exc}", file=sys.stderr)
