@@ -32,5 +32,13 @@ test: venv lint
 test-fast: venv
 	$(PY) -m pytest -m "not slow" tests
 
+# MLflow UI on the embedded store: STORE is the mlruns/ folder next to the runs' output dirs. Loopback unless HOST is set.
+# Exposing it: docs/tracking.md (basic-auth app, --allowed-hosts, a TLS reverse proxy).
+STORE ?= demo_out/mlruns
+HOST ?= 127.0.0.1
+PORT ?= 5000
+dashboard: venv
+	$(PY) -m trainer.tracking dashboard --store $(STORE) --host $(HOST) --port $(PORT)
+
 clean:
 	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache
