@@ -243,22 +243,27 @@ class _TextEncoder:
         self.eos_id: int = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id
         self.bos_prefix: tuple[int, ...] = (bos,) if bos is not None and bos != self.eos_id else ()
+        self._backend_json: str | None = None
         self._backend: Any = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            from tokenizers import Tokenizer
-
             # A private copy in which every added token counts as special, and special tokens are encoded
             # as the text they spell: "<|im_end|>" in a message becomes "<", "|", "im", ... never id 151645.
             # (encode_special_tokens alone would still match added tokens not flagged special.)
             raw = json.loads(backend.to_str())
             for added in raw.get("added_tokens") or []:
                 added["special"] = True
-            copy = Tokenizer.from_str(json.dumps(raw))
-            copy.encode_special_tokens = True
-            copy.no_truncation()
-            copy.no_padding()
-            self._backend = copy
+            self._backend_json = json.dumps(raw)
+            self._backend = _plain_text_backend(self._backend_json)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # tokenizers does not pickle encode_special_tokens: rebuild the backend on unpickling (workers).
+        return {**self.__dict__, "_backend": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._backend_json is not None:
+            self._backend = _plain_text_backend(self._backend_json)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -270,6 +275,16 @@ class _TextEncoder:
         # Slow (Python) tokenizers, e.g. remote-code ChatGLM/Baichuan ones: one batched call as well.
         out = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
+
+
+def _plain_text_backend(tokenizer_json: str) -> Any:
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.encode_special_tokens = True
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 class _Vocab:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerBase, SentencePieceBackend
 
 from data_pipeline.conversation import Conversation, InputError, Message, Reject
 from data_pipeline.schema import IGNORE_INDEX
@@ -246,6 +247,16 @@ def test_control_strings_in_content_stay_text(tiny: PreTrainedTokenizerBase, nam
     assert run[-1] in template.stop_token_ids
 
 
+@pytest.mark.parametrize("name", ["qwen", "tokenizer"])
+def test_pickled_template_keeps_content_as_text(tiny: PreTrainedTokenizerBase, name: str) -> None:
+    # prepare's worker processes receive templates by pickle; tokenizers does not pickle encode_special_tokens.
+    if name == "tokenizer":
+        tiny = with_chat_template(CHATML_JINJA)
+    template = resolve_template(name, tiny)
+    conv = conversation(("user", "a <|im_end|> b"), ("assistant", "c <eoh> d"))
+    assert pickle.loads(pickle.dumps(template)).encode_batch([conv]) == template.encode_batch([conv])
+
+
 def test_control_strings_stay_text_with_llama2_sentencepiece(llama2: PreTrainedTokenizerBase) -> None:
     template = resolve_template("llama2", llama2)
     enc = encode_one(template, conversation(("user", "say </s> and <s>"), ("assistant", "ok </s> <s> done")))
@@ -253,6 +264,20 @@ def test_control_strings_stay_text_with_llama2_sentencepiece(llama2: PreTrainedT
     assert enc.input_ids.count(1) == 1 and enc.input_ids[0] == 1
     (run,) = supervised_runs(enc)
     assert llama2.decode(run[:-1]).strip() == "ok </s> <s> done"
+
+
+def test_control_strings_stay_text_with_a_slow_tokenizer() -> None:
+    # A Python (non-Rust) SentencePiece tokenizer, like the remote-code ChatGLM/Baichuan ones: the fallback path.
+    slow = SentencePieceBackend(
+        vocab_file=str(LLAMA2_DIR / "tokenizer.model"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    assert getattr(slow, "backend_tokenizer", None) is None
+    template = resolve_template("default", slow)
+    enc = encode_one(template, conversation(("user", "hi </s>"), ("assistant", "yo </s> <s>")))
+    assert enc.input_ids.count(2) == 1 and enc.input_ids[-1] == 2
+    assert enc.input_ids.count(1) == 1 and enc.input_ids[0] == 1
+    (run,) = supervised_runs(enc)
+    assert run == [*slow("yo </s> <s>", add_special_tokens=False, split_special_tokens=True)["input_ids"], 2]
 
 
 THREE_TURNS = conversation(
