@@ -751,8 +751,7 @@ class _Worker(threading.Thread):
         return [command]
 
     def _final_ops(self, final_dir: Path, upload_weights: bool) -> list[dict[str, Any]]:
-        if not final_dir.exists():
-            log.warning("tracking: final directory %s does not exist; nothing logged for it", final_dir)
+        if not final_dir.exists():  # a session stopped before max_steps (stop_at_step) exports nothing
             return []
         is_adapter = (final_dir / "adapter_config.json").is_file()
         ops = [
@@ -1093,6 +1092,8 @@ def dashboard_command(store: Path, host: str, port: int, extra: list[str]) -> li
         host,
         "--port",
         str(port),
+        # one worker is plenty for one person's dashboard and starts in seconds (mlflow's default is 4)
+        *([] if any(arg.startswith(("--workers", "-w")) for arg in extra) else ["--workers", "1"]),
         *extra,
     ]
 

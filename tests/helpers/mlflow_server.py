@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    def __init__(self, store: Path, port: int | None = None, argv: list[str] | None = None) -> None:
+        """``argv``: a different command that serves on ``port`` (e.g. `python -m trainer.tracking dashboard`)."""
+        self.argv = argv
         self.store = Path(store)
         self.store.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -39,6 +41,8 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
         return [
             sys.executable,
             "-m",

@@ -1,0 +1,161 @@
+"""Tracking without a server: redaction, tracking off (mlflow never imported), the embedded store, the journal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config
+from trainer.tracking import (
+    JOURNAL_FILE,
+    MAX_PARAM_CHARS,
+    REDACTED,
+    RUN_FILE,
+    SPOOL_DIR,
+    clean_params,
+    clean_value,
+    is_secret_name,
+    open_tracker,
+    resolve_tracking_uri,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "fixtures" / "tiny_llama"
+
+
+def tiny_config(out: Path, *overrides: str):
+    return load_config(
+        None,
+        [f"model.path={TINY}", f"data.path={out / 'data'}", f"train.output_dir={out}", "train.max_steps=5", *overrides],
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["hf_token", "HF_TOKEN", "api_key", "apiKey", "MLFLOW_TRACKING_PASSWORD", "db.passwd", "aws_secret_access_key",
+     "gcp.credentials", "auth", "x.auth.header", "ds.wandb.key"],
+)  # fmt: skip
+def test_secret_looking_names_are_secret(name: str) -> None:
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tokenizer_path", "max_new_tokens", "data.tokenizer_fingerprint", "train.keep_last_checkpoints", "model.path",
+     "ds.zero_optimization.stage", "author", "monkey"],
+)  # fmt: skip
+def test_ordinary_names_are_not_secret(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_clean_params_redacts_truncates_and_strips_url_passwords() -> None:
+    cleaned = clean_params(
+        {
+            "hf_token": "hf_abcdefghijklmnop",
+            "lora.r": 16,
+            "eval.prompts_file": None,
+            "tracking.uri": "https://alice:s3cret@mlflow.example.com/",
+            "long": "x" * 10_000,
+            "empty_token": "",
+        }
+    )
+    assert cleaned["hf_token"] == REDACTED
+    assert cleaned["lora.r"] == "16"
+    assert cleaned["eval.prompts_file"] == "null"
+    assert cleaned["tracking.uri"] == f"https://{REDACTED}@mlflow.example.com/"
+    assert len(cleaned["long"]) == MAX_PARAM_CHARS and cleaned["long"].endswith("...[truncated]")
+    assert cleaned["empty_token"] == ""  # nothing to hide
+    assert clean_value("list", ["a", "b"]) == '["a", "b"]'
+
+
+def test_embedded_store_is_next_to_the_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, artifacts = resolve_tracking_uri(None, tmp_path / "runs" / "a")
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlruns' / 'mlflow.db'}"
+    assert artifacts == (tmp_path / "runs" / "mlruns" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(None, tmp_path) == ("http://127.0.0.1:1", None)
+    assert resolve_tracking_uri("http://h:2", tmp_path) == ("http://h:2", None)
+
+
+DISABLED_SCRIPT = """
+import sys
+from pathlib import Path
+from trainer.config import load_config
+from trainer.tracking import open_tracker
+out = Path(sys.argv[1])
+for rank, enabled in ((0, "false"), (1, "true")):
+    cfg = load_config(None, [f"model.path={sys.argv[2]}", "data.path=d", f"train.output_dir={out}", "train.max_steps=2",
+                             f"tracking.enabled={enabled}"])
+    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=rank, world_size=2)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.log_artifact(sys.argv[2])
+    tracker.log_table([{"a": 1}], "t.json")
+    tracker.close("FINISHED", out)
+    assert tracker.run_id is None
+print(sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")))
+"""
+
+
+def test_tracking_off_or_other_rank_never_imports_mlflow(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", DISABLED_SCRIPT, str(tmp_path / "run"), str(TINY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert not (tmp_path / "run" / SPOOL_DIR).exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No server: the run lands in <parent>/mlruns; a second session continues it and skips steps it had."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    first = open_tracker(
+        cfg=tiny_config(out, "tracking.system_metrics=false", "train.stop_at_step=3"),
+        ds_config={"zero_optimization": {"stage": 2}},
+        output_dir=out,
+        rank=0,
+        world_size=1,
+    )
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": 10.0 - step, "step": step, "note": "not a number"}, step)
+    first.close("FINISHED")
+    run_id = first.run_id
+    assert run_id and json.loads((out / RUN_FILE).read_text())["run_id"] == run_id
+
+    # resumed from a checkpoint at step 2: the loop logs step 3 again, then 4 and 5
+    second = open_tracker(
+        cfg=tiny_config(out, "tracking.system_metrics=false"),
+        ds_config={"zero_optimization": {"stage": 2}},
+        output_dir=out,
+        rank=0,
+        world_size=1,
+    )
+    assert second.run_id == run_id
+    for step in (3, 4, 5):
+        second.log_metrics({"loss": 10.0 - step + 0.5}, step)
+    second.close("FINISHED")
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.5), (5, 5.5)]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.stop_at_step"] == "3"
+    assert run.data.tags["changed_on_resume.train.stop_at_step"] == "null"
+    assert "note" not in run.data.metrics
+    ops = [json.loads(line) for line in (out / SPOOL_DIR / JOURNAL_FILE).read_text().splitlines()]
+    assert [op["op"] for op in ops].count("start") == 2
+    assert [op["seq"] for op in ops] == list(range(len(ops)))
