@@ -111,7 +111,7 @@ pack: true
 """,
         encoding="utf-8",
     )
-    assert main(["prepare", "--config", str(config), "--max-seq-len", "1024", "--no-progress"]) == 0
+    assert main(["prepare", "--config", str(config), "--max-seq-len", "1024", "--no-progress", "--no-track"]) == 0
     manifest = load_manifest(tmp_path / "out")
     assert manifest.max_seq_len == 1024  # the flag overrides the YAML
     assert manifest.packed
@@ -126,7 +126,7 @@ def test_merge_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         args = prepare_args(part, "--block-size", "300", "--num-tasks", "2", "--task-index", str(index))
         assert main([*args, "--max-seq-len", "512"]) == 0
         parts.append(str(part))
-    assert main(["merge", *parts, "--out", str(tmp_path / "merged")]) == 0
+    assert main(["merge", *parts, "--out", str(tmp_path / "merged"), "--no-track"]) == 0
     assert load_manifest(tmp_path / "merged").counts["samples_read"] == 1000
     assert main(["verify", str(tmp_path / "merged")]) == 0
 
