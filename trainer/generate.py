@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_FILE = "sft_export.json"
 """Written by trainer/export.py next to the exported model or adapter: template, method, base_model_path."""
+RUN_CONFIG_FILE = "run_config.yaml"
+"""The resolved run config the training loop writes into its output directory (the export's parent)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.tiktoken")
 """Any one of these marks a directory that holds a tokenizer."""
 
@@ -399,12 +401,13 @@ def resolve_run_template(
 ) -> TemplateChoice:
     """The chat template training used. First match wins:
 
-    1. ``name`` (``--template``), 2. the adapter's sft_export.json, 3. the model's sft_export.json,
-    4. ``data_dir``'s manifest (``--data``), 5. the manifest of the data path recorded in sft_export.json
-    (``data_path``), 6. ``auto``: the tokenizer's family or its own chat_template, else the neutral default.
+    1. ``name`` (``--template``); 2. the adapter's, then the model's sft_export.json ``template``;
+    3. the manifest of ``data_dir`` (``--data``); 4. the manifest of the data the run trained on, read from
+    ``run_config.yaml`` (``data.path``) in the run directory that holds the export (OUT/final -> OUT);
+    5. ``auto``: the tokenizer's own chat_template when it has one, else the neutral ``default``.
     """
     from data_pipeline.conversation import InputError
-    from data_pipeline.schema import DataError, load_manifest
+    from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
     from data_pipeline.templates import resolve_template
 
     def choose(template_name: str, source: str) -> TemplateChoice:
@@ -415,24 +418,37 @@ def resolve_run_template(
 
     if name is not None:
         return choose(name, "--template")
-    recorded_data: list[str] = []
-    for directory in (adapter_dir, model_dir):
-        if directory is None:
-            continue
+    exported = [Path(d) for d in (adapter_dir, model_dir) if d is not None]
+    for directory in exported:
         info = read_export_info(directory) or {}
         if isinstance(info.get("template"), str):
-            return choose(info["template"], str(Path(directory) / EXPORT_FILE))
-        if isinstance(info.get("data_path"), str):
-            recorded_data.append(info["data_path"])
-    for candidate in ([str(data_dir)] if data_dir is not None else []) + recorded_data:
+            return choose(info["template"], str(directory / EXPORT_FILE))
+    if data_dir is not None:
         try:
-            manifest = load_manifest(candidate)
+            return choose(load_manifest(data_dir).template, str(Path(data_dir) / MANIFEST_FILE))
         except DataError as exc:
-            if candidate == str(data_dir):
-                raise GenerateError(str(exc)) from None
-            continue
-        return choose(manifest.template, f"{Path(candidate) / 'manifest.json'}")
-    return choose("auto", "no sft_export.json or manifest; resolved from the tokenizer")
+            raise GenerateError(str(exc)) from None
+    for directory in exported:
+        recorded = recorded_data_path(directory)
+        if recorded is not None and (Path(recorded) / MANIFEST_FILE).is_file():
+            return choose(load_manifest(recorded).template, str(Path(recorded) / MANIFEST_FILE))
+    return choose("auto", "no sft_export.json template or manifest; resolved from the tokenizer")
+
+
+def recorded_data_path(export_dir: Path) -> str | None:
+    """``data.path`` of the run that wrote ``export_dir`` (its parent's run_config.yaml), if there is one."""
+    import yaml
+
+    run_config = export_dir.resolve().parent / RUN_CONFIG_FILE
+    if not run_config.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    path = data.get("path") if isinstance(data, dict) else None
+    return path if isinstance(path, str) else None
 
 
 def _config_shape(config: dict[str, Any]) -> dict[str, Any]:
@@ -722,13 +738,20 @@ def main(argv: list[str] | None = None) -> int:
         decoding = decoding_from_args(args)
         rows = read_prompts(args.prompts_file) if args.prompts_file else None
         loaded = load_for_inference(
-            args.model, args.adapter, merge=args.merge, device=args.device, dtype=args.dtype,
+            args.model,
+            args.adapter,
+            merge=args.merge,
+            device=args.device,
+            dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
-        )  # fmt: skip
+        )
         choice = resolve_run_template(
-            loaded.tokenizer, model_dir=loaded.model_dir, adapter_dir=loaded.adapter_dir, data_dir=args.data,
+            loaded.tokenizer,
+            model_dir=loaded.model_dir,
+            adapter_dir=loaded.adapter_dir,
+            data_dir=args.data,
             name=args.template,
-        )  # fmt: skip
+        )
     except GenerateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -741,9 +764,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.system:
         rows = [{"system": args.system, **row} for row in rows]
     results = generate_rows(
-        loaded.model, loaded.tokenizer, choice.template, rows, decoding, seed=args.seed,
-        batch_size=args.batch_size, progress=len(rows) > args.batch_size,
-    )  # fmt: skip
+        loaded.model,
+        loaded.tokenizer,
+        choice.template,
+        rows,
+        decoding,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=len(rows) > args.batch_size,
+    )
     lines = [json.dumps(r, ensure_ascii=False) for r in results]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
