@@ -52,7 +52,7 @@ def should_eval(step: int, cfg: RunConfig) -> bool:
 
 def should_save(step: int, cfg: RunConfig) -> bool:
     every = cfg.train.save_every_steps
-    return (every > 0 and step % every == 0) or step == stop_step(cfg)
+    return (every > 0 and step % every == 0) or step in (stop_step(cfg), cfg.train.max_steps)
 
 
 def should_stop(step: int, cfg: RunConfig) -> bool:
@@ -70,6 +70,16 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def scale_for_backward(
+    micro_loss_sum: torch.Tensor, grad_accum_steps: int, world_size: int, global_loss_tokens: torch.Tensor
+) -> torch.Tensor:
+    """The loss to hand to engine.backward so the step's gradient is that of the global token mean."""
+    # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
+    # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over ranks;
+    # multiplying by both undoes those means, leaving one token-weighted mean per optimizer step.
+    return micro_loss_sum * (grad_accum_steps * world_size) / global_loss_tokens
 
 
 def forward_loss_sum(engine: Any, batch: Batch) -> torch.Tensor:
@@ -127,10 +137,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
             for batch in batches:  # micro-steps
                 micro_loss = forward_loss_sum(engine, batch)
                 step_loss += micro_loss.detach()
-                # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
-                # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over
-                # ranks; multiplying by both undoes those means, leaving one token-weighted mean per step.
-                engine.backward(micro_loss * (t.grad_accum_steps * world) / loss_tokens)
+                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
                 engine.step()
             reduced = reduce_step(step_loss, batches, run.rank, world)
             check_finite(reduced, state.step + 1, engine, cfg)

@@ -1,0 +1,66 @@
+"""Checkpoint bookkeeping: what counts as complete, where `latest_complete` points, what is pruned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    TrainState,
+    complete_tags,
+    latest_complete,
+    prune,
+    tag_for,
+    universal_command,
+)
+from trainer.data import DataCursor
+
+
+def fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    ckpt = root / tag_for(step)
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (ckpt / COMPLETE).write_text("{}")
+    return ckpt
+
+
+def test_state_round_trips_through_json() -> None:
+    state = TrainState(step=7, cursor=DataCursor(epoch=2, position=16), tokens_seen=12345, world_size=2, run_id="abc")
+    assert TrainState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_latest_complete_and_pruning(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    assert latest_complete(tmp_path) is None  # fresh run
+    for step in (2, 4, 6):
+        fake_checkpoint(root, step, complete=True)
+    fake_checkpoint(root, 3, complete=False)  # a crash mid-save, older than the newest complete one
+    fake_checkpoint(root, 8, complete=False)  # a save in progress (or killed): never counted, never deleted here
+    assert complete_tags(root) == ["step_00000002", "step_00000004", "step_00000006"]
+    (root / "latest_complete").write_text("step_00000006\n")
+    assert latest_complete(tmp_path) == "step_00000006"
+    prune(root, keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
+
+
+def test_pointer_to_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 4, complete=False)
+    (root / "latest_complete").write_text("step_00000004\n")
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        latest_complete(tmp_path)
+
+
+def test_universal_command_is_the_documented_converter(tmp_path: Path) -> None:
+    command = universal_command(tmp_path, "step_00000004")
+    assert command[1:3] == ["-m", "deepspeed.checkpoint.ds_to_universal"]
+    assert command[-3:] == [
+        str(tmp_path / "checkpoints" / "step_00000004"),
+        "--output_folder",
+        str(tmp_path / "checkpoints" / "universal" / "step_00000004"),
+    ]
