@@ -84,6 +84,8 @@ _START_TIMEOUT_S = 30.0
 _MAX_BACKOFF_S = 30.0
 _COPY_LIMIT_BYTES = 1 << 30
 """Artifacts up to 1 GiB are copied into the spool; bigger ones are uploaded from where they are."""
+_SNAPSHOT_LIMIT_BYTES = 1 << 20
+"""Files up to 1 MiB given to log_artifact are copied on the calling thread: the upload has that call's bytes."""
 _SYSTEM_METRICS_INTERVAL_S = 10.0
 # mlflow's REST client retries 7 times with backoff by default (minutes against a dead server); our thread
 # retries itself, so each request is tried once and waits at most this long.
@@ -896,6 +898,7 @@ class Tracker:
         self._worker = worker
         self._upload_weights = upload_weights
         self._closed = False
+        self._snapshots = 0
 
     @property
     def run_id(self) -> str | None:
@@ -931,11 +934,22 @@ class Tracker:
             self._worker.queue.put({"op": "tags", "tags": clean_params(tags, MAX_TAG_CHARS)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file or directory (copied into the spool by the background thread; never blocks the step)."""
-        if self._worker is not None:
-            self._worker.queue.put(
-                {"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
-            )
+        """Upload a file or directory as it is now; never blocks the step.
+
+        A small file (up to 1 MiB) is copied into the spool right here (well under a millisecond), anything
+        bigger by the background thread, so change a big artifact only after ``close`` or under a new name.
+        """
+        if self._worker is None:
+            return
+        source = Path(path).resolve()
+        command: dict[str, Any] = {"op": "artifact", "path": str(source), "artifact_path": artifact_path}
+        if source.is_file() and source.stat().st_size <= _SNAPSHOT_LIMIT_BYTES:
+            self._snapshots += 1
+            target = self._worker.spool.dir / "artifacts" / f"snapshot-{os.getpid()}-{self._snapshots}" / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            command.update(path=str(target), copy=False)
+        self._worker.queue.put(command)
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         """Record rows (e.g. sample generations) as a table artifact (``.json``), shown in MLflow's UI.
