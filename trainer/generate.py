@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -677,6 +677,18 @@ def chat(
     return history
 
 
+def stdin_turns() -> Iterator[str]:
+    """Lines of stdin, with a "> " prompt on stderr when a person is typing."""
+    print("chat: one line per turn; /reset clears the history, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -757,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"template: {choice.template.name} (from {choice.source})", file=sys.stderr)
     if args.chat:
-        chat(loaded, choice.template, decoding, system=args.system, seed=args.seed, lines=sys.stdin)
+        chat(loaded, choice.template, decoding, system=args.system, seed=args.seed, lines=stdin_turns())
         return 0
     if rows is None:
         rows = [{"prompt": args.prompt}]
