@@ -100,8 +100,8 @@ class PrepareOptions:
     pack: bool = False
     """Bin samples into rows of max_seq_len (best-fit decreasing per block); position_ids restart per sample."""
     val_fraction: float = 0.01
-    """Fraction of records sent to val/, decided by a hash of (seed, record content): identical records land
-    in the same split and the choice does not depend on order, workers or tasks."""
+    """Fraction of records sent to val/, decided by a hash of (seed, the record's token ids): identical records
+    land in the same split and the choice does not depend on order, block size, workers or tasks."""
     max_bad_fraction: float = 0.01
     """Fail (after writing rejects.jsonl, without a manifest) when rejected / read exceeds this."""
     seed: int = 0
@@ -208,8 +208,10 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"size": sum(p.stat().st_size for p in files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
-def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> Plan:
-    """Check every input (files, formats, templates) and hash the sources; InputError on the first problem."""
+def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> tuple[Plan, dict[str, ChatTemplate]]:
+    """Check every input (files, formats, templates) and hash the sources; InputError on the first problem.
+
+    Returns the plan and its templates by resolved name."""
     from data_pipeline.formats import FORMATS, detect_format
     from data_pipeline.templates import resolve_template
 
@@ -224,11 +226,13 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> Pl
             formats.append(spec.format)
         else:
             raise InputError(f"--format {spec.format!r} for {spec.path}: unknown; choose one of {', '.join(FORMATS)}")
-    default_template = resolve_template(options.template, tokenizer).name
-    templates = tuple(
-        default_template if spec.template is None else resolve_template(spec.template, tokenizer).name
-        for spec in options.sources
-    )
+    resolved: dict[str, ChatTemplate] = {}
+    names: list[str] = []
+    for requested in (options.template, *(spec.template or options.template for spec in options.sources)):
+        template = resolve_template(requested, tokenizer) if requested not in resolved else resolved[requested]
+        resolved[requested] = resolved[template.name] = template
+        names.append(template.name)
+    default_template, templates = names[0], tuple(names[1:])
     sources = tuple(
         SourceInfo(path=spec.path, **_digest(Path(spec.path)), format=fmt, records=0)
         for spec, fmt in zip(options.sources, formats, strict=True)
@@ -248,15 +252,21 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> Pl
     body["options"] = {k: v for k, v in body["options"].items() if k != "max_bad_fraction"}
     body.pop("specs")  # already inside options
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return dataclasses.replace(plan, fingerprint=digest)
+    templates_by_name = {name: resolved[name] for name in sorted(set(templates))}
+    return dataclasses.replace(plan, fingerprint=digest), templates_by_name
 
 
 # ------------------------------------------------------------------------------------------ the records
 
 
-def _unit_hash(*parts: object) -> float:
+def _unit_hash(*parts: str | int) -> float:
     """A deterministic number in [0, 1) from the parts (blake2b, 64 bits)."""
-    digest = hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=8).digest()
+    body = "\x1f".join(str(p) for p in parts).encode("utf-8", errors="surrogatepass")
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "big") / 2.0**64
+
+
+def _split_hash(seed: int, tokens: bytes) -> float:
+    digest = hashlib.blake2b(tokens, digest_size=8, key=seed.to_bytes(8, "big", signed=True)).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
@@ -324,12 +334,6 @@ def _raw_of(record: Conversation | Text) -> str:
         return record.text[:RAW_CHARS]
     body = [{"role": m.role, "content": m.content} for m in record.messages]
     return json.dumps(body, ensure_ascii=False)[:RAW_CHARS]
-
-
-def _content_key(record: Conversation | Text) -> object:
-    if isinstance(record, Text):
-        return record.text
-    return [[m.role, m.content] for m in record.messages]
 
 
 def _reject_line(reject: Reject) -> str:
@@ -403,25 +407,24 @@ def _encode(
     return results
 
 
-def _rows(sequences: list[tuple[np.ndarray, np.ndarray]], pack: bool, max_len: int) -> list[list[int]]:
-    if not pack:
-        return [[i] for i in range(len(sequences))]
-    return pack_bins([len(ids) for ids, _ in sequences], max_len)
-
-
 def _write_split(
     path: Path, sequences: list[tuple[np.ndarray, np.ndarray]], pack: bool, max_len: int
 ) -> tuple[ShardInfo | None, int]:
     """Write one split's sequences of a block as one shard; return (shard or None when empty, row slots)."""
     if not sequences:
         return None, 0
-    rows = _rows(sequences, pack, max_len)
-    positions = [np.arange(len(ids), dtype=np.int32) for ids, _ in sequences]
-    input_ids = [np.concatenate([sequences[i][0] for i in row]) for row in rows]
-    labels = [np.concatenate([sequences[i][1] for i in row]) for row in rows]
-    position_ids = [np.concatenate([positions[i] for i in row]) for row in rows]
-    shard = write_shard(path, input_ids, labels, position_ids)
-    slots = len(rows) * max_len if pack else sum(len(ids) for ids, _ in sequences)
+    lengths = [len(ids) for ids, _ in sequences]
+    rows = pack_bins(lengths, max_len) if pack else [[i] for i in range(len(sequences))]
+    order = [i for row in rows for i in row]
+    input_ids = np.concatenate([sequences[i][0] for i in order])
+    labels = np.concatenate([sequences[i][1] for i in order])
+    # position_ids: 0..len-1 for every sample, so they restart at each packed sample's first token.
+    ordered_lengths = np.asarray([lengths[i] for i in order], dtype=np.int64)
+    sample_starts = np.cumsum(ordered_lengths) - ordered_lengths
+    position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(sample_starts, ordered_lengths)
+    row_lengths = [sum(lengths[i] for i in row) for row in rows]
+    shard = write_shard(path, row_lengths, [input_ids, labels, position_ids.astype(np.int32)])
+    slots = len(rows) * max_len if pack else sum(lengths)
     return shard, slots
 
 
@@ -440,14 +443,16 @@ def process_block(state: WorkerState, block: int, records: list[tuple[int, Recor
     source_records = [0] * len(state.plan.sources)
     rejects_path = state.out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl"
     with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
-        for (position, record), outcome in zip(records, encoded, strict=True):
+        for (position, _record), outcome in zip(records, encoded, strict=True):
             source_records[position] += 1
             if isinstance(outcome, Reject):
                 rejected[outcome.reason] += 1
                 rejects.write(_reject_line(outcome))
                 continue
-            assert not isinstance(record, Reject)
-            split = "val" if _unit_hash("split", seed, _content_key(record)) < val_fraction else "train"
+            # The split hashes the record's tokens: identical records always land in the same split, whatever
+            # the order, block, worker or task (and no text needs hashing twice).
+            tokens = outcome[0][0].tobytes() if len(outcome) == 1 else b"".join(ids.tobytes() for ids, _ in outcome)
+            split = "val" if _split_hash(seed, tokens) < val_fraction else "train"
             samples[split] += 1
             per_split[split].extend(outcome)
             histogram.update(_length_bucket(len(ids)) for ids, _ in outcome)
@@ -571,7 +576,8 @@ def assemble(
         shards = tuple(ShardInfo(**p["shard"]) for p in parts if p["shard"] is not None)
         if not shards:
             # load_from_disk needs at least one file: an empty split is one shard of zero rows.
-            shards = (write_shard(out / split / "data-empty.arrow", [], [], []),)
+            empty = np.zeros(0, dtype=np.int32)
+            shards = (write_shard(out / split / "data-empty.arrow", [], [empty, empty, empty]),)
         write_split_metadata(out / split, shards)
         splits[split] = SplitInfo(
             shards=shards,
@@ -715,10 +721,7 @@ def prepare(options: PrepareOptions) -> Manifest:
     """
     start = time.perf_counter()
     tokenizer = load_tokenizer(options.tokenizer)
-    plan = make_plan(options, tokenizer)
-    from data_pipeline.templates import resolve_template
-
-    templates = {name: resolve_template(name, tokenizer) for name in sorted(set(plan.templates))}
+    plan, templates = make_plan(options, tokenizer)
     out = Path(options.out)
     _open_out(out, plan)
     state = WorkerState(plan=plan, templates=templates, out=out)

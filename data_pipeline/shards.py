@@ -24,36 +24,33 @@ BATCH_ROWS = 1024
 """Rows per Arrow record batch. Fixed, so a shard's bytes depend only on its rows."""
 
 
-def _list_array(parts: Sequence[np.ndarray]) -> pa.ListArray:
-    lengths = np.fromiter((len(p) for p in parts), dtype=np.int32, count=len(parts))
-    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int32()))
-
-
-def write_shard(
-    path: Path,
-    input_ids: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    position_ids: Sequence[np.ndarray],
-) -> ShardInfo:
+def write_shard(path: Path, row_lengths: Sequence[int], columns: Sequence[np.ndarray]) -> ShardInfo:
     """Write rows to ``path`` via a temporary name and an atomic rename; return its ShardInfo.
 
-    A crash leaves either no file or a complete one under the final name, never a torn shard.
+    ``columns`` are the flat values of input_ids, labels and position_ids (every row's tokens, rows in order);
+    ``row_lengths`` cuts them into rows. A crash leaves either no file or a complete one under the final name.
     """
-    if not len(input_ids) == len(labels) == len(position_ids):
-        raise ValueError("input_ids, labels and position_ids must have one entry per row")
+    ends = np.cumsum(np.asarray(row_lengths, dtype=np.int64))
+    if len(ends) and ends[-1] >= 2**31:
+        raise ValueError("write_shard: over 2**31 tokens in one shard; use a smaller block_size")
+    offsets = np.concatenate([np.zeros(1, dtype=np.int32), ends.astype(np.int32)])
+    if len(columns) != len(ARROW_SCHEMA) or any(len(c) != offsets[-1] for c in columns):
+        raise ValueError("write_shard: need input_ids, labels and position_ids, each sum(row_lengths) long")
     tmp = path.with_name(path.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, ARROW_SCHEMA) as writer:
-        for start in range(0, len(input_ids), BATCH_ROWS):
-            stop = start + BATCH_ROWS
-            columns = [_list_array(col[start:stop]) for col in (input_ids, labels, position_ids)]
-            writer.write_batch(pa.record_batch(columns, schema=ARROW_SCHEMA))
+        for start in range(0, len(row_lengths), BATCH_ROWS):
+            stop = min(start + BATCH_ROWS, len(row_lengths))
+            low, high = offsets[start], offsets[stop]
+            batch_offsets = pa.array(offsets[start : stop + 1] - low, type=pa.int32())
+            arrays = [
+                pa.ListArray.from_arrays(batch_offsets, pa.array(column[low:high].astype(np.int32, copy=False)))
+                for column in columns
+            ]
+            writer.write_batch(pa.record_batch(arrays, schema=ARROW_SCHEMA))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    return ShardInfo(file=path.name, rows=len(input_ids), sha256=sha256_file(path))
+    return ShardInfo(file=path.name, rows=len(row_lengths), sha256=sha256_file(path))
 
 
 def write_split_metadata(split_dir: Path, shards: Sequence[ShardInfo]) -> None:

@@ -1,0 +1,415 @@
+"""Throughput and memory of ``data_pipeline prepare``; prints one JSON object.
+
+    python benchmarks/bench_prepare.py                      # 200k generated records, Llama 2 + byte-level BPE
+    python benchmarks/bench_prepare.py --quick              # 2k records, seconds (what the test runs)
+    python benchmarks/bench_prepare.py --tokenizers "" --rss-records 1000000   # only the 1M-record RSS run
+
+Measured per tokenizer, on the same generated corpus (mixed Chinese/English multi-turn ``messages`` records with
+BELLE-like lengths):
+
+- ``raw_tokenizer``: the Rust tokenizer's ``encode_batch`` on every message text, one thread (tokens/s);
+- ``prepare_w1`` / ``prepare_w2``: ``prepare`` end to end (read, template, tokenize, mask, split, pack at
+  --max-seq-len, write shards + manifest) with 1 and 2 workers (tokens/s, peak RSS of main and workers);
+- ``datasets_map_np1`` / ``np2``: the same job the usual way, ``datasets.load_dataset("json")`` +
+  ``.map(batched=True, num_proc=N)`` (one batched tokenizer call per map batch, the same template text and
+  masks) + ``save_to_disk``;
+- ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader).
+
+Every measurement runs in a fresh child process with TOKENIZERS_PARALLELISM=false, so "1 worker" is one core and
+workers/num_proc are the only parallelism. Tokens are counted the same way everywhere (ids written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO / "tests" / "fixtures" / "real"
+TOKENIZERS = {
+    "llama2": REPO / "tests" / "fixtures" / "tokenizers" / "llama2_sentencepiece",
+    "bpe": REPO / "tests" / "fixtures" / "tokenizers" / "tiny_bpe",
+}
+MAX_SEQ_LEN = 2048
+
+# Frequent Chinese characters and English words: text whose token statistics resemble real SFT corpora.
+_ZH = (
+    "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心"
+    "多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外"
+    "但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便位因重被走电"
+    "四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场师书比住员九笑性"
+)
+_EN = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "there",
+    "use",
+    "an",
+    "each",
+    "which",
+    "she",
+    "do",
+    "how",
+    "their",
+    "if",
+    "will",
+    "up",
+    "other",
+    "about",
+    "out",
+    "many",
+    "then",
+    "them",
+    "these",
+    "so",
+    "some",
+    "her",
+    "would",
+    "make",
+    "like",
+    "him",
+    "into",
+    "time",
+    "has",
+    "look",
+    "two",
+    "more",
+    "write",
+    "go",
+    "see",
+    "number",
+    "no",
+    "way",
+    "could",
+    "people",
+    "my",
+    "than",
+    "first",
+    "water",
+    "been",
+    "call",
+    "who",
+    "oil",
+    "its",
+    "now",
+    "find",
+    "long",
+    "down",
+    "day",
+    "did",
+    "get",
+    "come",
+    "made",
+    "may",
+    "part",
+    "model",
+    "data",
+    "train",
+    "answer",
+]
+
+
+def _sentence(rng: random.Random, chars: int, lang: str) -> str:
+    if lang == "zh":
+        return "".join(rng.choices(_ZH, k=chars)) + "。"
+    words = rng.choices(_EN, k=max(1, chars // 5))
+    return " ".join(words).capitalize() + "."
+
+
+def _text(rng: random.Random, chars: int, lang: str) -> str:
+    parts, left = [], chars
+    while left > 0:
+        n = min(left, rng.randint(10, 60))
+        parts.append(_sentence(rng, n, lang if lang != "mixed" else rng.choice(("zh", "en"))))
+        left -= n
+    return "".join(parts) if lang == "zh" else " ".join(parts)
+
+
+def generate_corpus(path: Path, records: int, seed: int = 0) -> None:
+    """Write ``records`` JSON lines of ``messages`` conversations: 1-3 turns, BELLE-like log-normal lengths."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as handle:
+        for _ in range(records):
+            lang = rng.choices(("zh", "en", "mixed"), weights=(5, 4, 1))[0]
+            messages = []
+            if rng.random() < 0.1:
+                messages.append({"role": "system", "content": _text(rng, 40, lang)})
+            for _turn in range(rng.choices((1, 2, 3), weights=(6, 3, 1))[0]):
+                messages.append(
+                    {"role": "user", "content": _text(rng, int(min(1500, rng.lognormvariate(4.0, 0.8))), lang)}
+                )
+                answer = int(min(3000, rng.lognormvariate(5.0, 0.9)))
+                messages.append({"role": "assistant", "content": _text(rng, answer, lang)})
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def fast_tokenizer_dir(name: str, work: Path) -> Path:
+    """A directory with tokenizer.json: the Llama 2 SentencePiece model is converted to fast once, here."""
+    source = TOKENIZERS[name]
+    if (source / "tokenizer.json").is_file():
+        return source
+    from transformers import LlamaTokenizerFast
+
+    target = work / f"tokenizer_{name}"
+    LlamaTokenizerFast.from_pretrained(str(source)).save_pretrained(str(target))
+    return target
+
+
+# ------------------------------------------------------------------------------------------ child jobs
+
+
+def _peaks() -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_main_mb": round(own, 1), "peak_rss_worker_mb": round(children, 1)}
+
+
+def job_raw(corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = []
+    with corpus.open(encoding="utf-8") as handle:
+        for line in handle:
+            texts.extend(m["content"] for m in json.loads(line)["messages"])
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), 1024):
+        tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(texts[i : i + 1024], add_special_tokens=False))
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds), **_peaks()}
+
+
+def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int) -> dict[str, Any]:
+    from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
+
+    options = PrepareOptions(
+        sources=tuple(SourceSpec(path=s) for s in sources),
+        tokenizer=str(tokenizer_dir),
+        out=str(out),
+        template="default",
+        max_seq_len=MAX_SEQ_LEN,
+        pack=True,
+        val_fraction=0.01,
+        max_bad_fraction=1.0,
+        workers=workers,
+        progress=False,
+    )
+    start = time.perf_counter()
+    manifest = prepare(options)
+    seconds = time.perf_counter() - start
+    tokens = manifest.counts["tokens"]
+    return {
+        "records": manifest.counts["samples_read"],
+        "rejected": manifest.counts["samples_rejected"],
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+        "records_per_s": round(manifest.counts["samples_read"] / seconds),
+        "packing_efficiency": manifest.packing_efficiency,
+        "shards": sum(len(s.shards) for s in manifest.splits.values()),
+        **_peaks(),
+    }
+
+
+def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> dict[str, Any]:
+    """The usual way: load_dataset + map(batched, num_proc) with the same template text and masks + save_to_disk."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        texts, roles, owners = [], [], []
+        for row, messages in enumerate(batch["messages"]):
+            for i, m in enumerate(messages):
+                if m["role"] == "system":
+                    texts.append(m["content"] + "\n\n")
+                elif m["role"] == "user":
+                    sep = "\n\n" if i > 0 and messages[i - 1]["role"] == "assistant" else ""
+                    texts.append(f"{sep}### User:\n{m['content']}\n\n### Assistant:\n")
+                else:
+                    texts.append(m["content"])
+                roles.append(m["role"])
+                owners.append(row)
+        pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids: list[list[int]] = [[bos] for _ in batch["messages"]]
+        labels: list[list[int]] = [[-100] for _ in batch["messages"]]
+        for piece, role, row in zip(pieces, roles, owners, strict=True):
+            if role == "assistant":
+                ids[row] += [*piece, eos]
+                labels[row] += [*piece, eos]
+            else:
+                ids[row] += piece
+                labels[row] += [-100] * len(piece)
+        ids = [x[:MAX_SEQ_LEN] for x in ids]
+        labels = [x[:MAX_SEQ_LEN] for x in labels]
+        return {"input_ids": ids, "labels": labels, "position_ids": [list(range(len(x))) for x in ids]}
+
+    start = time.perf_counter()
+    raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(out / "cache"))
+    mapped = raw.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=raw.column_names)
+    mapped.save_to_disk(str(out / "saved"))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(x) for batch in mapped.iter(batch_size=10_000) for x in batch["input_ids"])
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds), **_peaks()}
+
+
+def run_child(job: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one job in a fresh interpreter (clean RSS, no warm caches shared between measurements)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "SFT_TRACKING": "0"}
+    payload = json.dumps({"job": job, "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}})
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", payload], env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"bench_prepare: child {job} failed:\n{result.stderr[-3000:]}")
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _child_main(payload: str) -> None:
+    spec = json.loads(payload)
+    kwargs = spec["kwargs"]
+    for key in ("corpus", "tokenizer_dir", "out"):
+        if key in kwargs:
+            kwargs[key] = Path(kwargs[key])
+    jobs = {"raw": job_raw, "prepare": job_prepare, "baseline": job_baseline}
+    print(json.dumps(jobs[spec["job"]](**kwargs)))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_1m_at_start": round(load[0], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2k records: a smoke run")
+    parser.add_argument("--records", type=int, default=200_000, help="generated records (default 200k)")
+    parser.add_argument("--tokenizers", default="llama2,bpe", help="comma list of: llama2, bpe")
+    parser.add_argument("--rss-records", type=int, default=0, help="also run prepare (2 workers) on this many records")
+    parser.add_argument(
+        "--rss-tokenizer", default="llama2", choices=sorted(TOKENIZERS), help="tokenizer of the RSS run"
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="skip the datasets.map baseline")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child_main(args.child)
+        return
+    records = 2_000 if args.quick else args.records
+    work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    report: dict[str, Any] = {"machine": machine(), "records": records, "max_seq_len": MAX_SEQ_LEN, "tokenizers": {}}
+    try:
+        corpus = work / "corpus.jsonl"
+        start = time.perf_counter()
+        generate_corpus(corpus, records)
+        report["corpus"] = {"path_bytes": corpus.stat().st_size, "generate_s": round(time.perf_counter() - start, 1)}
+        real = [
+            str(REAL / "belle" / "Belle_open_source_1k.json"),
+            str(REAL / "alpaca" / "alpaca_en_demo.json"),
+            str(REAL / "firefly_moss_flat" / "dummy_data.jsonl"),
+            str(REAL / "moss_003"),
+        ]
+        for name in [n for n in args.tokenizers.split(",") if n]:
+            tok = fast_tokenizer_dir(name, work)
+            result: dict[str, Any] = {"raw_tokenizer": run_child("raw", corpus=corpus, tokenizer_dir=tok)}
+            for workers in (1, 2):
+                out = work / f"{name}_w{workers}"
+                result[f"prepare_w{workers}"] = run_child(
+                    "prepare", sources=[str(corpus)], tokenizer_dir=tok, out=out, workers=workers
+                )
+                shutil.rmtree(out)
+            if not args.skip_baseline:
+                for num_proc in (1, 2):
+                    out = work / f"{name}_baseline{num_proc}"
+                    result[f"datasets_map_np{num_proc}"] = run_child(
+                        "baseline", corpus=corpus, tokenizer_dir=tok, out=out, num_proc=num_proc
+                    )
+                    shutil.rmtree(out)
+            result["real_samples"] = run_child("prepare", sources=real, tokenizer_dir=tok, out=work / "real", workers=1)
+            shutil.rmtree(work / "real")
+            w1, w2, raw = result["prepare_w1"], result["prepare_w2"], result["raw_tokenizer"]
+            ratios = {
+                "w1_vs_raw_tokenizer": round(w1["tokens_per_s"] / raw["tokens_per_s"], 3),
+                "w2_vs_w1": round(w2["tokens_per_s"] / w1["tokens_per_s"], 3),
+            }
+            if not args.skip_baseline:
+                ratios["w1_vs_datasets_map_np1"] = round(
+                    w1["tokens_per_s"] / result["datasets_map_np1"]["tokens_per_s"], 3
+                )
+                ratios["w2_vs_datasets_map_np2"] = round(
+                    w2["tokens_per_s"] / result["datasets_map_np2"]["tokens_per_s"], 3
+                )
+            result["ratios"] = ratios
+            report["tokenizers"][name] = result
+        if args.rss_records:
+            big = work / "big.jsonl"
+            generate_corpus(big, args.rss_records, seed=1)
+            tok = fast_tokenizer_dir(args.rss_tokenizer, work)
+            report["rss_run"] = run_child("prepare", sources=[str(big)], tokenizer_dir=tok, out=work / "big", workers=2)
+        report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
