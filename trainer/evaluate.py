@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="sft-eval", help="MLflow experiment for a new run (no --run-id)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 as QLoRA training did")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code")
     return parser
 
@@ -237,6 +238,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] 
             merge=args.merge,
             device=args.device,
             dtype=args.dtype,
+            load_in_4bit=args.load_in_4bit,
             trust_remote_code=args.trust_remote_code,
         )
         results |= {"model": str(loaded.model_dir), "adapter": loaded.adapter_dir and str(loaded.adapter_dir)}

@@ -591,18 +591,34 @@ def load_for_inference(
     merge: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> Loaded:
-    """Tokenizer, model and (optionally) a PEFT adapter, checked against each other, in eval mode on ``device``."""
+    """Tokenizer, model and (optionally) a PEFT adapter, checked against each other, in eval mode on ``device``.
+
+    ``load_in_4bit`` loads the base as QLoRA training did (NF4, bf16 compute), so a QLoRA adapter runs on
+    the very weights it was trained against; without it the base is loaded unquantized, which differs from
+    the trained model by the base's quantization error.
+    """
     from transformers import AutoModelForCausalLM
 
     base_dir, adapter_path = resolve_dirs(model_dir, adapter_dir)
     tokenizer = load_tokenizer(base_dir, adapter_path, trust_remote_code=trust_remote_code)
     target = pick_device(device)
+    if load_in_4bit and merge:
+        raise GenerateError("--merge with --load-in-4bit: merge into the unquantized base (drop --load-in-4bit)")
+    method = (read_export_info(adapter_path) or {}).get("method") if adapter_path is not None else None
+    if method == "qlora" and not load_in_4bit:
+        log.info("%s is a QLoRA adapter: pass --load-in-4bit to run it on the NF4 base it was trained on", adapter_path)
+    kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype, target)}
+    if load_in_4bit:
+        from trainer.model import quantization_config
+
+        kwargs = {"dtype": torch.bfloat16, "quantization_config": quantization_config(), "device_map": {"": target}}
     model: Any
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=pick_dtype(dtype, target), local_files_only=True, trust_remote_code=trust_remote_code
+            base_dir, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as exc:
         raise GenerateError(f"--model {base_dir}: model does not load ({str(exc).splitlines()[0]})") from None
@@ -613,7 +629,9 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, adapter_path)
         if merge:
             model = model.merge_and_unload()
-    model.to(target).eval()
+    if not load_in_4bit:  # a quantized model is placed by device_map and cannot be moved
+        model.to(target)
+    model.eval()
     return Loaded(model=model, tokenizer=tokenizer, model_dir=base_dir, adapter_dir=adapter_path)
 
 
@@ -717,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write rows as JSON lines here (default: stdout)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 as QLoRA training did")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code")
     return parser
 
@@ -755,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
             merge=args.merge,
             device=args.device,
             dtype=args.dtype,
+            load_in_4bit=args.load_in_4bit,
             trust_remote_code=args.trust_remote_code,
         )
         choice = resolve_run_template(

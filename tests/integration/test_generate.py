@@ -446,3 +446,18 @@ def test_cli_end_to_end_on_the_seed_csv(tmp_path: Path, memorized_dir: Path) -> 
     assert [(r["prompt"], r["output"], r["reference"], r["finish_reason"]) for r in rows] == [
         (p, r, r, "stop") for p, r in PAIRS
     ]
+
+
+def test_qlora_adapter_runs_on_an_nf4_base(tmp_path: Path, tok: PreTrainedTokenizerBase) -> None:
+    import bitsandbytes as bnb
+
+    base_dir = save_model_dir(peaked_model(scale=10), tok, tmp_path / "base", template_name=TEMPLATE)
+    adapter = lora_adapter(tmp_path, tok, base_dir)
+    loaded = load_for_inference(base_dir, adapter, device="cpu", load_in_4bit=True)
+    q_proj = loaded.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and "default" in q_proj.lora_A
+    (row,) = generate_rows(loaded.model, loaded.tokenizer, template(loaded.tokenizer), [{"prompt": "hi"}],
+                           decoding_for("greedy", max_new_tokens=4), seed=0)  # fmt: skip
+    assert row["new_tokens"] == 4 or row["finish_reason"] == "stop"
+    with pytest.raises(GenerateError, match="--merge with --load-in-4bit"):
+        load_for_inference(base_dir, adapter, device="cpu", load_in_4bit=True, merge=True)
