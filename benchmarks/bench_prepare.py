@@ -1,7 +1,7 @@
 """Throughput and memory of ``data_pipeline prepare``; prints one JSON object.
 
     python benchmarks/bench_prepare.py                      # 200k generated records, Llama 2 + byte-level BPE
-    python benchmarks/bench_prepare.py --quick              # 2k records, seconds (what the test runs)
+    python benchmarks/bench_prepare.py --quick              # 500 records (what the test runs)
     python benchmarks/bench_prepare.py --tokenizers "" --rss-records 1000000   # only the 1M-record RSS run
 
 Measured per tokenizer, on the same generated corpus (mixed Chinese/English multi-turn ``messages`` records with
@@ -341,7 +341,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2k records: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="500 records: a smoke run")
     parser.add_argument("--records", type=int, default=200_000, help="generated records (default 200k)")
     parser.add_argument("--tokenizers", default="llama2,bpe", help="comma list of: llama2, bpe")
     parser.add_argument("--rss-records", type=int, default=0, help="also run prepare (2 workers) on this many records")
@@ -354,7 +354,7 @@ def main() -> None:
     if args.child:
         _child_main(args.child)
         return
-    records = 2_000 if args.quick else args.records
+    records = 500 if args.quick else args.records
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     report: dict[str, Any] = {"machine": machine(), "records": records, "max_seq_len": MAX_SEQ_LEN, "tokenizers": {}}
     try:
