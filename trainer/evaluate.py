@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] 
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     rows: list[dict[str, Any]] | None = None
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    if args.model:
+    if args.model and (args.data or args.prompts_file):
         loaded = load_for_inference(
             args.model,
             args.adapter,
