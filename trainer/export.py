@@ -14,8 +14,8 @@ zero-size tensors, or every lora_B still zero) is refused instead of written.
 CLI::
 
     python -m trainer.export --adapter OUT/final --merge --out OUT/merged
-    python -m trainer.export --checkpoint OUT/checkpoints --config OUT/config.yaml --out DIR [--merge]
-    python -m trainer.export --run OUT --out DIR [--merge]
+    python -m trainer.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
+    python -m trainer.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
 """
 
 from __future__ import annotations
@@ -225,24 +225,30 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 module state from a DeepSpeed checkpoint folder (the one holding ``latest``, or a tag)."""
+def resolve_checkpoint(path: Path) -> Path:
+    """The tag directory meant by a run directory, its ``checkpoints/`` folder, or a tag directory itself."""
+    from trainer.checkpoint import CHECKPOINTS, COMPLETE, LATEST
+
+    if (path / CHECKPOINTS).is_dir():
+        path = path / CHECKPOINTS
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text(encoding="utf-8").strip()
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker); pick another tag")
+    return path
+
+
+def load_checkpoint_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 module state from one DeepSpeed checkpoint tag directory."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag: str | None = None
-    folder = checkpoint_dir
-    if not (checkpoint_dir / "latest").is_file():
-        folder, tag = checkpoint_dir.parent, checkpoint_dir.name
-    tag_dir = folder / (tag if tag is not None else (folder / "latest").read_text().strip())
-    if not tag_dir.is_dir():
-        raise ConfigError(f"--checkpoint {checkpoint_dir}: no DeepSpeed checkpoint at {tag_dir}")
-    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
-        state: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
+        state: dict[str, torch.Tensor] = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return state
     # Without ZeRO the whole module is in the model-states file.
     model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not model_states:
-        raise ConfigError(f"--checkpoint {checkpoint_dir}: {tag_dir} holds no model states")
+        raise ConfigError(f"--checkpoint {tag_dir}: no DeepSpeed model states there")
     module: dict[str, torch.Tensor] = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
     return module
 
@@ -271,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
-    source.add_argument("--checkpoint", type=Path, help="a DeepSpeed checkpoint folder (with `latest`) or tag")
-    source.add_argument("--run", type=Path, help="a run output directory: its checkpoints and config.yaml")
-    parser.add_argument("--config", type=Path, help="the run's resolved config (default: RUN/config.yaml)")
+    source.add_argument(
+        "--checkpoint", "--run", type=Path, help="a run directory (its latest complete checkpoint) or a tag directory"
+    )
+    parser.add_argument("--config", type=Path, help="the run's resolved config (default: TAG/run_config.yaml)")
     parser.add_argument("--merge", action="store_true", help="lora/qlora: also write a merged full model")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
@@ -285,18 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             merge_adapter(args.adapter, args.out)
             print(f"merged {args.adapter} -> {args.out}")
             return 0
-        checkpoint = args.checkpoint if args.checkpoint is not None else args.run / "checkpoints"
-        config_path = args.config
-        if config_path is None:
-            if args.run is None:
-                raise ConfigError("--checkpoint needs --config (the run's resolved config.yaml)")
-            config_path = args.run / "config.yaml"
-        cfg = load_config(config_path)
+        tag_dir = resolve_checkpoint(args.checkpoint)
+        cfg = load_config(args.config if args.config is not None else tag_dir / "run_config.yaml")
         adapter_out = args.out / "adapter" if args.merge and cfg.model.method != "full" else args.out
-        export_checkpoint(checkpoint, cfg, adapter_out)
+        export_checkpoint(tag_dir, cfg, adapter_out)
         if args.merge and cfg.model.method != "full":
             merge_adapter(adapter_out, args.out / "merged")
-        print(f"exported {checkpoint} -> {args.out}")
+        print(f"exported {tag_dir} -> {args.out}")
         return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
