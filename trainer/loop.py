@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.schema import IGNORE_INDEX, Manifest
-from trainer import checkpoint
+from trainer import checkpoint, preemption
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, val_batches
 from trainer.ds_config import dump_ds_config, with_universal_load
@@ -127,7 +127,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     run, state = setup(cfg, ds_config)
     engine, t, world = run.engine, cfg.train, run.world_size
     session_start, session_steps, meter = time.monotonic(), 0, Meter()
-    status = "FAILED"
+    status, exported = "FAILED", False
     try:
         while not should_stop(state.step, cfg):
             batches, cursor = run.data.next_step(state.cursor)
@@ -140,7 +140,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
                 engine.step()
             reduced = reduce_step(step_loss, batches, run.rank, world)
-            check_finite(reduced, state.step + 1, engine, cfg)
+            check_finite(reduced, state.step + 1, engine, cfg, run.rank)
             state = dataclasses.replace(
                 state, step=state.step + 1, cursor=cursor, tokens_seen=state.tokens_seen + int(reduced["tokens"])
             )
@@ -150,13 +150,19 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 meter = log_step(run, cfg, state, meter, lr_at(state.step - 1, t), session_start, session_steps)
             if should_eval(state.step, cfg):
                 evaluate(run, cfg, state.step)
-            if should_save(state.step, cfg):
+            preempted = preemption.should_stop()  # SIGUSR1/SIGTERM on any rank (slurm time limit, scancel)
+            if should_save(state.step, cfg) or preempted:
                 save(run, cfg, state)
-        if state.step >= t.max_steps and t.export:
+            if preempted:
+                break
+        exported = state.step >= t.max_steps and t.export
+        if exported:
             export(run, cfg)
-        status = "FINISHED"
+        # KILLED: stopped early (stop_at_step or a signal) with a checkpoint; rerunning resumes the same run.
+        status = "FINISHED" if state.step >= t.max_steps else "KILLED"
     finally:
-        run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and t.export else None)
+        preemption.uninstall()
+        run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and exported else None)
 
 
 # -- set-up --
@@ -172,6 +178,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
+    preemption.install()
 
     tag = checkpoint.latest_complete(out) if cfg.train.resume == "auto" else None
     state = (
@@ -220,7 +227,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config)
     if tag:
         load_dir = checkpoint.make_universal(out, tag) if state.world_size != world else checkpoint.checkpoints_dir(out)
-        engine.load_checkpoint(str(load_dir), tag=tag)
+        load_checkpoint(engine, load_dir, tag)
         if not checkpoint.restore_rng(out, tag, rank):
             seed_everything(cfg.train.seed + 1000 * state.step + rank)
         if rank == 0:
@@ -251,6 +258,23 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         ds_config_json=ds_config_json,
     )
     return run, state
+
+
+def load_checkpoint(engine: Any, load_dir: Path, tag: str) -> None:
+    """Load weights and optimizer state, undoing two things DeepSpeed's ZeRO-3 universal load gets wrong.
+
+    It copies param group 0's settings (weight_decay included) onto every group, which would decay norms and
+    biases; and it gives every sub-group's Adam state the same ``step`` tensor, which torch's Adam increments
+    in place, so each sub-group would advance the shared count (wrong bias correction after resume).
+    """
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    engine.load_checkpoint(str(load_dir), tag=tag)
+    for group, settings in zip(engine.optimizer.param_groups, groups, strict=True):
+        group.update(settings)
+    base_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base_optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def seed_everything(seed: int) -> None:
@@ -290,7 +314,7 @@ def reduce_step(step_loss: torch.Tensor, batches: list[Batch], rank: int, world:
     }
 
 
-def check_finite(reduced: dict[str, Any], step: int, engine: Any, cfg: RunConfig) -> None:
+def check_finite(reduced: dict[str, Any], step: int, engine: Any, cfg: RunConfig, rank: int) -> None:
     """Report a NaN/Inf loss with step and rank; stop, or make sure the update was skipped."""
     if not reduced["bad_ranks"]:
         return
@@ -302,7 +326,7 @@ def check_finite(reduced: dict[str, Any], step: int, engine: Any, cfg: RunConfig
             f"{where}: DeepSpeed applied the update anyway (it skips non-finite gradients only with bf16/fp16 "
             "or train.grad_clip > 0); set train.grad_clip > 0 or train.on_nonfinite=stop"
         )
-    if dist.get_rank() == 0:
+    if rank == 0:
         print(f"WARNING {where}; optimizer step skipped (train.on_nonfinite=skip)", flush=True)
 
 

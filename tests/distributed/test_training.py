@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BELLE = ROOT / "tests" / "fixtures" / "real" / "belle" / "Belle_open_source_1k.json"
 STEPS, STOP = 10, 4
-CASES = [(stage, method) for stage in (2, 3) for method in ("full", "lora")]
+RESUME_CASES = {2: [(2, "full"), (3, "full"), (3, "lora")], 1: [(2, "lora")]}
+"""(ZeRO stage, method) per world size whose resume parity is tested: every world size, stage and method
+appears, without paying for the whole product on 2 shared CPU cores."""
 
 
 def env() -> dict[str, str]:
@@ -69,6 +71,7 @@ def case_overrides(data: Path, tmp: Path, world: int, stage: int, method: str) -
         "train.micro_batch_size=2",
         f"train.grad_accum_steps={4 // world}",
         "train.export=false",
+        "tracking.enabled=false",
         "lora.dropout=0.1",  # dropout on: resume must restore the RNG too
     ]
 
@@ -77,14 +80,19 @@ def name(world: int, stage: int, method: str, what: str) -> str:
     return f"w{world}_z{stage}_{method}_{what}"
 
 
+def straight(runs: Path, data: Path, tmp: Path, world: int, stage: int, method: str) -> dict[str, Any]:
+    overrides = case_overrides(data, tmp, world, stage, method)
+    return {"out": str(runs / name(world, stage, method, "straight")), "overrides": overrides}
+
+
 def resume_plan(runs: Path, data: Path, tmp: Path, world: int) -> list[dict[str, Any]]:
     """Per case: N steps straight; stop at STOP (saving); a copy of that resumed to N."""
     plan = []
-    for stage, method in CASES:
+    for stage, method in RESUME_CASES[world]:
         overrides = case_overrides(data, tmp, world, stage, method)
         stopped = runs / name(world, stage, method, "stopped")
         plan += [
-            {"out": str(runs / name(world, stage, method, "straight")), "overrides": overrides},
+            straight(runs, data, tmp, world, stage, method),
             {"out": str(stopped), "overrides": [*overrides, f"train.stop_at_step={STOP}"]},
             {
                 "out": str(runs / name(world, stage, method, "resumed")),
@@ -113,7 +121,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "overrides": case_overrides(data, tmp, 1, 3, "full"),
         "copy_from": str(out / name(2, 3, "full", "stopped")),
     }
-    launch(1, [*resume_plan(out, data, tmp, 1), universal], tmp)
+    reference = [straight(out, data, tmp, 1, 3, "full"), straight(out, data, tmp, 1, 2, "full")]
+    launch(1, [*resume_plan(out, data, tmp, 1), *reference, universal], tmp)
     (out / "data_dir").write_text(str(data))
     return out
 
@@ -125,8 +134,9 @@ def test_full_training_loss_falls_on_two_ranks(runs: Path, stage: int) -> None:
     assert curve[STEPS] < curve[1] - 0.5, curve
 
 
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize(("stage", "method"), CASES)
+@pytest.mark.parametrize(
+    ("world", "stage", "method"), [(world, *case) for world, cases in RESUME_CASES.items() for case in cases]
+)
 def test_resume_is_bit_identical(runs: Path, world: int, stage: int, method: str) -> None:
     straight = losses(runs / name(world, stage, method, "straight"))
     resumed = losses(runs / name(world, stage, method, "resumed"))
@@ -136,13 +146,14 @@ def test_resume_is_bit_identical(runs: Path, world: int, stage: int, method: str
 
 def test_zero3_two_ranks_match_one_rank(runs: Path) -> None:
     # Same 8 rows per step: 2 ranks x 2 accum vs 1 rank x 4 accum. The loss is normalized by the global token
-    # count, so only the order of float additions differs (gradient all-reduce vs accumulation): fp32 rounding,
-    # ~1e-7 relative per step, amplified a little by Adam's division by sqrt(v) over 10 steps.
+    # count, so only the order of float additions differs (gradient all-reduce vs accumulation): fp32 rounding.
+    # Measured: at most 5e-8 relative over the 10 steps; 1e-6 leaves 20x room and still catches any
+    # normalization mistake (a per-micro-batch mean changes the loss by ~1e-3 here).
     two = losses(runs / name(2, 3, "full", "straight"))
     one = losses(runs / name(1, 3, "full", "straight"))
-    assert one[1] == pytest.approx(two[1], rel=1e-6)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in two:
-        assert one[step] == pytest.approx(two[step], rel=1e-4), (step, one[step], two[step])
+        assert one[step] == pytest.approx(two[step], rel=1e-6), (step, one[step], two[step])
 
 
 def test_resume_two_ranks_onto_one_via_universal_checkpoint(runs: Path) -> None:
@@ -151,8 +162,11 @@ def test_resume_two_ranks_onto_one_via_universal_checkpoint(runs: Path) -> None:
     moved = losses(out)
     two = losses(runs / name(2, 3, "full", "straight"))
     assert sorted(moved) == list(range(1, STEPS + 1))
+    assert [moved[step] for step in range(1, STOP + 1)] == [two[step] for step in range(1, STOP + 1)]
+    # Measured: identical to the uninterrupted 2-rank run (after undoing DeepSpeed's shared Adam step tensor and
+    # group-0 hyperparameters on universal load, trainer.loop.load_checkpoint); before that fix ~1e-2 by step 10.
     for step in range(STOP + 1, STEPS + 1):
-        assert moved[step] == pytest.approx(two[step], rel=1e-4), (step, moved[step], two[step])
+        assert moved[step] == pytest.approx(two[step], rel=1e-6), (step, moved[step], two[step])
 
 
 def test_kill9_during_save_keeps_previous_checkpoint(runs: Path, tmp_path: Path) -> None:
