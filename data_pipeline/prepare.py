@@ -719,6 +719,13 @@ def prepare(options: PrepareOptions) -> Manifest:
     Raises InputError (before any work) for unusable input, TooManyRejects when the rejected fraction
     exceeds max_bad_fraction (rejects.jsonl written, no manifest).
     """
+    # One tokenizer thread per process, from the start: workers are the unit of parallelism, and a forked
+    # worker must not inherit a tokenizer whose thread pool already ran.
+    with _env("TOKENIZERS_PARALLELISM", "false"):
+        return _prepare(options)
+
+
+def _prepare(options: PrepareOptions) -> Manifest:
     start = time.perf_counter()
     tokenizer = load_tokenizer(options.tokenizer)
     plan, templates = make_plan(options, tokenizer)
@@ -727,8 +734,7 @@ def prepare(options: PrepareOptions) -> Manifest:
     state = WorkerState(plan=plan, templates=templates, out=out)
     progress = _Progress(options.progress)
     try:
-        with _env("TOKENIZERS_PARALLELISM", "false"):
-            results, total = _run_blocks(options, state, progress)
+        results, total = _run_blocks(options, state, progress)
     finally:
         progress.close()
     partial = (options.num_tasks, options.task_index) if options.num_tasks > 1 else None

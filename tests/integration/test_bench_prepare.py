@@ -34,7 +34,10 @@ def test_bench_prepare_quick() -> None:
     assert bpe["prepare_w2"]["peak_rss_worker_mb"] > 0
     assert set(bpe["ratios"]) == {
         "w1_vs_raw_tokenizer",
+        "w1_vs_raw_tokenizer_per_cpu_s",
         "w2_vs_w1",
         "w1_vs_datasets_map_np1",
         "w2_vs_datasets_map_np2",
+        "w2_vs_datasets_map_np2_per_cpu_s",
     }
+    assert all(bpe[k]["cpu_s"] > 0 for k in ("raw_tokenizer", "prepare_w1", "prepare_w2"))
