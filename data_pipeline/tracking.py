@@ -43,7 +43,7 @@ _SECRET_WORDS = frozenset(
 )
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _INVALID_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def is_enabled(flag: bool | None = None) -> bool:

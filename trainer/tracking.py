@@ -89,7 +89,7 @@ _SNAPSHOT_LIMIT_BYTES = 1 << 20
 _SYSTEM_METRICS_INTERVAL_S = 10.0
 # mlflow's REST client retries 7 times with backoff by default (minutes against a dead server); our thread
 # retries itself, so each request is tried once and waits at most this long.
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 _TRANSIENT_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ABORTED"})
 
 

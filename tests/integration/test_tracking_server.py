@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.mlflow_server import MlflowServer, free_port
+from trainer import tracking
 from trainer.config import load_config
 from trainer.tracking import RUN_FILE, SPOOL_DIR, dashboard_command, open_tracker
 
@@ -28,7 +29,9 @@ TINY = ROOT / "tests" / "fixtures" / "tiny_llama"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    """One server for the module, started with `make dashboard`'s command line (sqlite store, loopback)."""
+    store, port = tmp_path_factory.mktemp("mlruns"), free_port()
+    srv = MlflowServer(store, port=port, argv=dashboard_command(store, "127.0.0.1", port, []))
     srv.start()
     yield srv
     srv.stop()
@@ -196,10 +199,11 @@ def simulated_config(out: Path, server: MlflowServer, *overrides: str):
 
 
 def test_server_killed_mid_run_then_back_loses_no_step(
-    live: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    live: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop's calls exactly as in training; the server dies after step 3 and comes back before step 7."""
     caplog.set_level(logging.WARNING, logger="trainer.tracking")
+    monkeypatch.setattr(tracking, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
     out = tmp_path / "run"
     tracker = open_tracker(
         cfg=simulated_config(out, live, "tracking.run_name=outage", "tracking.close_timeout_s=120"),
@@ -285,44 +289,26 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
 # --------------------------------------------------------------------------- dashboard and benchmark
 
 
-def test_dashboard_shows_the_run_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`make dashboard`'s command on an embedded store; headless Chromium renders the run page."""
+def test_dashboard_shows_the_run_in_chromium(live: MlflowServer, trained: dict, tmp_path: Path) -> None:
+    """Headless Chromium opens the training run's page on the dashboard; the run name and loss are rendered."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not installed (scripts/system_deps.sh installs it)")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "runs" / "dash-run"
-    cfg = load_config(
-        None,
-        [f"model.path={TINY}", f"data.path={tmp_path}", f"train.output_dir={out}", "train.max_steps=3",
-         "tracking.run_name=dashboard-check-run", "tracking.system_metrics=false"],
-    )  # fmt: skip
-    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=0, world_size=1)
-    for step in (1, 2, 3):
-        tracker.log_metrics({"loss": 3.25 / step}, step)
-    tracker.close("FINISHED")
-    state = json.loads((out / RUN_FILE).read_text())
-
-    port = free_port()
-    store = tmp_path / "runs" / "mlruns"
-    dashboard = MlflowServer(store, port=port, argv=dashboard_command(store, "127.0.0.1", port, []))
-    dashboard.start()
-    try:
-        url = f"{dashboard.uri}/#/experiments/{state['experiment_id']}/runs/{state['run_id']}"
-        browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                   "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000", "--hide-scrollbars"]  # fmt: skip
-        dom = subprocess.run(
-            [*browser, "--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True, timeout=240
-        ).stdout
-        screenshot = tmp_path / "dashboard_run.png"
-        subprocess.run([*browser, "--virtual-time-budget=15000", f"--screenshot={screenshot}", url],
-                       capture_output=True, timeout=240)  # fmt: skip
-    finally:
-        dashboard.stop()
+    state = json.loads((trained["out"] / RUN_FILE).read_text())
+    url = f"{live.uri}/#/experiments/{state['experiment_id']}/runs/{state['run_id']}"
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000", "--hide-scrollbars"]  # fmt: skip
+    dom = subprocess.run(
+        [*browser, "--virtual-time-budget=20000", "--dump-dom", url], capture_output=True, text=True, timeout=240
+    ).stdout
+    screenshot = tmp_path / "dashboard_run.png"
+    subprocess.run([*browser, "--virtual-time-budget=15000", f"--screenshot={screenshot}", url],
+                   capture_output=True, timeout=240)  # fmt: skip
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
-    assert "dashboard-check-run" in text, text[:2000]
-    assert re.search(r"\bloss\b 1\.083", text), text[:4000]  # the last value, 3.25 / 3
+    assert "tiny-cpu-tracked" in text, text[:2000]
+    last_loss = next(row["loss"] for row in reversed(trained["rows"]) if "loss" in row)
+    assert re.search(rf"\bloss\b {re.escape(str(last_loss)[:6])}", text), (last_loss, text[:4000])
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
 
 
