@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,13 +199,12 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
     attn = attention_implementation(cfg.model.attn_implementation, trust)
-    # Created before any model is built, and kept alive in LoadedModel: transformers sees ZeRO-3 through it.
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-
     base_path = path
     if cfg.model.random_init and cfg.model.method in ("lora", "qlora"):
-        base_path = write_random_base(cfg, tokenizer, attn, trust)
+        base_path = write_random_base(cfg, tokenizer, trust)
+    # Created before the trained model is built, and kept alive in LoadedModel: transformers sees ZeRO-3 through it.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     if cfg.model.method == "qlora":
         model = _load_quantized(base_path, cfg, attn, trust)
     elif cfg.model.random_init and cfg.model.method == "full":
@@ -283,7 +284,21 @@ def _load_quantized(path: Path, cfg: RunConfig, attn: str | None, trust: bool) -
     )
 
 
-def write_random_base(cfg: RunConfig, tokenizer: Any, attn: str | None, trust: bool) -> Path:
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build a model whole on this rank even while another run's HfDeepSpeedConfig is alive (it would make
+    transformers enter zero.Init, a collective that a rank-0-only build would hang in)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
+def write_random_base(cfg: RunConfig, tokenizer: Any, trust: bool) -> Path:
     """Rank 0 writes the seeded random base once under the output directory; every rank then loads it from disk."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -292,7 +307,8 @@ def write_random_base(cfg: RunConfig, tokenizer: Any, attn: str | None, trust: b
         hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=trust)
         dtype = torch.bfloat16 if cfg.model.method == "qlora" else DTYPES[cfg.model.dtype]
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust)
+        with _without_zero3_init():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust)
         partial = base.with_name(base.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         model.save_pretrained(partial)

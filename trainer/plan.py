@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", type=Path, help="a local HF model directory (reads config.json only)")
     what.add_argument("--params", type=float, help="a parameter count such as 7e9 (Llama proportions assumed)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size, with --params")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB")
     parser.add_argument("--nodes", type=int, default=1)
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=1, help="train.micro_batch_size")
     parser.add_argument("--lora-r", type=int, default=16, help="lora.r for the LoRA/QLoRA rows")
     args = parser.parse_args(argv)
-    shape = shape_from_config(args.model) if args.model is not None else llama_shape(args.params)
+    shape = shape_from_config(args.model) if args.model is not None else llama_shape(args.params, args.vocab)
     hw = Hardware(
         gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb, nodes=args.nodes, cpu_mem_gb=args.cpu_mem_gb
     )
