@@ -159,3 +159,26 @@ def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monk
     ops = [json.loads(line) for line in (out / SPOOL_DIR / JOURNAL_FILE).read_text().splitlines()]
     assert [op["op"] for op in ops].count("start") == 2
     assert [op["seq"] for op in ops] == list(range(len(ops)))
+
+
+def test_prepare_run_with_unreachable_server_warns_once_and_returns_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from data_pipeline.schema import Manifest, SplitInfo
+    from data_pipeline.tracking import PREPARE_RUN_FILE, is_enabled, log_prepare_run
+
+    manifest = Manifest(
+        schema_version=1, sources=(), tokenizer_fingerprint="f" * 64, tokenizer_path="tok", template="qwen",
+        packed=False, max_seq_len=16, options={"hf_token": "x"}, counts={"samples_read": 1}, length_histogram={},
+        packing_efficiency=1.0, splits={"train": SplitInfo(shards=(), rows=0, samples=0, tokens=0, loss_tokens=0)},
+    )  # fmt: skip
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: connection refused
+    assert log_prepare_run(manifest, tmp_path / "data") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not tracked in MLflow at http://127.0.0.1:9" in err[0]
+    assert "python -m data_pipeline.tracking" in err[0]
+    assert not (tmp_path / "data" / PREPARE_RUN_FILE).exists()
+    monkeypatch.setenv("SFT_TRACKING", "0")
+    assert not is_enabled() and is_enabled(True)
+    monkeypatch.delenv("SFT_TRACKING")
+    assert is_enabled() and not is_enabled(False)
