@@ -79,8 +79,12 @@ def logits(model: Any) -> torch.Tensor:
 
 
 def test_full_export_reloads_with_equal_logits(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from data_pipeline.schema import load_manifest
+    from tests.helpers.data import make_prepared_dir
+
+    data = make_prepared_dir(tmp_path / "no_data", template="qwen")  # the path run_config points at
     cfg = run_config(tmp_path, "full", "fp32")
     loaded = load_model(cfg, ds_config("fp32"))
     engine, losses = train(loaded, ds_config("fp32"))
@@ -91,9 +95,19 @@ def test_full_export_reloads_with_equal_logits(tmp_path: Path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     assert reloaded.config.use_cache
     torch.testing.assert_close(logits(reloaded), logits(engine.module), rtol=0, atol=1e-6)
-    assert AutoTokenizer.from_pretrained(final).pad_token == "<pad>"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.pad_token == "<pad>"
     info = json.loads((final / EXPORT_INFO_FILE).read_text())
-    assert info["method"] == "full" and info["template"] is None
+    assert info == {
+        "template": "qwen",
+        "method": "full",
+        "base_model_path": str(TINY_LLAMA),
+        "data_fingerprint": load_manifest(data).fingerprint,
+        "dtype": "fp32",
+    }
+    # Generation stops where training taught the model to: ChatML's <|im_end|>, then </s>.
+    eos = GenerationConfig.from_pretrained(final).eos_token_id
+    assert eos == [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("</s>")]
 
 
 @pytest.mark.parametrize("options", [{}, {"use_rslora": True, "use_dora": True}], ids=["lora", "rslora_dora"])
@@ -152,3 +166,32 @@ def test_qlora_trains_under_deepspeed_exports_and_reloads(tmp_path: Path) -> Non
     torch.testing.assert_close(logits(merged), on_bf16_base, rtol=0, atol=0.02)
     # Measured: merged vs trained 0.10, untrained vs trained 1.02 (tiny random base; NF4 error is relative).
     assert (logits(merged) - expected).abs().max() < 0.25 * (untrained - expected).abs().max()
+
+
+def test_export_cli_from_a_lora_checkpoint_with_merge(tmp_path: Path) -> None:
+    """`python -m trainer.export --run OUT --merge`: the latest complete checkpoint, rebuilt in one process."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer import checkpoint
+    from trainer.config import dump_yaml
+    from trainer.data import DataCursor
+    from trainer.export import main as export_main
+
+    cfg = run_config(tmp_path, "lora", "fp32")
+    config = ds_config("fp32")
+    loaded = load_model(cfg, config)
+    engine, _ = train(loaded, config)
+    state = checkpoint.TrainState(step=4, cursor=DataCursor(), tokens_seen=0, world_size=1)
+    yaml_text, json_text = dump_yaml(cfg), json.dumps(config)
+    checkpoint.save(
+        engine, cfg.train.output_dir, state, run_config_yaml=yaml_text, ds_config_json=json_text, keep_last=1
+    )
+    expected = logits(engine.module)
+
+    assert export_main(["--run", cfg.train.output_dir, "--merge", "--out", str(tmp_path / "exported")]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "random_init_base", dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "exported" / "adapter")
+    torch.testing.assert_close(logits(adapter), expected, rtol=0, atol=1e-6)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "exported" / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
