@@ -182,13 +182,16 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
         writer = write_adapter
     error = [""]
+    failure: Exception | None = None
     if _rank() == 0:
         try:
             writer(model, state_dict, loaded.tokenizer, info, out_dir)
-        except RuntimeError as exc:
-            error[0] = str(exc)
+        except Exception as exc:  # any failure (refused adapter, full disk) must reach the other ranks
+            failure, error[0] = exc, str(exc)
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(error, src=0)  # every rank fails the same way, none hangs
+    if failure is not None:
+        raise failure
     if error[0]:
         raise RuntimeError(error[0])
     _barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,13 @@ def test_remote_code_needs_the_allow_list(tmp_path: Path) -> None:
     # The allow-list compares resolved paths.
     allowed = run_config(tmp_path, model_path=model_dir, trust_remote_code_paths=(str(tmp_path / "." / "moss-moon"),))
     assert check_remote_code(allowed, read_hf_config(model_dir)) is True
-    # A native model type never runs remote code, even with an auto_map.
-    assert check_remote_code(run_config(tmp_path), {"model_type": "llama", "auto_map": {}}) is False
+    # A model type transformers knows loads its native class without remote code, even with an auto_map.
+    native = tmp_path / "llama-with-auto-map"
+    shutil.copytree(TINY_LLAMA, native)
+    raw = json.loads((native / "config.json").read_text())
+    raw["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}
+    (native / "config.json").write_text(json.dumps(raw))
+    assert type(load_model(run_config(tmp_path, model_path=native), {}).model).__name__ == "LlamaForCausalLM"
 
 
 def test_untrained_adapter_is_refused(tmp_path: Path) -> None:
