@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from trainer.ds_config import build_ds_config
-    from trainer.loop import train
+    from trainer.loop import NonFiniteLossError, train
 
     init_distributed()
     try:
@@ -68,6 +68,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr)
+        return 1
     finally:
         dist.destroy_process_group()
     return 0

@@ -102,6 +102,7 @@ class Meter:
     loss_tokens: float = 0.0
     tokens: float = 0.0
     flops: float = 0.0
+    skipped_steps: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -333,8 +334,11 @@ def check_finite(reduced: dict[str, Any], step: int, engine: Any, cfg: RunConfig
 def accumulate(meter: Meter, reduced: dict[str, Any], batches: list[Batch], run: Run) -> None:
     loaded = run.loaded
     config = loaded.model.config
-    meter.loss_sum += reduced["loss_sum"]
-    meter.loss_tokens += reduced["loss_tokens"]
+    if reduced["bad_ranks"]:  # a skipped step: its loss is not part of the mean
+        meter.skipped_steps += 1
+    else:
+        meter.loss_sum += reduced["loss_sum"]
+        meter.loss_tokens += reduced["loss_tokens"]
     meter.tokens += reduced["tokens"]
     # Attention term from this rank's rows, times world size (ranks see rows of similar length).
     meter.flops += train_flops(
@@ -363,7 +367,7 @@ def log_step(
     grad_norm = run.engine.get_global_grad_norm()
     row = {
         "step": state.step,
-        "loss": meter.loss_sum / max(meter.loss_tokens, 1.0),
+        "loss": meter.loss_sum / meter.loss_tokens if meter.loss_tokens else None,
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "loss_tokens": int(meter.loss_tokens),
@@ -374,6 +378,7 @@ def log_step(
         "eta_s": eta_s(elapsed, session_steps, stop_step(cfg) - state.step),
         "epoch": state.cursor.epoch,
         "tokens_seen": state.tokens_seen,
+        "skipped_steps": meter.skipped_steps,
     }
     run.log.write(row)
     run.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, state.step)
