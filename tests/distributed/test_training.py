@@ -1,8 +1,8 @@
 """The trainer under the real `deepspeed` launcher on CPU (gloo): loss, parity, resume, kill -9, 2 -> 1 ranks.
 
 Two launches of tests/distributed/scenarios.py (world size 2, then 1) run every training once; the tests
-below only read what those runs wrote. Model: tests/fixtures/tiny_llama (random init, fp32); data: 50
-real BELLE records through the real `prepare` (45 train rows, 5 val), 8 rows per optimizer step
+below only read what those runs wrote. Model: tests/fixtures/tiny_llama (random init, fp32); data: the first
+56 real BELLE records through the real `prepare` (about 40 train rows), 8 rows per optimizer step
 (2 micro x 2 accum x 2 ranks, or 2 micro x 4 accum x 1 rank), 10 steps = 2 epochs.
 """
 
