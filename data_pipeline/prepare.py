@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from data_pipeline.conversation import Conversation, InputError, Record, Reject, Text
+from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text
 from data_pipeline.pack import pack_bins
 from data_pipeline.schema import (
     IGNORE_INDEX,
@@ -324,9 +324,41 @@ def _init_worker(state: WorkerState) -> None:
     _STATE = state
 
 
-def _process_in_worker(job: tuple[int, list[tuple[int, Record]]]) -> dict[str, Any]:
+Wire = tuple[Any, ...]
+"""A record as sent to a worker: plain tuples pickle about 4x faster than the frozen dataclasses."""
+
+
+def _to_wire(records: list[tuple[int, Record]]) -> list[Wire]:
+    wire: list[Wire] = []
+    for position, r in records:
+        if isinstance(r, Conversation):
+            wire.append(("c", position, r.source, r.index, tuple((m.role, m.content) for m in r.messages)))
+        elif isinstance(r, Text):
+            wire.append(("t", position, r.source, r.index, r.text))
+        else:
+            wire.append(("r", position, r.source, r.index, r.reason, r.raw, r.detail))
+    return wire
+
+
+def _from_wire(wire: list[Wire]) -> list[tuple[int, Record]]:
+    records: list[tuple[int, Record]] = []
+    for item in wire:
+        kind, position, source, index = item[:4]
+        record: Record
+        if kind == "c":
+            messages = tuple(Message(role=role, content=content) for role, content in item[4])
+            record = Conversation(messages=messages, source=source, index=index)
+        elif kind == "t":
+            record = Text(text=item[4], source=source, index=index)
+        else:
+            record = Reject(reason=item[4], source=source, index=index, raw=item[5], detail=item[6])
+        records.append((position, record))
+    return records
+
+
+def _process_in_worker(job: tuple[int, list[Wire]]) -> dict[str, Any]:
     assert _STATE is not None, "worker not initialized"
-    return process_block(_STATE, job[0], job[1])
+    return process_block(_STATE, job[0], _from_wire(job[1]))
 
 
 def _raw_of(record: Conversation | Text) -> str:
@@ -706,7 +738,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
                 while len(pending) >= 2 * options.workers:
                     results.append(pending.popleft().result())
                     progress.update(results[-1])
-                pending.append(pool.submit(_process_in_worker, (index, block)))
+                pending.append(pool.submit(_process_in_worker, (index, _to_wire(block))))
             while pending:
                 results.append(pending.popleft().result())
                 progress.update(results[-1])

@@ -30,9 +30,9 @@ def _tree(out: Path) -> dict[str, bytes]:
     return files
 
 
-def _run(out: Path, **kw: Any) -> None:
+def _run(out: Path, *extra: Path, **kw: Any) -> None:
     options = PrepareOptions(
-        sources=(SourceSpec(path=str(BELLE)), SourceSpec(path=str(FIREFLY_MOSS_FLAT))),
+        sources=tuple(SourceSpec(path=str(p)) for p in (BELLE, FIREFLY_MOSS_FLAT, *extra)),
         tokenizer=str(TINY_LLAMA),
         out=str(out),
         max_seq_len=512,
@@ -48,13 +48,18 @@ def _run(out: Path, **kw: Any) -> None:
 
 @pytest.mark.slow
 def test_one_and_two_workers_write_identical_bytes(tmp_path: Path) -> None:
-    _run(tmp_path / "w1", workers=1)
-    _run(tmp_path / "w2", workers=2)
+    # A source with a malformed line and a text record: every kind of record crosses to the workers.
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"text": "plain text for pre-training"}\n{broken\n{"text": "more text"}\n', encoding="utf-8")
+    _run(tmp_path / "w1", odd, workers=1)
+    _run(tmp_path / "w2", odd, workers=2)
     one, two = _tree(tmp_path / "w1"), _tree(tmp_path / "w2")
     assert sorted(one) == sorted(two)
     for name in one:
         assert one[name] == two[name], name
     assert len([n for n in one if n.endswith(".arrow")]) >= 16  # 8+ blocks, train and val each
+    rejects = one["rejects.jsonl"].decode().splitlines()
+    assert any('"malformed_json"' in line for line in rejects)
 
 
 @pytest.mark.slow
