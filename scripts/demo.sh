@@ -15,7 +15,7 @@ echo "== 1/4 prepare: tests/fixtures/real/belle -> $OUT/data"
 $PY -m data_pipeline prepare \
     --source tests/fixtures/real/belle/Belle_open_source_1k.json \
     --tokenizer tests/fixtures/tiny_llama --template qwen \
-    --out "$OUT/data" --max-seq-len 256 --pack --workers 2 --val-fraction 0.05
+    --out "$OUT/data" --max-seq-len 512 --pack --workers 2 --val-fraction 0.05
 $PY -m data_pipeline verify "$OUT/data"
 $PY -m data_pipeline inspect "$OUT/data" --index 0 | head -40
 
