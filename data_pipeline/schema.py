@@ -193,6 +193,28 @@ def load_split(data_dir: str | Path, split: str, manifest: Manifest | None = Non
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def rejects_summary(data_dir: str | Path, manifest: Manifest | None, examples_per_reason: int = 3) -> dict[str, Any]:
+    """Rejected-record counts by reason (from the manifest) and the first few examples of each reason."""
+    examples: dict[str, list[Any]] = {}
+    path = Path(data_dir) / REJECTS_FILE
+    if path.is_file():
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle):
+                if line_no >= 100_000:  # a summary, not a copy: stop reading a huge rejects file early
+                    break
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                reason = str(row.get("reason", "unknown")) if isinstance(row, dict) else "unknown"
+                bucket = examples.setdefault(reason, [])
+                if len(bucket) < examples_per_reason:
+                    bucket.append(row)
+    counts = dict(manifest.counts.get("rejected_by_reason", {})) if manifest else {}
+    total = manifest.counts.get("samples_rejected") if manifest else None
+    return {"samples_rejected": total, "rejected_by_reason": counts, "examples": examples}
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides token ids: the vocabulary (added tokens included) and the special tokens.
 

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.schema import MANIFEST_FILE, REJECTS_FILE, Manifest, load_manifest
+from data_pipeline.schema import MANIFEST_FILE, Manifest, load_manifest, rejects_summary
 
 PREPARE_RUN_FILE = "mlflow_prepare_run.json"
 """In the prepared directory: {"run_id", "experiment_id", "tracking_uri", "fingerprint"}."""
@@ -103,29 +103,6 @@ def prepare_metrics(manifest: Manifest) -> dict[str, float]:
     for key, value in manifest.timings.items():
         metrics[f"timing.{key}"] = float(value)
     return metrics
-
-
-def _rejects_summary(out_dir: Path, manifest: Manifest, per_reason: int = 3) -> dict[str, Any]:
-    examples: dict[str, list[Any]] = {}
-    path = out_dir / REJECTS_FILE
-    if path.is_file():
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle):
-                if line_no >= 100_000:
-                    break
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                reason = str(row.get("reason", "unknown")) if isinstance(row, dict) else "unknown"
-                bucket = examples.setdefault(reason, [])
-                if len(bucket) < per_reason:
-                    bucket.append(row)
-    return {
-        "samples_rejected": manifest.counts.get("samples_rejected"),
-        "rejected_by_reason": manifest.counts.get("rejected_by_reason", {}),
-        "examples": examples,
-    }
 
 
 def log_prepare_run(
@@ -230,7 +207,7 @@ def _log(
     client.log_artifact(run_id, str(out_dir / MANIFEST_FILE), "data")
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "rejects_summary.json"
-        summary.write_text(json.dumps(_rejects_summary(out_dir, manifest), indent=2, ensure_ascii=False, default=str))
+        summary.write_text(json.dumps(rejects_summary(out_dir, manifest), indent=2, ensure_ascii=False, default=str))
         client.log_artifact(run_id, str(summary), "data")
     client.set_terminated(run_id, "FINISHED")
     body = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri, "fingerprint": manifest.fingerprint}

@@ -270,30 +270,6 @@ def dataset_op(manifest: Manifest, data_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def rejects_summary(data_dir: Path, manifest: Manifest | None, examples_per_reason: int = 3) -> dict[str, Any]:
-    """Counts of rejected records by reason (from the manifest) and the first few examples of each reason."""
-    from data_pipeline.schema import REJECTS_FILE
-
-    counts = dict(manifest.counts.get("rejected_by_reason", {})) if manifest else {}
-    examples: dict[str, list[Any]] = {}
-    path = data_dir / REJECTS_FILE
-    if path.is_file():
-        with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle):
-                if line_no >= 100_000:
-                    break
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                reason = str(row.get("reason", "unknown")) if isinstance(row, dict) else "unknown"
-                bucket = examples.setdefault(reason, [])
-                if len(bucket) < examples_per_reason:
-                    bucket.append(row)
-    total = manifest.counts.get("samples_rejected") if manifest else None
-    return {"samples_rejected": total, "rejected_by_reason": counts, "examples": examples}
-
-
 # ----------------------------------------------------------------------------- the journal
 
 
@@ -736,6 +712,8 @@ class _Worker(threading.Thread):
             target.write_text(json.dumps(body, ensure_ascii=False, default=str), encoding="utf-8")
             return [{"op": "table", "file": str(target), "artifact_file": command["artifact_file"]}]
         if kind == "rejects":
+            from data_pipeline.schema import rejects_summary
+
             summary = rejects_summary(Path(command["data_dir"]), command["manifest"])
             return self._expand(
                 {
