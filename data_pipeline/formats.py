@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ijson
+import orjson
 
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Role, Text
 
@@ -376,11 +377,23 @@ def _iter_lines(path: Path) -> Iterator[_Item]:
                 yield _Item(index=number, value=None, raw=raw, error=f"line is not UTF-8 ({error.reason})")
                 continue
             try:
-                value = json.loads(text)
+                value = _loads_line(text)
             except json.JSONDecodeError as error:
                 yield _Item(index=number, value=None, raw=text, error=f"not JSON: {error.msg} at column {error.colno}")
                 continue
             yield _Item(index=number, value=value, raw=text)
+
+
+def _loads_line(text: str) -> Any:
+    """Parse one JSON line: orjson (about 3x faster), and the standard library for whatever orjson refuses.
+
+    The standard library decides what is an error and how it is worded (NaN, lone surrogates and integers over
+    64 bits parse there, not in orjson), so records and reject messages are the same as with json.loads alone.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _iter_array(path: Path) -> Iterator[_Item]:
@@ -607,20 +620,24 @@ def _validated(turns: list[tuple[Role, str]]) -> tuple[Message, ...]:
     body = turns[1:] if turns and turns[0][0] == "system" else turns
     if not body:
         raise _Refused("missing_field", "no user or assistant turn")
-    order = ",".join(role for role, _ in turns)
     for position, (role, _) in enumerate(body):
         expected = "user" if position % 2 == 0 else "assistant"
         if role != expected:
             raise _Refused(
                 "wrong_role_order",
-                f"roles {order}: expected an optional system, then user/assistant alternating, ending with assistant",
+                f"roles {_roles(turns)}: expected an optional system, then user/assistant alternating, "
+                "ending with assistant",
             )
     if body[-1][0] != "assistant":
-        raise _Refused("wrong_role_order", f"roles {order}: the last turn is a user turn with no answer")
+        raise _Refused("wrong_role_order", f"roles {_roles(turns)}: the last turn is a user turn with no answer")
     for position, (role, text) in enumerate(body):
         if not text.strip():
             raise _Refused(f"empty_{role}", f"turn {position} ({role}) is empty or whitespace")
     return tuple(Message(role=role, content=text) for role, text in turns)
+
+
+def _roles(turns: list[tuple[Role, str]]) -> str:
+    return ",".join(role for role, _ in turns)
 
 
 def _text_record(text: str, source: str, index: int) -> Text:

@@ -390,7 +390,7 @@ def _encode(
     state: WorkerState, records: list[tuple[int, Record]]
 ) -> list[Reject | list[tuple[np.ndarray, np.ndarray]]]:
     """Tokenize and mask every record: a Reject, or the record's sequences as (input_ids, labels) arrays."""
-    from data_pipeline.templates import Encoded, fit_length
+    from data_pipeline.templates import fit_length_arrays
 
     options = state.plan.options
     max_len = int(options["max_seq_len"])
@@ -421,21 +421,19 @@ def _encode(
                 ]
             continue
         convs = [c for c in (records[s][1] for s in slots) if isinstance(c, Conversation)]
-        encoded = template.encode_batch(convs, last_turn_only=bool(options["last_turn_only"]))
+        encoded = template.encode_batch_arrays(convs, last_turn_only=bool(options["last_turn_only"]))
         for slot, conv, enc in zip(slots, convs, encoded, strict=True):
             if isinstance(enc, Reject):
                 results[slot] = enc
                 continue
-            fitted = fit_length(enc, max_len, options["overlong"])
-            if isinstance(fitted, Encoded):
-                results[slot] = [
-                    (np.asarray(fitted.input_ids, dtype=np.int32), np.asarray(fitted.labels, dtype=np.int32))
-                ]
-            else:
-                detail = f"{len(enc.input_ids)} tokens, max_seq_len {max_len}, overlong={options['overlong']}"
+            fitted = fit_length_arrays(enc, max_len, options["overlong"])
+            if isinstance(fitted, str):
+                detail = f"{len(enc[0])} tokens, max_seq_len {max_len}, overlong={options['overlong']}"
                 results[slot] = Reject(
                     reason=fitted, source=conv.source, index=conv.index, raw=_raw_of(conv), detail=detail
                 )
+            else:
+                results[slot] = [fitted]
     return results
 
 
@@ -715,33 +713,41 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
             progress.update(done)
         return done
 
+    executor: concurrent.futures.Executor
     if options.workers == 1:
+        # One process, two threads: the Rust tokenizer releases the GIL while it encodes, so one block's
+        # tokenization overlaps the other block's Python work (template assembly, packing, writing) and the
+        # reading of the next block. Each block writes only its own files, so threads share nothing else.
         _init_worker(state)
-        for index, block in jobs:
-            result = reuse_or_none(index)
-            if result is None:
-                result = process_block(state, index, block)
-                progress.update(result)
-            results.append(result)
+        executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare-block")
+
+        def submit(index: int, block: list[tuple[int, Record]]) -> concurrent.futures.Future[dict[str, Any]]:
+            return executor.submit(process_block, state, index, block)
+
     else:
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
-        with concurrent.futures.ProcessPoolExecutor(
+        executor = concurrent.futures.ProcessPoolExecutor(
             options.workers, mp_context=context, initializer=_init_worker, initargs=(state,)
-        ) as pool:
-            for index, block in jobs:
-                done = reuse_or_none(index)
-                if done is not None:
-                    results.append(done)
-                    continue
-                # At most two blocks per worker in flight: bounded memory, workers never idle.
-                while len(pending) >= 2 * options.workers:
-                    results.append(pending.popleft().result())
-                    progress.update(results[-1])
-                pending.append(pool.submit(_process_in_worker, (index, _to_wire(block))))
-            while pending:
+        )
+
+        def submit(index: int, block: list[tuple[int, Record]]) -> concurrent.futures.Future[dict[str, Any]]:
+            return executor.submit(_process_in_worker, (index, _to_wire(block)))
+
+    pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+    with executor:
+        for index, block in jobs:
+            done = reuse_or_none(index)
+            if done is not None:
+                results.append(done)
+                continue
+            # At most two blocks per worker in flight: bounded memory, workers never idle.
+            while len(pending) >= 2 * options.workers:
                 results.append(pending.popleft().result())
                 progress.update(results[-1])
+            pending.append(submit(index, block))
+        while pending:
+            results.append(pending.popleft().result())
+            progress.update(results[-1])
     return results, seen[0]
 
 

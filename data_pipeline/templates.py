@@ -17,11 +17,14 @@ or the family's end-of-turn token), so the model learns to stop.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
 
 from data_pipeline.conversation import Conversation, InputError, Message, Reject
 from data_pipeline.schema import IGNORE_INDEX
@@ -75,6 +78,10 @@ class Encoded:
     """Same length as input_ids; IGNORE_INDEX where no loss is taken (labels are not shifted)."""
 
 
+EncodedArrays = tuple[np.ndarray, np.ndarray]
+"""(input_ids, labels) of one sample as int32 arrays; the bulk form of Encoded that prepare writes to shards."""
+
+
 class ChatTemplate:
     """A family's chat format bound to one tokenizer. Build it with ``resolve_template``."""
 
@@ -95,6 +102,19 @@ class ChatTemplate:
         A conversation the template cannot render comes back as ``Reject(reason="unrenderable")``, one
         whose roles are out of order as ``Reject(reason="wrong_role_order")``.
         """
+        return [
+            r if isinstance(r, Reject) else Encoded(input_ids=r[0].tolist(), labels=r[1].tolist())
+            for r in self.encode_batch_arrays(convs, last_turn_only=last_turn_only)
+        ]
+
+    def encode_batch_arrays(
+        self, convs: Sequence[Conversation], *, last_turn_only: bool = False
+    ) -> list[EncodedArrays | Reject]:
+        """``encode_batch`` with each sample as int32 arrays: views into one flat buffer for the whole batch.
+
+        The token ids of every part go into one buffer in a single pass; labels are then one vectorized
+        select (the part's ids where it is trained, else IGNORE_INDEX), so no Python work is done per token.
+        """
         layouts: list[_Layout | Reject] = []
         texts: list[str] = []
         for conv in convs:
@@ -114,25 +134,35 @@ class ChatTemplate:
             layouts.append(layout)
 
         pieces = iter(self._encoder.encode(texts))
-        results: list[Encoded | Reject] = []
+        segments: list[Sequence[int]] = []  # every part's ids, all conversations in order
+        segment_trained: list[bool] = []
+        sample_ends: list[int] = []  # per encoded conversation: how many segments precede its end
+        for rendered in layouts:
+            if isinstance(rendered, Reject):
+                continue
+            for part in rendered.parts:
+                if isinstance(part, int):
+                    segments.append((part,))
+                else:
+                    segments.append(next(pieces) if isinstance(part, str) else part)
+            segment_trained.extend(rendered.trained)
+            sample_ends.append(len(segments))
+        lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+        token_ends = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
+        ids = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int32, count=int(token_ends[-1]))
+        is_trained = np.repeat(np.asarray(segment_trained, dtype=bool), lengths)
+        labels = np.where(is_trained, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
+
+        results: list[EncodedArrays | Reject] = []
+        bounds = iter(token_ends[[0, *sample_ends]].tolist())
+        start = next(bounds)
         for rendered in layouts:
             if isinstance(rendered, Reject):
                 results.append(rendered)
                 continue
-            ids: list[int] = []
-            labels: list[int] = []
-            for part, is_trained in zip(rendered.parts, rendered.trained, strict=True):
-                if isinstance(part, int):
-                    ids.append(part)
-                    labels.append(part if is_trained else IGNORE_INDEX)
-                    continue
-                segment = next(pieces) if isinstance(part, str) else part
-                ids.extend(segment)
-                if is_trained:
-                    labels.extend(segment)
-                else:
-                    labels.extend([IGNORE_INDEX] * len(segment))
-            results.append(Encoded(input_ids=ids, labels=labels))
+            stop = next(bounds)
+            results.append((ids[start:stop], labels[start:stop]))
+            start = stop
         return results
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
@@ -174,18 +204,29 @@ def fit_length(enc: Encoded, max_len: int, policy: Literal["truncate", "drop"]) 
     truncate keeps the start and cuts the end; drop rejects any over-long sample as "too_long". A sample
     left with no supervised token is rejected as "no_supervised_tokens", so one is never returned.
     """
+    arrays = (np.asarray(enc.input_ids, dtype=np.int32), np.asarray(enc.labels, dtype=np.int32))
+    fitted = fit_length_arrays(arrays, max_len, policy)
+    if isinstance(fitted, str):
+        return fitted
+    if len(fitted[0]) == len(enc.input_ids):
+        return enc
+    return Encoded(input_ids=enc.input_ids[:max_len], labels=enc.labels[:max_len])
+
+
+def fit_length_arrays(enc: EncodedArrays, max_len: int, policy: Literal["truncate", "drop"]) -> EncodedArrays | str:
+    """``fit_length`` on (input_ids, labels) arrays; a truncated sample is a view of the input."""
     if max_len < 1:
         raise ValueError(f"fit_length: max_len must be >= 1, got {max_len}")
-    if len(enc.input_ids) <= max_len:
-        return enc if _has_supervised(enc.labels) else "no_supervised_tokens"
+    input_ids, labels = enc
+    if len(input_ids) <= max_len:
+        return enc if _has_supervised(labels) else "no_supervised_tokens"
     match policy:
         case "drop":
             return "too_long"
         case "truncate":
-            labels = enc.labels[:max_len]
-            if not _has_supervised(labels):
+            if not _has_supervised(labels[:max_len]):
                 return "no_supervised_tokens"
-            return Encoded(input_ids=enc.input_ids[:max_len], labels=labels)
+            return input_ids[:max_len], labels[:max_len]
         case _:
             raise ValueError(f"fit_length: policy must be 'truncate' or 'drop', got {policy!r}")
 
@@ -749,8 +790,8 @@ def _interleave(fragments: list[str], contents: list[str]) -> str:
 # Helpers
 
 
-def _has_supervised(labels: list[int]) -> bool:
-    return labels.count(IGNORE_INDEX) != len(labels)
+def _has_supervised(labels: np.ndarray) -> bool:
+    return bool(np.any(labels != IGNORE_INDEX))
 
 
 def _role_order_problem(messages: Sequence[Message], *, last_role: str) -> str:
