@@ -230,6 +230,7 @@ def _peaks() -> dict[str, float]:
 
 
 def job_raw(corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
+    """The Rust tokenizer's batch encode on every message text, with the threads TOKENIZERS_PARALLELISM allows."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -273,8 +274,14 @@ def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int
     }
 
 
-def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> dict[str, Any]:
-    """The usual way: load_dataset + map(batched, num_proc) with the same template text and masks + save_to_disk."""
+def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int, style: str) -> dict[str, Any]:
+    """load_dataset("json") + map(batched=True, num_proc) + save_to_disk, with the same template text and masks.
+
+    style "typical": the map function loops over examples and calls the tokenizer once per message segment,
+    concatenating ids and labels per example, as LLaMA-Factory's supervised preprocessing and most SFT scripts
+    do. style "batched": one batched tokenizer call per map batch (what our encoder does), a stronger baseline.
+    Neither packs, splits off val, or checks and reports rejects, which prepare does.
+    """
     import datasets
     from transformers import AutoTokenizer
 
@@ -282,7 +289,37 @@ def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) ->
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+    def segments(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The default template's text pieces of one conversation, each with whether it is trained."""
+        pieces = []
+        for i, m in enumerate(messages):
+            if m["role"] == "system":
+                pieces.append((m["content"] + "\n\n", False))
+            elif m["role"] == "user":
+                sep = "\n\n" if i > 0 and messages[i - 1]["role"] == "assistant" else ""
+                pieces.append((f"{sep}### User:\n{m['content']}\n\n### Assistant:\n", False))
+            else:
+                pieces.append((m["content"], True))
+        return pieces
+
+    def encode_typical(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        model_inputs: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for messages in batch["messages"]:
+            input_ids, labels = [bos], [-100]
+            for text, trained in segments(messages):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if trained:
+                    input_ids += [*ids, eos]
+                    labels += [*ids, eos]
+                else:
+                    input_ids += ids
+                    labels += [-100] * len(ids)
+            model_inputs["input_ids"].append(input_ids[:MAX_SEQ_LEN])
+            model_inputs["labels"].append(labels[:MAX_SEQ_LEN])
+            model_inputs["position_ids"].append(list(range(len(model_inputs["input_ids"][-1]))))
+        return model_inputs
+
+    def encode_batched(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         texts, roles, owners = [], [], []
         for row, messages in enumerate(batch["messages"]):
             for i, m in enumerate(messages):
@@ -311,6 +348,7 @@ def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) ->
 
     start, cpu = time.perf_counter(), _cpu_seconds()
     raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(out / "cache"))
+    encode = encode_typical if style == "typical" else encode_batched
     mapped = raw.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=raw.column_names)
     mapped.save_to_disk(str(out / "saved"))
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
@@ -318,10 +356,24 @@ def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) ->
     return {**_rates(tokens, seconds, cpu), **_peaks()}
 
 
-def run_child(job: str, **kwargs: Any) -> dict[str, Any]:
-    """Run one job in a fresh interpreter (clean RSS, no warm caches shared between measurements)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "SFT_TRACKING": "0"}
-    payload = json.dumps({"job": job, "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}})
+def run_child(job: str, *, cores: int = 2, rayon: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Run one job in a fresh interpreter (clean RSS, no warm caches shared between measurements).
+
+    cores: CPUs the job (and its workers) may run on (taskset-style affinity); rayon: let the Rust tokenizer
+    use its own thread pool (TOKENIZERS_PARALLELISM=true; prepare itself always sets it to false)."""
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "true" if rayon else "false",
+        "PYTHONPATH": str(REPO),
+        "SFT_TRACKING": "0",
+    }
+    payload = json.dumps(
+        {
+            "job": job,
+            "cores": cores,
+            "kwargs": {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()},
+        }
+    )
     result = subprocess.run(
         [sys.executable, __file__, "--child", payload], env=env, capture_output=True, text=True, check=False
     )
@@ -332,6 +384,8 @@ def run_child(job: str, **kwargs: Any) -> dict[str, Any]:
 
 def _child_main(payload: str) -> None:
     spec = json.loads(payload)
+    available = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, available[: spec["cores"]])
     kwargs = spec["kwargs"]
     for key in ("corpus", "tokenizer_dir", "out"):
         if key in kwargs:
@@ -341,6 +395,11 @@ def _child_main(payload: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def ratio(result: dict[str, Any], a: str, b: str) -> float:
+    """tokens/s of measurement a over measurement b."""
+    return round(result[a]["tokens_per_s"] / result[b]["tokens_per_s"], 3)
 
 
 def machine() -> dict[str, Any]:
@@ -384,38 +443,47 @@ def main() -> None:
         ]
         for name in [n for n in args.tokenizers.split(",") if n]:
             tok = fast_tokenizer_dir(name, work)
-            result: dict[str, Any] = {"raw_tokenizer": run_child("raw", corpus=corpus, tokenizer_dir=tok)}
-            for workers in (1, 2):
-                out = work / f"{name}_w{workers}"
-                result[f"prepare_w{workers}"] = run_child(
-                    "prepare", sources=[str(corpus)], tokenizer_dir=tok, out=out, workers=workers
+            result: dict[str, Any] = {
+                "raw_tokenizer_1core": run_child("raw", cores=1, corpus=corpus, tokenizer_dir=tok),
+                "raw_tokenizer_2cores_rayon": run_child("raw", rayon=True, corpus=corpus, tokenizer_dir=tok),
+            }
+            for label, workers, cores in (("prepare_w1_1core", 1, 1), ("prepare_w1", 1, 2), ("prepare_w2", 2, 2)):
+                out = work / f"{name}_{label}"
+                result[label] = run_child(
+                    "prepare", cores=cores, sources=[str(corpus)], tokenizer_dir=tok, out=out, workers=workers
                 )
                 shutil.rmtree(out)
             if not args.skip_baseline:
-                for num_proc in (1, 2):
-                    out = work / f"{name}_baseline{num_proc}"
-                    result[f"datasets_map_np{num_proc}"] = run_child(
-                        "baseline", corpus=corpus, tokenizer_dir=tok, out=out, num_proc=num_proc
-                    )
-                    shutil.rmtree(out)
+                for style in ("typical", "batched"):
+                    for num_proc in (1, 2):
+                        out = work / f"{name}_{style}{num_proc}"
+                        result[f"datasets_map_{style}_np{num_proc}"] = run_child(
+                            "baseline",
+                            cores=num_proc,
+                            corpus=corpus,
+                            tokenizer_dir=tok,
+                            out=out,
+                            num_proc=num_proc,
+                            style=style,
+                        )
+                        shutil.rmtree(out)
             result["real_samples"] = run_child("prepare", sources=real, tokenizer_dir=tok, out=work / "real", workers=1)
             shutil.rmtree(work / "real")
-            w1, w2, raw = result["prepare_w1"], result["prepare_w2"], result["raw_tokenizer"]
+
             ratios = {
-                "w1_vs_raw_tokenizer": round(w1["tokens_per_s"] / raw["tokens_per_s"], 3),
-                "w1_vs_raw_tokenizer_per_cpu_s": round(w1["tokens_per_cpu_s"] / raw["tokens_per_cpu_s"], 3),
-                "w2_vs_w1": round(w2["tokens_per_s"] / w1["tokens_per_s"], 3),
+                # Like with like: one core each, then two cores each (prepare's 2 threads vs rayon's 2 threads).
+                "w1_1core_vs_raw_1core": ratio(result, "prepare_w1_1core", "raw_tokenizer_1core"),
+                "w1_vs_raw_2cores_rayon": ratio(result, "prepare_w1", "raw_tokenizer_2cores_rayon"),
+                "w1_vs_raw_1core": ratio(result, "prepare_w1", "raw_tokenizer_1core"),
+                "w2_vs_w1_1core": ratio(result, "prepare_w2", "prepare_w1_1core"),
+                "w2_vs_w1": ratio(result, "prepare_w2", "prepare_w1"),
             }
             if not args.skip_baseline:
-                ratios["w1_vs_datasets_map_np1"] = round(
-                    w1["tokens_per_s"] / result["datasets_map_np1"]["tokens_per_s"], 3
-                )
-                ratios["w2_vs_datasets_map_np2"] = round(
-                    w2["tokens_per_s"] / result["datasets_map_np2"]["tokens_per_s"], 3
-                )
-                ratios["w2_vs_datasets_map_np2_per_cpu_s"] = round(
-                    w2["tokens_per_cpu_s"] / result["datasets_map_np2"]["tokens_per_cpu_s"], 3
-                )
+                for style in ("typical", "batched"):
+                    ratios[f"w1_1core_vs_datasets_map_{style}_np1"] = ratio(
+                        result, "prepare_w1_1core", f"datasets_map_{style}_np1"
+                    )
+                    ratios[f"w2_vs_datasets_map_{style}_np2"] = ratio(result, "prepare_w2", f"datasets_map_{style}_np2")
             result["ratios"] = ratios
             report["tokenizers"][name] = result
         if args.rss_records:

@@ -24,20 +24,36 @@ def test_bench_prepare_quick() -> None:
     report = json.loads(result.stdout)
     assert report["records"] == 500
     bpe = report["tokenizers"]["bpe"]
-    for key in ("raw_tokenizer", "prepare_w1", "prepare_w2", "datasets_map_np1", "datasets_map_np2", "real_samples"):
-        assert bpe[key]["tokens"] > 0 and bpe[key]["tokens_per_s"] > 0, key
-    # The same corpus gives the same tokens whatever the worker count, and the baseline does the same job.
-    assert bpe["prepare_w1"]["tokens"] == bpe["prepare_w2"]["tokens"]
+    measurements = (
+        "raw_tokenizer_1core",
+        "raw_tokenizer_2cores_rayon",
+        "prepare_w1_1core",
+        "prepare_w1",
+        "prepare_w2",
+        "datasets_map_typical_np1",
+        "datasets_map_typical_np2",
+        "datasets_map_batched_np1",
+        "datasets_map_batched_np2",
+        "real_samples",
+    )
+    for key in measurements:
+        assert bpe[key]["tokens"] > 0 and bpe[key]["tokens_per_s"] > 0 and bpe[key]["cpu_s"] > 0, key
+    # The same corpus gives the same tokens whatever the worker count or cores, and the baselines do the same job.
+    assert bpe["prepare_w1"]["tokens"] == bpe["prepare_w2"]["tokens"] == bpe["prepare_w1_1core"]["tokens"]
+    assert bpe["raw_tokenizer_1core"]["tokens"] == bpe["raw_tokenizer_2cores_rayon"]["tokens"]
     assert bpe["prepare_w1"]["records"] == 500
-    assert bpe["datasets_map_np1"]["tokens"] == bpe["datasets_map_np2"]["tokens"]
+    baselines = [bpe[f"datasets_map_{style}_np{n}"]["tokens"] for style in ("typical", "batched") for n in (1, 2)]
+    assert len(set(baselines)) == 1
     assert 0.9 < bpe["prepare_w1"]["packing_efficiency"] <= 1.0
     assert bpe["prepare_w2"]["peak_rss_worker_mb"] > 0
     assert set(bpe["ratios"]) == {
-        "w1_vs_raw_tokenizer",
-        "w1_vs_raw_tokenizer_per_cpu_s",
+        "w1_1core_vs_raw_1core",
+        "w1_vs_raw_2cores_rayon",
+        "w1_vs_raw_1core",
+        "w2_vs_w1_1core",
         "w2_vs_w1",
-        "w1_vs_datasets_map_np1",
-        "w2_vs_datasets_map_np2",
-        "w2_vs_datasets_map_np2_per_cpu_s",
+        "w1_1core_vs_datasets_map_typical_np1",
+        "w2_vs_datasets_map_typical_np2",
+        "w1_1core_vs_datasets_map_batched_np1",
+        "w2_vs_datasets_map_batched_np2",
     }
-    assert all(bpe[k]["cpu_s"] > 0 for k in ("raw_tokenizer", "prepare_w1", "prepare_w2"))
