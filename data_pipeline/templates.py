@@ -67,6 +67,10 @@ MOSS_META_INSTRUCTION = (
 )
 """moss-003's published meta instruction (typo "mutiple" included); the system prompt when a conversation has none."""
 
+ENCODE_CHUNK = 2048
+"""Texts per call of the Rust tokenizer: bounds the memory of its Encoding objects; large enough that the
+per-call overhead is nothing."""
+
 Part = int | str | tuple[int, ...]
 """A control token id, message text to tokenize as plain text, or constant template text already tokenized."""
 
@@ -310,9 +314,15 @@ class _TextEncoder:
         if not texts:
             return []
         if self._backend is not None:
-            # encode_batch_fast skips offsets; both run the batch in Rust threads.
+            # encode_batch_fast skips offsets; both run the batch in Rust threads. Sub-batches of ENCODE_CHUNK
+            # texts: a Rust Encoding also holds token strings and masks (several times the ids' size), so only
+            # one sub-batch of them is alive at a time, whatever the block size.
             encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+            ids: list[list[int]] = []
+            for start in range(0, len(texts), ENCODE_CHUNK):
+                chunk = texts[start : start + ENCODE_CHUNK]
+                ids.extend(encoding.ids for encoding in encode(chunk, add_special_tokens=False))
+            return ids
         # Slow (Python) tokenizers, e.g. remote-code ChatGLM/Baichuan ones: one batched call as well.
         out = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
