@@ -178,6 +178,38 @@ def read_records(path: Path, fmt: str) -> Iterator[Record]:
             return _convert_items(path, fmt, _iter_json_items(path))
 
 
+@dataclass(frozen=True, kw_only=True)
+class Line:
+    """One record of a JSON-lines file, read but not parsed: ``convert_line`` turns it into what ``read_records``
+    yields for it. prepare hands lines to the process that tokenizes them, so its reading process stays cheap."""
+
+    source: str
+    fmt: str
+    index: int
+    """The line number - 1, as the record's index."""
+    data: bytes
+
+
+def read_lines(path: Path, fmt: str) -> Iterator[Line] | None:
+    """The records of ``path`` as unparsed Lines when it is a JSON-lines file read as ``fmt``, else None.
+
+    ``convert_line`` of each yields exactly the records ``read_records(path, fmt)`` yields, in the same order."""
+    path = Path(path)
+    is_json_reader = (
+        fmt in FORMATS and fmt not in ("csv", "safety") and not (fmt == "text" and path.suffix.lower() == ".txt")
+    )
+    if not is_json_reader or not path.is_file() or path.stat().st_size == 0 or _json_layout(path) != "lines":
+        return None
+    source = str(path)
+    return (Line(source=source, fmt=fmt, index=number, data=line) for number, line in _record_lines(path))
+
+
+def convert_line(line: Line) -> Record:
+    """The Conversation, Text or Reject that ``read_records`` yields for this line."""
+    (record,) = _convert_items(Path(line.source), line.fmt, iter([_parse_line(line.index, line.data)]))
+    return record
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks and detection
 
@@ -364,24 +396,31 @@ def _iter_json_items(path: Path) -> Iterator[_Item]:
 
 
 def _iter_lines(path: Path) -> Iterator[_Item]:
+    for number, line in _record_lines(path):
+        yield _parse_line(number, line)
+
+
+def _record_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every non-blank line: the records of a JSON-lines file, not yet parsed."""
     with path.open("rb") as f:
         for number, line in enumerate(f):
             if number == 0 and line.startswith(_BOM):
                 line = line[len(_BOM) :]
-            if not line.strip(_WHITESPACE):
-                continue  # a blank line is no record; the line numbering of the others is kept
-            try:
-                text = line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
-                yield _Item(index=number, value=None, raw=raw, error=f"line is not UTF-8 ({error.reason})")
-                continue
-            try:
-                value = _loads_line(text)
-            except json.JSONDecodeError as error:
-                yield _Item(index=number, value=None, raw=text, error=f"not JSON: {error.msg} at column {error.colno}")
-                continue
-            yield _Item(index=number, value=value, raw=text)
+            if line.strip(_WHITESPACE):  # a blank line is no record; the line numbering of the others is kept
+                yield number, line
+
+
+def _parse_line(number: int, line: bytes) -> _Item:
+    try:
+        text = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        return _Item(index=number, value=None, raw=raw, error=f"line is not UTF-8 ({error.reason})")
+    try:
+        value = _loads_line(text)
+    except json.JSONDecodeError as error:
+        return _Item(index=number, value=None, raw=text, error=f"not JSON: {error.msg} at column {error.colno}")
+    return _Item(index=number, value=value, raw=text)
 
 
 def _loads_line(text: str) -> Any:

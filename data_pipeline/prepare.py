@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text
+from data_pipeline.formats import Line, convert_line, read_lines, read_records
 from data_pipeline.pack import pack_bins
 from data_pipeline.schema import (
     IGNORE_INDEX,
@@ -277,13 +278,20 @@ def _copies(weight: float | None, seed: int, source: int, index: int) -> int:
     return whole + (1 if _unit_hash("weight", seed, source, index) < weight - whole else 0)
 
 
-def iter_samples(plan: Plan) -> Iterator[tuple[int, Record]]:
-    """Yield (source position, record) for every sample, sources in order, limits and weights applied."""
-    from data_pipeline.formats import read_records
+Sample = tuple[int, Record | Line]
+"""(source position, record). A JSON line is left unparsed (a Line) until the block is processed: parsing in the
+process that tokenizes keeps the reading process cheap, so it does not compete with the workers for cores."""
 
+
+def iter_samples(plan: Plan) -> Iterator[Sample]:
+    """Yield (source position, record) for every sample, sources in order, limits and weights applied."""
     seed = int(plan.options["seed"])
     for position, (spec, info) in enumerate(zip(plan.specs, plan.sources, strict=True)):
-        for taken, record in enumerate(read_records(Path(info.path), info.format)):
+        path = Path(info.path)
+        # A weighted source is parsed here: a Reject is never copied, so each record must be known to be one.
+        lines = read_lines(path, info.format) if spec.weight is None else None
+        records: Iterator[Record | Line] = lines if lines is not None else read_records(path, info.format)
+        for taken, record in enumerate(records):
             if spec.samples is not None and taken >= spec.samples:
                 break
             copies = 1 if isinstance(record, Reject) else _copies(spec.weight, seed, position, record.index)
@@ -291,8 +299,8 @@ def iter_samples(plan: Plan) -> Iterator[tuple[int, Record]]:
                 yield position, record
 
 
-def _blocks(samples: Iterable[tuple[int, Record]], size: int) -> Iterator[list[tuple[int, Record]]]:
-    block: list[tuple[int, Record]] = []
+def _blocks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    block: list[Sample] = []
     for sample in samples:
         block.append(sample)
         if len(block) == size:
@@ -328,10 +336,12 @@ Wire = tuple[Any, ...]
 """A record as sent to a worker: plain tuples pickle about 4x faster than the frozen dataclasses."""
 
 
-def _to_wire(records: list[tuple[int, Record]]) -> list[Wire]:
+def _to_wire(records: list[Sample]) -> list[Wire]:
     wire: list[Wire] = []
     for position, r in records:
-        if isinstance(r, Conversation):
+        if isinstance(r, Line):
+            wire.append(("l", position, r.source, r.index, r.fmt, r.data))
+        elif isinstance(r, Conversation):
             wire.append(("c", position, r.source, r.index, tuple((m.role, m.content) for m in r.messages)))
         elif isinstance(r, Text):
             wire.append(("t", position, r.source, r.index, r.text))
@@ -340,12 +350,14 @@ def _to_wire(records: list[tuple[int, Record]]) -> list[Wire]:
     return wire
 
 
-def _from_wire(wire: list[Wire]) -> list[tuple[int, Record]]:
-    records: list[tuple[int, Record]] = []
+def _from_wire(wire: list[Wire]) -> list[Sample]:
+    records: list[Sample] = []
     for item in wire:
         kind, position, source, index = item[:4]
-        record: Record
-        if kind == "c":
+        record: Record | Line
+        if kind == "l":
+            record = Line(source=source, fmt=item[4], index=index, data=item[5])
+        elif kind == "c":
             messages = tuple(Message(role=role, content=content) for role, content in item[4])
             record = Conversation(messages=messages, source=source, index=index)
         elif kind == "t":
@@ -458,8 +470,9 @@ def _write_split(
     return shard, slots
 
 
-def process_block(state: WorkerState, block: int, records: list[tuple[int, Record]]) -> dict[str, Any]:
+def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[str, Any]:
     """Turn one block of records into shards, a rejects file and a completion record; return the record."""
+    records = [(position, convert_line(r) if isinstance(r, Line) else r) for position, r in read]
     options = state.plan.options
     max_len = int(options["max_seq_len"])
     seed = int(options["seed"])
@@ -699,7 +712,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
     results: list[dict[str, Any]] = []
     seen = [0]  # blocks in the whole input, this task's or not: merge checks it has them all
 
-    def own_blocks() -> Iterator[tuple[int, list[tuple[int, Record]]]]:
+    def own_blocks() -> Iterator[tuple[int, list[Sample]]]:
         for index, block in enumerate(_blocks(iter_samples(state.plan), options.block_size)):
             seen[0] = index + 1
             if index % options.num_tasks == options.task_index:
@@ -721,7 +734,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
         _init_worker(state)
         executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare-block")
 
-        def submit(index: int, block: list[tuple[int, Record]]) -> concurrent.futures.Future[dict[str, Any]]:
+        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[dict[str, Any]]:
             return executor.submit(process_block, state, index, block)
 
     else:
@@ -730,7 +743,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
             options.workers, mp_context=context, initializer=_init_worker, initargs=(state,)
         )
 
-        def submit(index: int, block: list[tuple[int, Record]]) -> concurrent.futures.Future[dict[str, Any]]:
+        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[dict[str, Any]]:
             return executor.submit(_process_in_worker, (index, _to_wire(block)))
 
     pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text
-from data_pipeline.formats import FORMATS, RAW_LIMIT, REJECT_REASONS, detect_format, read_records
+from data_pipeline.formats import (
+    FORMATS,
+    RAW_LIMIT,
+    REJECT_REASONS,
+    convert_line,
+    detect_format,
+    read_lines,
+    read_records,
+)
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "real"
 BELLE = REAL / "belle" / "Belle_open_source_1k.json"
@@ -774,3 +782,47 @@ def test_csv_that_is_not_utf8_is_an_input_error(tmp_path: Path) -> None:
     assert pairs(next(records)) == [("user", "ok"), ("assistant", "fine")]
     with pytest.raises(InputError, match="not UTF-8 text near csv row"):
         list(records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unparsed lines (what prepare hands to the process that tokenizes them)
+
+
+def test_converted_lines_equal_read_records_for_every_kind_of_line(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    good = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}]}
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps(good).encode(),  # BOM on the first line
+        b"",  # blank: no record, numbering kept
+        b'{"messages": [{"role": "user", "content": "x"}]}',  # wrong role order
+        b'{"messages": "unterminated',  # not JSON
+        b"\xff\xfe not utf-8",
+        b'{"messages": [{"role": "user", "content": NaN}, {"role": "assistant", "content": "y"}]}',  # json-only
+        b"[1, 2]",
+        json.dumps(good, ensure_ascii=False).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    expected = read(path, "messages")
+    lines_read = read_lines(path, "messages")
+    assert lines_read is not None
+    assert [convert_line(line) for line in lines_read] == expected
+    assert [r.index for r in expected] == [0, 2, 3, 4, 5, 6, 7]
+    assert [type(r).__name__ for r in expected] == ["Conversation", *["Reject"] * 5, "Conversation"]
+
+
+def test_converted_lines_equal_read_records_on_the_real_jsonl_samples() -> None:
+    for path in (BELLE, FIREFLY_FLAT):
+        fmt = detect_format(path)
+        lines = read_lines(path, fmt)
+        assert lines is not None
+        assert [convert_line(line) for line in lines] == read(path, fmt)
+
+
+def test_read_lines_is_none_for_what_is_not_json_lines(tmp_path: Path) -> None:
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"text": "x"}]), encoding="utf-8")
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n", encoding="utf-8")
+    assert read_lines(array, "text") is None
+    assert read_lines(text, "text") is None
+    assert read_lines(MOSS_DIR, "moss") is None
