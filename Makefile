@@ -27,10 +27,10 @@ lint: venv
 
 test: venv lint
 	bash scripts/system_deps.sh
-	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow" tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not slow" tests
 
 # MLflow UI on the embedded store: STORE is the mlruns/ folder next to the runs' output dirs. Loopback unless HOST is set.
 # Exposing it: docs/tracking.md (basic-auth app, --allowed-hosts, a TLS reverse proxy).

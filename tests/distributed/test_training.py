@@ -42,7 +42,7 @@ def launch(world: int, plan: list[dict[str, Any]], tmp: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
-        "deepspeed",
+        str(Path(sys.executable).parent / "deepspeed"),  # the venv's launcher, whether or not the venv is active
         "--num_gpus",
         str(world),
         "--master_port",

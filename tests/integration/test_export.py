@@ -31,8 +31,15 @@ def single_rank() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    saved = dict(os.environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+    finally:
+        # the group keeps its store; leaving RANK/MASTER_PORT set would make every later subprocess
+        # (python launcher/run.py) join this process's port instead of making its own group
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run_config(tmp_path: Path, method: str, dtype: str, **lora: Any) -> RunConfig:
