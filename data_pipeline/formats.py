@@ -206,8 +206,7 @@ def read_lines(path: Path, fmt: str) -> Iterator[Line] | None:
 
 def convert_line(line: Line) -> Record:
     """The Conversation, Text or Reject that ``read_records`` yields for this line."""
-    (record,) = _convert_items(Path(line.source), line.fmt, iter([_parse_line(line.index, line.data)]))
-    return record
+    return _convert_item(line.fmt, _parse_line(line.index, line.data), line.source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,23 +466,25 @@ def _read_document(path: Path, *, index: int, where: str = "") -> _Item:
 def _convert_items(path: Path, fmt: str, items: Iterator[_Item]) -> Iterator[Record]:
     source = str(path)
     for item in items:
-        record: Record
-        try:
-            if item.error is not None:
-                raise _Refused("malformed_json", item.error)
-            if not isinstance(item.value, dict):
-                raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
-            record = _convert(fmt, item.value, source, item.index)
-        except _Refused as refused:
-            raw = item.raw if item.raw is not None else _dump(item.value)
-            record = Reject(
-                reason=refused.reason,
-                source=source,
-                index=item.index,
-                raw=_truncate(raw),
-                detail=item.where + refused.detail,
-            )
-        yield record
+        yield _convert_item(fmt, item, source)
+
+
+def _convert_item(fmt: str, item: _Item, source: str) -> Record:
+    try:
+        if item.error is not None:
+            raise _Refused("malformed_json", item.error)
+        if not isinstance(item.value, dict):
+            raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
+        return _convert(fmt, item.value, source, item.index)
+    except _Refused as refused:
+        raw = item.raw if item.raw is not None else _dump(item.value)
+        return Reject(
+            reason=refused.reason,
+            source=source,
+            index=item.index,
+            raw=_truncate(raw),
+            detail=item.where + refused.detail,
+        )
 
 
 def _convert(fmt: str, record: dict[str, Any], source: str, index: int) -> Conversation | Text:
