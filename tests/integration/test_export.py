@@ -38,8 +38,9 @@ def single_rank() -> None:
     finally:
         # the group keeps its store; leaving RANK/MASTER_PORT set would make every later subprocess
         # (python launcher/run.py) join this process's port instead of making its own group
+        # (deepspeed.initialize still reads LOCAL_RANK, so that one stays)
         os.environ.clear()
-        os.environ.update(saved)
+        os.environ.update(saved, LOCAL_RANK="0")
 
 
 def run_config(tmp_path: Path, method: str, dtype: str, **lora: Any) -> RunConfig:
