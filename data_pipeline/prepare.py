@@ -731,8 +731,10 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
         # One process, two threads: the Rust tokenizer releases the GIL while it encodes, so one block's
         # tokenization overlaps the other block's Python work (template assembly, packing, writing) and the
         # reading of the next block. Each block writes only its own files, so threads share nothing else.
+        # On a single core the threads would only take turns (and thrash the cache): then one thread.
         _init_worker(state)
-        executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="prepare-block")
+        threads = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="prepare-block")
 
         def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[dict[str, Any]]:
             return executor.submit(process_block, state, index, block)
