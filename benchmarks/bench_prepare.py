@@ -7,16 +7,19 @@
 Measured per tokenizer, on the same generated corpus (mixed Chinese/English multi-turn ``messages`` records with
 BELLE-like lengths):
 
-- ``raw_tokenizer``: the Rust tokenizer's ``encode_batch`` on every message text, one thread (tokens/s);
-- ``prepare_w1`` / ``prepare_w2``: ``prepare`` end to end (read, template, tokenize, mask, split, pack at
-  --max-seq-len, write shards + manifest) with 1 and 2 workers (tokens/s, peak RSS of main and workers);
-- ``datasets_map_np1`` / ``np2``: the same job the usual way, ``datasets.load_dataset("json")`` +
-  ``.map(batched=True, num_proc=N)`` (one batched tokenizer call per map batch, the same template text and
-  masks) + ``save_to_disk``;
+- ``raw_tokenizer_1core`` / ``raw_tokenizer_2cores_rayon``: the Rust tokenizer's ``encode_batch_fast`` on every
+  message text, on 1 core (one thread) and on 2 cores with its own rayon pool (tokens/s);
+- ``prepare_w1_1core`` / ``prepare_w1`` / ``prepare_w2``: ``prepare`` end to end (read, template, tokenize, mask,
+  split, pack at --max-seq-len, write shards + manifest) with 1 worker on 1 core, 1 worker on 2 cores (its two
+  block threads) and 2 workers on 2 cores (tokens/s, peak RSS of main and workers);
+- ``datasets_map_{typical,batched}_np{1,2}``: the same job with ``datasets.load_dataset("json")`` +
+  ``.map(batched=True, num_proc=N)`` + ``save_to_disk`` on N cores, the same template text and masks; "typical"
+  calls the tokenizer per message segment per example (as LLaMA-Factory does), "batched" once per map batch;
 - ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader).
 
-Every measurement runs in a fresh child process with TOKENIZERS_PARALLELISM=false, so "1 worker" is one core and
-workers/num_proc are the only parallelism. Tokens are counted the same way everywhere (ids written).
+Every measurement runs in a fresh child process pinned to the cores it is given (sched_setaffinity); ratios
+compare equal cores, except ``w1_vs_raw_1core`` and ``w2_vs_w1``, which are labelled by what they compare.
+Tokens are counted the same way everywhere (ids written).
 """
 
 from __future__ import annotations
