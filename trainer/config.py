@@ -64,8 +64,6 @@ class DataConfig:
     """A directory written by ``python -m data_pipeline prepare`` (manifest.json, train/, val/)."""
     verify_shards: bool = True
     """Recompute shard hashes against the manifest before the first step (rank 0), refusing on mismatch."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank (0: load in the training process)."""
 
 
 @dataclass(frozen=True, kw_only=True)
