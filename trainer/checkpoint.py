@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
+from trainer.config import RunConfig
 from trainer.data import DataCursor
 
 CHECKPOINTS = "checkpoints"
@@ -66,6 +68,25 @@ class TrainState:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainState:
         return cls(**{**raw, "cursor": DataCursor(**raw["cursor"])})
+
+
+def batch_change_note(output_dir: str | Path, tag: str, state: TrainState, cfg: RunConfig, world: int) -> str | None:
+    """A warning when resuming ``tag`` on another world size changes the global batch (rows per step), or None.
+
+    The run continues correctly either way (data cursor and LR schedule are in steps and rows), but a different
+    global batch changes the optimization; the note says which grad_accum_steps keeps it.
+    """
+    saved = yaml.safe_load((checkpoints_dir(output_dir) / tag / "run_config.yaml").read_text(encoding="utf-8"))
+    before = saved["train"]["micro_batch_size"] * saved["train"]["grad_accum_steps"] * state.world_size
+    after = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    if before == after:
+        return None
+    keep, exact = divmod(before, cfg.train.micro_batch_size * world)
+    remedy = f"train.grad_accum_steps={keep} keeps it" if keep and not exact else "no grad_accum_steps keeps it"
+    return (
+        f"resuming a {state.world_size}-rank checkpoint on {world} rank(s) changes the global batch from "
+        f"{before} to {after} rows per step; {remedy}"
+    )
 
 
 def tag_for(step: int) -> str:

@@ -189,6 +189,9 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     )
     if tag and state.world_size != world:
         ds_config = with_universal_load(ds_config)
+        note = checkpoint.batch_change_note(out, tag, state, cfg, world)
+        if note and rank == 0:
+            warnings.warn(note, stacklevel=1)
     run_config_yaml, ds_config_json = dump_yaml(cfg), dump_ds_config(ds_config)
     if rank == 0:
         (out / "run_config.yaml").write_text(run_config_yaml, encoding="utf-8")

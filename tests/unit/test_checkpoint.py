@@ -11,12 +11,15 @@ from trainer.checkpoint import (
     COMPLETE,
     CheckpointError,
     TrainState,
+    batch_change_note,
+    checkpoints_dir,
     complete_tags,
     latest_complete,
     prune,
     tag_for,
     universal_command,
 )
+from trainer.config import dump_yaml, load_config
 from trainer.data import DataCursor
 
 
@@ -64,3 +67,22 @@ def test_universal_command_is_the_documented_converter(tmp_path: Path) -> None:
         "--output_folder",
         str(tmp_path / "checkpoints" / "universal" / "step_00000004"),
     ]
+
+
+def test_resume_on_another_world_size_names_the_accumulation_that_keeps_the_global_batch(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    saved = load_config(root / "configs" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path}"])  # 4 x 2 accum
+    ckpt = checkpoints_dir(tmp_path) / tag_for(3)
+    ckpt.mkdir(parents=True)
+    (ckpt / "run_config.yaml").write_text(dump_yaml(saved))
+    state = TrainState(step=3, cursor=DataCursor(), tokens_seen=0, world_size=2)  # 4 x 2 x 2 = 16 rows
+
+    note = batch_change_note(tmp_path, tag_for(3), state, saved, world=1)
+    assert note == (
+        "resuming a 2-rank checkpoint on 1 rank(s) changes the global batch from 16 to 8 rows per step; "
+        "train.grad_accum_steps=4 keeps it"
+    )
+    kept = load_config(root / "configs" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path}", "train.grad_accum_steps=4"])
+    assert batch_change_note(tmp_path, tag_for(3), state, kept, world=1) is None
+    odd = load_config(root / "configs" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path}", "train.micro_batch_size=3"])
+    assert batch_change_note(tmp_path, tag_for(3), state, odd, world=1).endswith("no grad_accum_steps keeps it")
