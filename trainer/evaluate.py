@@ -33,7 +33,7 @@ from trainer.generate import (
     GenerateError,
     decoding_for,
     generate_rows,
-    load_for_inference,
+    load_from_args,
     model_device,
     read_prompts,
     resolve_run_template,
@@ -232,15 +232,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] 
     rows: list[dict[str, Any]] | None = None
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     if args.model and (args.data or args.prompts_file):
-        loaded = load_for_inference(
-            args.model,
-            args.adapter,
-            merge=args.merge,
-            device=args.device,
-            dtype=args.dtype,
-            load_in_4bit=args.load_in_4bit,
-            trust_remote_code=args.trust_remote_code,
-        )
+        loaded = load_from_args(args)
         results |= {"model": str(loaded.model_dir), "adapter": loaded.adapter_dir and str(loaded.adapter_dir)}
         if args.data:
             split, packed = open_eval_split(args.data, args.split, loaded.tokenizer, verify=not args.no_verify)

@@ -740,6 +740,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_from_args(args: argparse.Namespace) -> Loaded:
+    """The model (and adapter) named by the shared --model/--adapter/--merge/--device/--dtype/... options."""
+    return load_for_inference(
+        args.model,
+        args.adapter,
+        merge=args.merge,
+        device=args.device,
+        dtype=args.dtype,
+        load_in_4bit=args.load_in_4bit,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def decoding_from_args(args: argparse.Namespace) -> Decoding:
     return decoding_for(
         args.preset,
@@ -768,15 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         decoding = decoding_from_args(args)
         rows = read_prompts(args.prompts_file) if args.prompts_file else None
-        loaded = load_for_inference(
-            args.model,
-            args.adapter,
-            merge=args.merge,
-            device=args.device,
-            dtype=args.dtype,
-            load_in_4bit=args.load_in_4bit,
-            trust_remote_code=args.trust_remote_code,
-        )
+        loaded = load_from_args(args)
         choice = resolve_run_template(
             loaded.tokenizer,
             model_dir=loaded.model_dir,
