@@ -33,6 +33,7 @@ from trainer.generate import (
     GenerateError,
     decoding_for,
     generate_rows,
+    json_lines,
     load_from_args,
     model_device,
     read_prompts,
@@ -123,15 +124,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise GenerateError(f"{path}: predictions file not found")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenerateError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    for where, row in json_lines(path, path.read_text(encoding="utf-8")):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("output", "reference")):
-            raise GenerateError(f"{path}:{number}: expected an object with string 'output' and 'reference'")
+            raise GenerateError(f"{where}: expected an object with string 'output' and 'reference'")
         rows.append(row)
     if not rows:
         raise GenerateError(f"{path}: no rows")

@@ -126,18 +126,21 @@ def read_prompts(path: str | Path) -> list[dict[str, str]]:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv":
         return _read_prompts_csv(path, text)
-    rows = []
+    rows = [_prompt_row(record, where) for where, record in json_lines(path, text)]
+    if not rows:
+        raise GenerateError(f"{path}: no prompts")
+    return rows
+
+
+def json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+    """``("file:line", record)`` for every non-blank line; GenerateError naming the line that is not JSON."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as exc:
             raise GenerateError(f"{path}:{number}: not JSON ({exc.msg}); expected one object per line") from None
-        rows.append(_prompt_row(record, f"{path}:{number}"))
-    if not rows:
-        raise GenerateError(f"{path}: no prompts")
-    return rows
 
 
 def _read_prompts_csv(path: Path, text: str) -> list[dict[str, str]]:
