@@ -605,6 +605,8 @@ def load_for_inference(
     """
     from transformers import AutoModelForCausalLM
 
+    import trainer.models  # noqa: F401  registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1)
+
     base_dir, adapter_path = resolve_dirs(model_dir, adapter_dir)
     tokenizer = load_tokenizer(base_dir, adapter_path, trust_remote_code=trust_remote_code)
     target = pick_device(device)
