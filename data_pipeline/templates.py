@@ -40,6 +40,7 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "qwen",
     "baichuan",
     "baichuan2",
+    "chatglm",
     "chatglm2",
     "chatglm3",
     "moss",
@@ -263,6 +264,8 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
             renderer = _Baichuan(vocab, user="<reserved_102>", assistant="<reserved_103>")
         case "baichuan2":
             renderer = _Baichuan(vocab, user="<reserved_106>", assistant="<reserved_107>")
+        case "chatglm":
+            renderer = _ChatGLM(vocab)
         case "chatglm2":
             renderer = _ChatGLM2(vocab)
         case "chatglm3":
@@ -585,6 +588,42 @@ class _Baichuan:
             else:
                 out.add(m.content, trained[i])
                 out.add(self.eos, trained[i])
+        return out
+
+
+class _ChatGLM:
+    """ChatGLM-6B (v1): ``{prompt}[gMASK]<sop>{answer}<eop>``, one trained answer per sample.
+
+    The prompt is built as the original's ``chat``/P-Tuning code builds it: the query alone when there are no
+    earlier rounds, else ``[Round i]\n问：{q}\n答：{a}\n`` for i = 0, 1, ... then ``[Round n]\n问：{q}\n答：``.
+    Everything before ``<sop>`` is the bidirectional prefix of the GLM prefix-LM, so earlier answers are history
+    text, never trained: only the last answer and its ``<eop>`` are. A system text (v1 has no system role)
+    goes first, followed by a newline.
+    """
+
+    def __init__(self, v: _Vocab) -> None:
+        self.gmask = v.control("[gMASK]")
+        self.sop = v.control("<sop>")
+        self.eop = v.control("<eop>")
+        self.stop_token_ids = (self.eop, v.eos)
+
+    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+        out = _Layout()
+        text = "".join(m.content + "\n" for m in messages if m.role == "system")
+        turns = [m.content for m in messages if m.role != "system"]
+        answer = turns.pop() if messages[-1].role == "assistant" else None
+        query, history = turns[-1], list(zip(turns[:-1:2], turns[1:-1:2], strict=True))
+        if history:
+            text += "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+            text += f"[Round {len(history)}]\n问：{query}\n答："
+        else:
+            text += query
+        out.add(text)
+        out.add(self.gmask)
+        out.add(self.sop)
+        if answer is not None:
+            out.add(answer, trained[-1])
+            out.add(self.eop, trained[-1])
         return out
 
 
