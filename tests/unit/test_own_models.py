@@ -288,3 +288,15 @@ def test_random_init_gradient_checkpointing_and_lora(converted: dict[str, Path],
     loss = lora(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_cli_chatglm_v1_needs_weights_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.convert.cli import main
+
+    src = SEED_MODELS / "chatglm" / "checkpoint"
+    assert main([str(src), str(tmp_path / "a")]) == 2
+    assert "--weights-only" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([str(src), str(tmp_path / "b"), "--weights-only", "--check"]) == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["model_type"] == "chatglm_v1" and "auto_map" not in config
+    assert json.loads((tmp_path / "b" / "conversion.json").read_text())["chat_template"] == "chatglm"
