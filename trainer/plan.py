@@ -98,7 +98,8 @@ def shape_from_config(model_dir: Path) -> ModelShape:
     if hidden is None or layers is None:
         raise SystemExit(f"{model_dir}/config.json: no hidden_size/num_hidden_layers; use --params instead")
     intermediate = raw.get(
-        "intermediate_size", raw.get("n_inner") or raw.get("ffn_hidden_size") or raw.get("inner_hidden_size") or 4 * hidden
+        "intermediate_size",
+        raw.get("n_inner") or raw.get("ffn_hidden_size") or raw.get("inner_hidden_size") or 4 * hidden,
     )
     vocab = raw.get("vocab_size", raw.get("padded_vocab_size", 32000))
     heads = raw.get("num_attention_heads", raw.get("n_head", 1))
@@ -145,9 +146,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
     """
     tokens = seq_len * micro_batch
     mask = micro_batch * shape.mask_heads * seq_len**2 * 2
-    return (
-        shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden + 2 * tokens * shape.vocab * 4 + mask
-    )
+    return shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden + 2 * tokens * shape.vocab * 4 + mask
 
 
 def largest_layer_params(shape: ModelShape) -> int:

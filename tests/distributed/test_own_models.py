@@ -84,7 +84,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {
                 "out": str(full),
                 "overrides": [
-                    *common, f"model.path={path}", "model.method=full", f"train.max_steps={STEPS['full']}", "train.lr=0.01",
+                    *common,
+                    f"model.path={path}",
+                    "model.method=full",
+                    f"train.max_steps={STEPS['full']}",
+                    "train.lr=0.01",
                     f"deepspeed.config={tmp / 'zero3_partition_all.json'}",
                 ],
             }
@@ -127,7 +131,9 @@ def test_trains_exports_and_stops_at_end_of_turn(runs: Path, model_type: str, me
     assert info["template"] == CASES[model_type] and info["method"] == method
     if method == "full":
         model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-        assert model.config.model_type == model_type and "auto_map" not in json.loads((final / "config.json").read_text())
+        assert model.config.model_type == model_type and "auto_map" not in json.loads(
+            (final / "config.json").read_text()
+        )
         loaded = load_for_inference(final, dtype="fp32")
     else:
         assert info["base_model_path"] == str(runs / f"{model_type}_full" / "final")
@@ -139,7 +145,13 @@ def test_trains_exports_and_stops_at_end_of_turn(runs: Path, model_type: str, me
 
     template = resolve_template(info["template"], loaded.tokenizer)
     results = generate_rows(
-        loaded.model, loaded.tokenizer, template, PROMPTS, decoding_for("greedy", max_new_tokens=24), seed=0, batch_size=3
+        loaded.model,
+        loaded.tokenizer,
+        template,
+        PROMPTS,
+        decoding_for("greedy", max_new_tokens=24),
+        seed=0,
+        batch_size=3,
     )
     # Left-padded batch of 3; every answer ends with the template's end of turn, not at max_new_tokens.
     assert [r["finish_reason"] for r in results] == ["stop"] * len(PROMPTS), results

@@ -71,7 +71,9 @@ def max_logit_diff(model: Any, family: str, ref: dict[str, torch.Tensor]) -> flo
         single = model(input_ids=ref["single.input_ids"], use_cache=False).logits
         batch = model(**batch_inputs(family, ref), use_cache=False).logits
     real = batch_inputs(family, ref).get("attention_mask", torch.ones(batch.shape[:2])).bool()
-    return max((single - ref["single.logits"]).abs().max().item(), (batch - ref["batch.logits"])[real].abs().max().item())
+    return max(
+        (single - ref["single.logits"]).abs().max().item(), (batch - ref["batch.logits"])[real].abs().max().item()
+    )
 
 
 def greedy(model: Any, meta: dict[str, Any], prompt: torch.Tensor, *, use_cache: bool) -> list[int]:
@@ -114,7 +116,9 @@ def test_kv_cache_steps_equal_full_forward(converted: dict[str, Path], family: s
         out = model(**inputs)
         steps = [out.logits[:, -1]]
         for t in range(12, ids.shape[1] - 1):
-            inputs = model.prepare_inputs_for_generation(ids[:, : t + 1], cache=out.cache, next_sequence_length=1, use_cache=True)
+            inputs = model.prepare_inputs_for_generation(
+                ids[:, : t + 1], cache=out.cache, next_sequence_length=1, use_cache=True
+            )
             out = model(**inputs)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 11:-1], rtol=0, atol=ATOL)
@@ -187,7 +191,9 @@ def samples(family: str) -> list[torch.Tensor]:
     # GLM samples: context [gMASK]/[MASK] <sop> answer, each with its own prefix and block positions
     return [
         torch.cat([plain[0][:, :3], torch.tensor([[GMASK, SOP]]), plain[0][:, 3:]], 1),
-        torch.cat([plain[1][:, :2], torch.tensor([[MASK]]), plain[1][:, 2:5], torch.tensor([[SOP]]), plain[1][:, 5:]], 1),
+        torch.cat(
+            [plain[1][:, :2], torch.tensor([[MASK]]), plain[1][:, 2:5], torch.tensor([[SOP]]), plain[1][:, 5:]], 1
+        ),
         plain[2],  # no <sop>: all context (bidirectional)
     ]
 

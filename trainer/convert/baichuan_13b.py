@@ -64,7 +64,9 @@ def native_config(raw: RawConfig, *, norm_head: bool) -> dict[str, Any]:
     }
 
 
-def convert_tensor(key: str, tensor: torch.Tensor, raw: RawConfig, *, norm_head: bool) -> list[tuple[str, torch.Tensor]]:
+def convert_tensor(
+    key: str, tensor: torch.Tensor, raw: RawConfig, *, norm_head: bool
+) -> list[tuple[str, torch.Tensor]]:
     if key.endswith("self_attn.W_pack.weight"):
         prefix = key.removesuffix("W_pack.weight")
         q, k, v = torch.chunk(tensor, 3, dim=0)  # [q | k | v], hidden rows each

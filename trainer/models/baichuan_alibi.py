@@ -118,7 +118,9 @@ def alibi_attention_mask(
     allowed = (distance >= 0)[None, None].expand(batch, 1, query_length, key_length)
     if attention_mask is not None:
         if attention_mask.dim() != 2:
-            raise ValueError(f"{MODEL_TYPE}: attention_mask must be 2-D [batch, keys], got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"{MODEL_TYPE}: attention_mask must be 2-D [batch, keys], got {tuple(attention_mask.shape)}"
+            )
         allowed = allowed & attention_mask[:, None, None, -key_length:].bool()
     if position_ids is not None and past_length == 0 and query_length > 1:
         segments = segment_ids(position_ids.view(-1, query_length))
@@ -199,7 +201,7 @@ class BaichuanAlibiPreTrainedModel(PreTrainedModel):
     config_class = BaichuanAlibiConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["BaichuanAlibiDecoderLayer"]
+    _no_split_modules = ["BaichuanAlibiDecoderLayer"]  # noqa: RUF012  (transformers declares it so)
     _supports_sdpa = True
     _supports_flash_attn = False  # ALiBi lives in a float mask, which flash-attention kernels do not take
     _supports_flex_attn = False
@@ -209,10 +211,8 @@ class BaichuanAlibiPreTrainedModel(PreTrainedModel):
 class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
     def __init__(self, config: BaichuanAlibiConfig) -> None:
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(
-            [BaichuanAlibiDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        )
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([BaichuanAlibiDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()

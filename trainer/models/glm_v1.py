@@ -79,6 +79,8 @@ class ChatGLMv1Config(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def validate_architecture(self) -> None:
+        if self.bos_token_id is None:
+            raise ValueError("bos_token_id must be the id of <sop> (it ends the bidirectional context)")
         if self.hidden_size % self.num_attention_heads != 0 or (self.hidden_size // self.num_attention_heads) % 4:
             raise ValueError(
                 f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} must be a head "
@@ -102,11 +104,8 @@ def glm_layout(
     batch, length = input_ids.shape
     device = input_ids.device
     index = torch.arange(length, device=device).expand(batch, length)
-    if position_ids is None:
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            position_ids = index
+    if position_ids is None:  # padding: positions count from the first real token
+        position_ids = index if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     segment = segment_ids(position_ids)
     is_start = torch.ones_like(input_ids, dtype=torch.bool)
     is_start[:, 1:] = segment[:, 1:] != segment[:, :-1]
@@ -229,7 +228,7 @@ class ChatGLMv1PreTrainedModel(PreTrainedModel):
     config_class = ChatGLMv1Config
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["ChatGLMv1Block"]
+    _no_split_modules = ["ChatGLMv1Block"]  # noqa: RUF012  (transformers declares it so)
     _supports_sdpa = True
     _supports_flash_attn = False  # the prefix-LM mask is not causal; flash-attention kernels cannot take it
     _supports_flex_attn = False
@@ -239,7 +238,7 @@ class ChatGLMv1PreTrainedModel(PreTrainedModel):
 class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
     def __init__(self, config: ChatGLMv1Config) -> None:
         super().__init__(config)
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([ChatGLMv1Block(config, i) for i in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -271,7 +270,9 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"{MODEL_TYPE}: attention_mask must be 2-D [batch, keys], got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"{MODEL_TYPE}: attention_mask must be 2-D [batch, keys], got {tuple(attention_mask.shape)}"
+            )
         past_length = cache.get_seq_length() if cache is not None else 0
         positions, allowed = self._positions_and_mask(input_ids, position_ids, attention_mask, past_length)
         mask = additive_mask(allowed, 0.0, hidden_states.dtype)
@@ -372,7 +373,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         inputs: dict[str, Any] = super().prepare_inputs_for_generation(
             input_ids, *args, attention_mask=attention_mask, **kwargs
         )
-        is_context = torch.cumsum(input_ids == self.config.bos_token_id, dim=-1) == 0
+        is_context = torch.cumsum(input_ids.eq(int(self.config.bos_token_id)), dim=-1) == 0  # type: ignore[arg-type]
         if bool(is_context[:, -1].any()):
             raise ValueError(
                 f"{MODEL_TYPE}: every prompt must contain <sop> (id {self.config.bos_token_id}); "
