@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.templates import CHAT_FORMAT_KEY
 from trainer.convert import CONVERSION_FILE, ConvertError
 from trainer.convert.registry import detect_source
-from trainer.convert.tokenizer import CHAT_FORMAT_KEY
 from trainer.convert.weights import convert_weights
 
 
