@@ -216,3 +216,39 @@ def test_original_checkpoint_refused_at_start_up() -> None:
             check_not_original("/models/x", raw["model_type"])
         assert "\n" not in str(caught.value)
     check_not_original("/models/x", "glm")  # converted: accepted
+
+
+def test_baichuan2_norm_head_trains_through_the_normalization(converted: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import fold_norm_heads
+    from trainer.model import NormHead, use_norm_head
+
+    assert json.loads((converted["baichuan2_7b"] / "config.json").read_text())["norm_head"] is True
+    model = AutoModelForCausalLM.from_pretrained(converted["baichuan2_7b"], dtype=torch.float32)
+    ids = torch.arange(5, 25).unsqueeze(0)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    use_norm_head(model)
+    assert isinstance(model.lm_head, NormHead)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # the original normalizes every row in the forward: scale drops out
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad, weight = model.lm_head.weight.grad, model.lm_head.weight.detach()
+    assert grad is not None and grad.abs().max() > 0
+    # Through the normalization the gradient of each row is orthogonal to the row.
+    assert (grad * weight).sum(-1).abs().max() < 1e-6
+    state = {"lm_head.weight": weight.clone()}
+    fold_norm_heads(model, state)
+    torch.testing.assert_close(state["lm_head.weight"].norm(dim=-1), torch.ones(weight.shape[0]))
+
+
+def test_prepare_refuses_a_vendor_tokenizer(tmp_path: Path) -> None:
+    from data_pipeline.conversation import InputError
+    from data_pipeline.prepare import load_tokenizer
+
+    for family in ("baichuan2_7b", "chatglm3"):
+        with pytest.raises(InputError, match=r"python -m trainer\.convert") as caught:
+            load_tokenizer(str(SEED / family / "tokenizer"))
+        assert "\n" not in str(caught.value)
