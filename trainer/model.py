@@ -247,7 +247,7 @@ def use_norm_head(model: nn.Module) -> None:
     """Make ``model``'s lm_head a NormHead in place (config.json ``norm_head: true``, full-parameter training).
 
     The class is swapped rather than the module replaced, so a ZeRO-3 partitioned weight and its hooks stay."""
-    head = model.get_output_embeddings()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     if not isinstance(head, nn.Linear):
         raise ConfigError("config.json norm_head=true: the model has no Linear output layer to normalize")
     head.__class__ = NormHead

@@ -63,7 +63,7 @@ def convert_checkpoint(
         "source": str(src.resolve()),
         "source_family": source.name,
         "native_family": source.native_family,
-        "architecture": config.architectures[0],
+        "architecture": (config.architectures or [model_type])[0],
         "chat_template": template,
         "tokenizer": tokenizer is not None,
         "source_tensors": report.source_tensors,
