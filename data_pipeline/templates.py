@@ -46,7 +46,8 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "moss",
     "tokenizer",
 )
-"""Valid ``--template`` values, besides ``auto`` (the tokenizer's own chat_template if it has one, else default)."""
+"""Valid ``--template`` values, besides ``auto`` (the template recorded by the converter in tokenizer_config.json,
+else the tokenizer's own chat_template if it has one, else default)."""
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 """System prompt Qwen's own chat template inserts when a conversation has none."""
@@ -68,12 +69,24 @@ MOSS_META_INSTRUCTION = (
 )
 """moss-003's published meta instruction (typo "mutiple" included); the system prompt when a conversation has none."""
 
+CHAT_FORMAT_KEY = "chat_format"
+"""tokenizer_config.json key naming the template of a converted checkpoint; ``--template auto`` uses it."""
+
 ENCODE_CHUNK = 2048
 """Texts per call of the Rust tokenizer: bounds the memory of its Encoding objects; large enough that the
 per-call overhead is nothing."""
 
+
+class Joined(str):
+    """Text that continues the text before it in the vendor's own (joint) encoding: tokenized without the
+    SentencePiece dummy prefix ("▁"), so a part boundary adds no token the vendor's encoding does not have."""
+
+    __slots__ = ()
+
+
 Part = int | str | tuple[int, ...]
-"""A control token id, message text to tokenize as plain text, or constant template text already tokenized."""
+"""A control token id, message text to tokenize as plain text (``Joined``: without a dummy prefix), or
+constant template text already tokenized."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class ChatTemplate:
         """
         layouts: list[_Layout | Reject] = []
         texts: list[str] = []
+        joined: list[str] = []
         for conv in convs:
             messages = conv.messages
             problem = _role_order_problem(messages, last_role="assistant")
@@ -135,10 +149,12 @@ class ChatTemplate:
             except _UnrenderableError as exc:
                 layouts.append(_reject(conv, "unrenderable", str(exc)))
                 continue
-            texts.extend(part for part in layout.parts if isinstance(part, str))
+            texts.extend(part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined))
+            joined.extend(part for part in layout.parts if isinstance(part, Joined))
             layouts.append(layout)
 
         pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(self._encoder.encode(joined, joined=True))
         segments: list[Sequence[int]] = []  # every part's ids, all conversations in order
         segment_trained: list[bool] = []
         sample_ends: list[int] = []  # per encoded conversation: how many segments precede its end
@@ -148,6 +164,8 @@ class ChatTemplate:
             for part in rendered.parts:
                 if isinstance(part, int):
                     segments.append((part,))
+                elif isinstance(part, Joined):
+                    segments.append(next(joined_pieces))
                 else:
                     segments.append(next(pieces) if isinstance(part, str) else part)
             segment_trained.extend(rendered.trained)
@@ -183,11 +201,17 @@ class ChatTemplate:
             layout = self._renderer.render(messages, [False] * len(messages))
         except _UnrenderableError as exc:
             raise ValueError(f"encode_prompt: template {self.name!r} cannot render these messages: {exc}") from exc
-        pieces = iter(self._encoder.encode([part for part in layout.parts if isinstance(part, str)]))
+        texts = [part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined)]
+        pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(
+            self._encoder.encode([part for part in layout.parts if isinstance(part, Joined)], joined=True)
+        )
         ids: list[int] = []
         for part in layout.parts:
             if isinstance(part, int):
                 ids.append(part)
+            elif isinstance(part, Joined):
+                ids.extend(next(joined_pieces))
             else:
                 ids.extend(next(pieces) if isinstance(part, str) else part)
         return ids
@@ -244,7 +268,10 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
     needs is not one token of this vocabulary, no eos, no chat_template for ``tokenizer``).
     """
     if name == "auto":
-        name = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        # A converted checkpoint (python -m trainer.convert) records its family's template in tokenizer_config.json.
+        recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get(CHAT_FORMAT_KEY)
+        own = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        name = str(recorded) if recorded else own
     if name not in TEMPLATE_NAMES:
         raise InputError(f"unknown template {name!r}; valid: auto, {', '.join(TEMPLATE_NAMES)}")
     vocab = _Vocab(name, tokenizer)
@@ -293,6 +320,8 @@ class _TextEncoder:
         self.bos_prefix: tuple[int, ...] = (bos,) if bos is not None and bos != self.eos_id else ()
         self._backend_json: str | None = None
         self._backend: Any = None
+        self._joined_json: str | None = None
+        self._joined_backend: Any = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             # A private copy in which every added token counts as special, and special tokens are encoded
@@ -301,26 +330,33 @@ class _TextEncoder:
             raw = json.loads(backend.to_str())
             for added in raw.get("added_tokens") or []:
                 added["special"] = True
+            _unspell_special_pieces(raw)
             self._backend_json = json.dumps(raw)
             self._backend = _plain_text_backend(self._backend_json)
+            self._joined_json = json.dumps(_without_dummy_prefix(raw))
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
     def __getstate__(self) -> dict[str, Any]:
         # tokenizers does not pickle encode_special_tokens: rebuild the backend on unpickling (workers).
-        return {**self.__dict__, "_backend": None}
+        return {**self.__dict__, "_backend": None, "_joined_backend": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._backend_json is not None:
             self._backend = _plain_text_backend(self._backend_json)
+        if self._joined_json is not None:
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], *, joined: bool = False) -> list[list[int]]:
+        """Ids of each text; joined: without the SentencePiece dummy prefix (see ``Joined``)."""
         if not texts:
             return []
-        if self._backend is not None:
+        backend = self._joined_backend if joined else self._backend
+        if backend is not None:
             # encode_batch_fast skips offsets; both run the batch in Rust threads. Sub-batches of ENCODE_CHUNK
             # texts: a Rust Encoding also holds token strings and masks (several times the ids' size), so only
             # one sub-batch of them is alive at a time, whatever the block size.
-            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             ids: list[list[int]] = []
             for start in range(0, len(texts), ENCODE_CHUNK):
                 chunk = texts[start : start + ENCODE_CHUNK]
@@ -329,6 +365,48 @@ class _TextEncoder:
         # Slow (Python) tokenizers, e.g. remote-code ChatGLM/Baichuan ones: one batched call as well.
         out = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
+
+
+def _unspell_special_pieces(raw: dict[str, Any]) -> None:
+    """Make the model's own entries for special tokens unreachable from text, in the plain-text copy.
+
+    A SentencePiece-converted BPE emits a word found whole in its vocabulary (``ignore_merges``), so a message
+    that is exactly ``</s>`` or Baichuan2's ``<reserved_106>`` would become the control id even with special
+    tokens encoded as text. The entry is renamed with a trailing space, which normalized text never contains
+    (spaces become "▁" or "Ġ"); merges alone never build these pieces. The model's unk piece stays.
+    """
+    model = raw.get("model") or {}
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        return
+    for added in raw.get("added_tokens") or []:
+        content = added["content"]
+        if content in vocab and content != model.get("unk_token"):
+            vocab[content + " "] = vocab.pop(content)
+
+
+def _without_dummy_prefix(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a tokenizer.json that does not prepend SentencePiece's "▁" to a text (for ``Joined`` parts)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(item) for item in node if not _is_dummy_prefix_step(item)]
+        if isinstance(node, dict):
+            out = {key: strip(value) for key, value in node.items()}
+            if out.get("type") == "Metaspace":
+                out["prepend_scheme"] = "never"
+            return out
+        return node
+
+    return {key: strip(value) if key in ("normalizer", "pre_tokenizer") else value for key, value in raw.items()}
+
+
+def _is_dummy_prefix_step(step: Any) -> bool:
+    if not isinstance(step, dict):
+        return False
+    if step.get("type") == "Prepend":
+        return True
+    return step.get("type") == "Replace" and step.get("pattern") == {"Regex": "\\A▁"}
 
 
 def _plain_text_backend(tokenizer_json: str) -> Any:
@@ -564,10 +642,13 @@ class _ChatML:
 
 
 class _Baichuan:
-    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}</s>``.
+    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}...</s>``.
 
     Baichuan-13B-Chat spells the user/assistant tokens <reserved_102>/<reserved_103>, Baichuan2
-    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies).
+    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies). Rounds follow each other with no token
+    between them, as the vendor's ``build_chat_input`` builds a prompt; eos closes the last answer. The vendor's
+    fine-tune script also puts an eos *label* on every later user token (teaching eos after each answer
+    without eos in the input); labels here are ids or nothing, so those positions are not trained.
     """
 
     def __init__(self, v: _Vocab, *, user: str, assistant: str) -> None:
@@ -578,6 +659,7 @@ class _Baichuan:
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
         out = _Layout()
+        last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "system":
                 out.add(m.content)
@@ -587,7 +669,8 @@ class _Baichuan:
                 out.add(self.assistant)
             else:
                 out.add(m.content, trained[i])
-                out.add(self.eos, trained[i])
+                if i == last:
+                    out.add(self.eos, trained[i])
         return out
 
 
@@ -628,10 +711,13 @@ class _ChatGLM:
 
 
 class _ChatGLM2:
-    """ChatGLM2: ``[gMASK]sop`` then ``[Round N]\\n\\n问：{user}\\n\\n答：{answer}`` rounds joined by ``\\n\\n``.
+    """ChatGLM2, as THUDM's ``build_prompt`` and ``ptuning/main.py`` encode it.
 
-    ChatGLM2 has no system role: a system text is rendered before round 1, followed by a blank line. eos
-    closes every answer (ChatGLM2's build_prompt has none between rounds; it is how the model learns to stop).
+    ``[gMASK] sop``, then the prompt ``[Round 1]\n\n问：{q}\n\n答：{a}\n\n[Round 2]\n\n问：{q}\n\n答：``
+    tokenized as ONE text (rounds counted from 1), then the last answer tokenized on its own and eos. An
+    earlier answer that is trained stays part of the joint text (``Joined``: no dummy "▁" at its boundaries)
+    and gets no eos, exactly the tokens the model sees in a later prompt. ChatGLM2 has no system role: a system
+    text is rendered before round 1, followed by a blank line.
     """
 
     def __init__(self, v: _Vocab) -> None:
@@ -642,31 +728,53 @@ class _ChatGLM2:
     def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
         out = _Layout()
         out.add(self.prefix)
+        pending: list[str] = []  # untrained text, tokenized as one piece when flushed
+        first_text = True
         round_index = 0
+        last = len(messages) - 1
+
+        def flush() -> None:
+            nonlocal first_text
+            if pending:
+                text = "".join(pending)
+                out.add(text if first_text else Joined(text))
+                first_text = False
+                pending.clear()
+
         for i, m in enumerate(messages):
             if m.role == "system":
-                out.add(m.content + "\n\n")
+                pending.append(m.content + "\n\n")
             elif m.role == "user":
                 round_index += 1
-                separator = "\n\n" if round_index > 1 else ""
-                out.add(f"{separator}[Round {round_index}]\n\n问：{m.content}\n\n答：")
-            else:
-                out.add(m.content, trained[i])
+                pending.append(f"[Round {round_index}]\n\n问：{m.content}\n\n答：")
+            elif i == last:
+                flush()
+                out.add(m.content, trained[i])  # ptuning encodes the answer on its own (with the dummy prefix)
                 out.add(self.eos, trained[i])
+            elif trained[i]:
+                flush()
+                out.add(Joined(m.content), True)
+                first_text = False
+                pending.append("\n\n")
+            else:
+                pending.append(m.content + "\n\n")
+        flush()
         return out
 
 
 class _ChatGLM3:
-    """ChatGLM3: ``[gMASK]sop<|system|>\\n{system}<|user|>\\n{user}<|assistant|>\\n{answer}...``.
+    """ChatGLM3: ``[gMASK]sop`` then, per message, ``<|role|>`` + ids of ``"\n"`` + ids of the content.
 
-    As in ChatGLM3's own fine-tuning code, the assistant's turn is everything after ``<|assistant|>`` (the
-    metadata line ``\\n`` and the text), and what closes it is trained: the next ``<|user|>`` (ChatGLM3's stop
-    token) or, after the last answer, eos.
+    As THUDM's ``build_single_message`` does, the metadata line ``"\n"`` and the content are tokenized
+    separately (each with SentencePiece's dummy prefix). As in ChatGLM3's own fine-tuning code, the assistant's
+    turn is everything after ``<|assistant|>`` (the ``\n`` line and the text), and what closes it is trained:
+    the next ``<|user|>`` (ChatGLM3's stop token) or, after the last answer, eos.
     """
 
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.role = {role: v.control(f"<|{role}|>") for role in ("system", "user", "assistant")}
+        self.newline = v.literal("\n")
         self.eos = v.eos
         observation = v.single_token("<|observation|>")
         self.stop_token_ids = (self.role["user"], *([observation] if observation is not None else []), v.eos)
@@ -677,13 +785,15 @@ class _ChatGLM3:
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                out.add("\n" + m.content, trained[i])
+                out.add(self.newline, trained[i])
+                out.add(m.content, trained[i])
                 if i == last:
                     out.add(self.eos, trained[i])
                 continue
             closes_answer = i > 0 and trained[i - 1]
             out.add(self.role[m.role], closes_answer)
-            out.add("\n" + m.content)
+            out.add(self.newline)
+            out.add(m.content)
             if m.role == "user":
                 out.add(self.role["assistant"])
         return out

@@ -132,7 +132,7 @@ def build_tokenizer_2(src: Path, raw: RawConfig, template: str) -> Any:
         unk="<unk>",
         pad="<unk>",
         split_special_tokens=False,
-        model_max_length=int(raw.get("model_max_length", raw.get("max_position_embeddings", 4096))),
+        model_max_length=int(raw.get("model_max_length") or raw.get("max_position_embeddings") or 4096),
     )
 
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.templates import CHAT_FORMAT_KEY
 from trainer.convert import CONVERSION_FILE, ConvertError
 from trainer.convert.registry import detect_source
-from trainer.convert.tokenizer import CHAT_FORMAT_KEY
 from trainer.convert.weights import convert_weights
 
 
@@ -63,7 +63,7 @@ def convert_checkpoint(
         "source": str(src.resolve()),
         "source_family": source.name,
         "native_family": source.native_family,
-        "architecture": config.architectures[0],
+        "architecture": (config.architectures or [model_type])[0],
         "chat_template": template,
         "tokenizer": tokenizer is not None,
         "source_tensors": report.source_tensors,

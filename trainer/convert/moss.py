@@ -36,7 +36,7 @@ def native_config(raw: RawConfig) -> dict[str, Any]:
         "model_type": "codegen",
         "vocab_size": int(field(raw, "vocab_size")),
         "n_positions": int(field(raw, "n_positions")),
-        "n_ctx": int(raw.get("n_ctx", raw["n_positions"])),
+        "n_ctx": int(raw.get("n_ctx") or raw["n_positions"]),
         "n_embd": n_embd,
         "n_layer": int(field(raw, "n_layer")),
         "n_head": n_head,

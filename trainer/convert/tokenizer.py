@@ -17,9 +17,6 @@ from typing import Any
 
 from trainer.convert import ConvertError
 
-CHAT_FORMAT_KEY = "chat_format"
-"""tokenizer_config.json key naming the data_pipeline template of a converted checkpoint (read by --template auto)."""
-
 
 def require_file(src: Path, name: str, what: str) -> Path:
     path = src / name
@@ -64,28 +61,25 @@ def sentencepiece_tokenizer(
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     user_defined = [p.piece for p in proto.pieces if p.type == 4]
     controls = [*control, *(p for p in user_defined if control_pattern and re.fullmatch(control_pattern, p))]
+    for name in controls:
+        if name not in vocab:
+            raise ConvertError(f"{model_file}: piece {name!r} is not in this SentencePiece model")
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    state = json.loads(backend.to_str())
     kept = [p for p in user_defined if p not in controls]
     if len(kept) != len(user_defined):
         # SentencePiece emits user-defined pieces whole, so the converter isolates them before BPE; a control
         # piece must not be isolated there, or message text that spells it would still become its id.
-        steps: list[Any] = (
-            [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)]
-            if proto.normalizer_spec.add_dummy_prefix
-            else []
-        )
+        steps: list[Any] = []
+        if proto.normalizer_spec.add_dummy_prefix:
+            steps.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False))
         if kept:
             pattern = "|".join(re.escape(p) for p in sorted(kept, key=len, reverse=True))
             steps.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
-        backend.pre_tokenizer = pre_tokenizers.Sequence(steps) if steps else None
-        # Without isolation, a message that is exactly "<reserved_106>" would otherwise be one BPE word found in
-        # the vocabulary and emitted whole; merges alone never build a user-defined piece.
-        state = json.loads(backend.to_str())
-        state["model"]["ignore_merges"] = False
-        backend = Tokenizer.from_str(json.dumps(state))
-    for name in controls:
-        if name not in vocab:
-            raise ConvertError(f"{model_file}: piece {name!r} is not in this SentencePiece model")
+        state["pre_tokenizer"] = json.loads(pre_tokenizers.Sequence(steps).__getstate__()) if steps else None
+    backend = Tokenizer.from_str(json.dumps(state))
+    # Control pieces are special tokens: ``encode`` matches them whole as the vendor's tokenizer does; templates
+    # encode message text with special tokens as text (data_pipeline.templates._TextEncoder).
     backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in controls])
     first_new = len(proto.pieces)
     for offset, name in enumerate(appended):
