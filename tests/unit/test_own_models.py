@@ -306,3 +306,38 @@ def test_cli_chatglm_v1_needs_weights_only(tmp_path: Path, capsys: pytest.Captur
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["model_type"] == "chatglm_v1" and "auto_map" not in config
     assert json.loads((tmp_path / "b" / "conversion.json").read_text())["chat_template"] == "chatglm"
+
+
+@pytest.mark.parametrize("family", ["baichuan2_13b", "chatglm"])
+def test_qlora_trains_on_nf4_weights(converted: dict[str, Path], family: str) -> None:
+    """QLoRA as trainer.model loads it (NF4, bf16 compute, kbit preparation, checkpointing) on the CPU backend."""
+    import peft
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from trainer.families import FAMILIES as REGISTRY
+    from trainer.model import quantization_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        converted[family], dtype=torch.bfloat16, quantization_config=quantization_config(), device_map={"": "cpu"}
+    )
+    head = model.get_output_embeddings()
+    assert not isinstance(head, Linear4bit) and (type(head).__name__ == "NormHead") == (family == "baichuan2_13b")
+    model = peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    family_entry = REGISTRY[model.config.model_type]
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(family_entry.lora_targets))
+    )
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 2 * len(family_entry.lora_targets)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = samples(family)[0]
+    curve = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        curve.append(loss.item())
+    assert curve[-1] < curve[0], curve
