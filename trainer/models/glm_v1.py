@@ -88,14 +88,15 @@ class ChatGLMv1Config(PreTrainedConfig):
             )
 
 
-def glm_layout(
+def glm_positions(
     input_ids: torch.Tensor,
     config: ChatGLMv1Config,
     *,
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2-D positions [batch, 2, seq], allowed [batch, 1, seq, seq]) of a whole row, sample by sample.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2-D positions [batch, 2, seq], sample ids [batch, seq], per token the index of its sample's first
+    ``<sop>`` [batch, seq]) of a whole row, sample by sample.
 
     Samples are cut where 1-D ``position_ids`` do not increase by 1 (packed rows); without them, a padded row
     counts its positions from the first real token. A sample with no ``<sop>`` is all context; a sample with a
@@ -125,8 +126,22 @@ def glm_layout(
         [torch.where(in_context, index - start, mask_position - start), torch.where(in_context, 0, index - sop + 1)],
         dim=1,
     )
+    return positions, segment, sop
+
+
+def glm_layout(
+    input_ids: torch.Tensor,
+    config: ChatGLMv1Config,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2-D positions [batch, 2, seq], allowed [batch, 1, seq, seq]): ``glm_positions`` plus the prefix-LM mask,
+    causal except that every query sees its whole sample's context, and no other sample."""
+    positions, segment, sop = glm_positions(input_ids, config, position_ids=position_ids, attention_mask=attention_mask)
+    index = torch.arange(input_ids.shape[1], device=input_ids.device)
     same_sample = segment[:, :, None] == segment[:, None, :]
-    visible = (index[:, None, :] <= index[:, :, None]) | (index[:, None, :] < sop[:, :, None])
+    visible = (index[None, None, :] <= index[None, :, None]) | (index[None, None, :] < sop[:, :, None])
     allowed = same_sample & visible
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].bool()
@@ -379,6 +394,6 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
                 f"{MODEL_TYPE}: every prompt must contain <sop> (id {self.config.bos_token_id}); "
                 "render prompts with the chatglm template, which ends them with [gMASK] <sop>"
             )
-        positions, _ = glm_layout(input_ids, self.config, attention_mask=attention_mask)
+        positions, _, _ = glm_positions(input_ids, self.config, attention_mask=attention_mask)
         inputs["position_ids"] = positions[..., -inputs["input_ids"].shape[1] :]
         return inputs
