@@ -125,7 +125,7 @@ def alibi_attention_mask(
     if position_ids is not None and past_length == 0 and query_length > 1:
         segments = segment_ids(position_ids.view(-1, query_length))
         allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
-    bias = -slopes[None, :, None, None] * distance[None, None].float()  # [1, heads, q, k], float32
+    bias = -slopes[None, :, None, None] * distance[None, None].float()  # [1, heads, q, k], float32, cast once
     return additive_mask(allowed, bias, dtype)
 
 

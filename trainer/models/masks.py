@@ -22,7 +22,8 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def additive_mask(allowed: torch.Tensor, bias: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """``bias`` where ``allowed``, the dtype's most negative value elsewhere, in ``dtype``."""
-    minimum = torch.finfo(dtype).min
-    bias_tensor = torch.as_tensor(bias, dtype=torch.float32, device=allowed.device)
-    return torch.where(allowed, bias_tensor, torch.tensor(minimum, device=allowed.device)).to(dtype)
+    """``bias`` where ``allowed``, the dtype's most negative value elsewhere, built in ``dtype`` (the mask can be
+    heads x seq^2 large, so no float32 copy of its full [batch, heads, q, k] shape is made)."""
+    bias_tensor = torch.as_tensor(bias, device=allowed.device).to(dtype)
+    minimum = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, bias_tensor, minimum)
