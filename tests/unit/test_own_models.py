@@ -341,3 +341,25 @@ def test_qlora_trains_on_nf4_weights(converted: dict[str, Path], family: str) ->
         optimizer.zero_grad()
         curve.append(loss.item())
     assert curve[-1] < curve[0], curve
+
+
+def test_baichuan2_13b_with_its_real_tokenizer_checks_the_turn_tokens(tmp_path: Path) -> None:
+    """With the real Baichuan2 vocabulary, the template's <reserved_106>/<reserved_107> must be the
+    user/assistant ids of the vendor's generation_config.json (195/196); Baichuan-13B's pair is refused."""
+    import shutil
+
+    from trainer.convert import ConvertError
+
+    src = tmp_path / "src"
+    shutil.copytree(SEED_MODELS / "baichuan2_13b" / "checkpoint", src)
+    shutil.copy(SEED_MODELS / "baichuan2_13b" / "tokenizer" / "tokenizer.model", src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["vocab_size"] = 125696  # the real vocabulary; the weights are not converted below
+    (src / "config.json").write_text(json.dumps(raw))
+    from trainer.convert.baichuan_13b import BAICHUAN2_13B, check_turn_tokens
+
+    tokenizer = BAICHUAN2_13B.build_tokenizer(src, raw, "baichuan2")  # checks the turn tokens too
+    assert tokenizer.convert_tokens_to_ids(["<reserved_106>", "<reserved_107>"]) == [195, 196]
+    assert tokenizer("你好", add_special_tokens=False)["input_ids"] == [16829]
+    with pytest.raises(ConvertError, match="user_token_id is 195"):
+        check_turn_tokens(tokenizer, src, "baichuan")

@@ -9,16 +9,19 @@ our class normalises in the forward too, so training keeps the original's gradie
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import trainer.models  # noqa: F401  registers model_type baichuan_alibi for the CLI's CONFIG_MAPPING lookup
-from trainer.convert import RawConfig, SourceFamily, field
+from trainer.convert import ConvertError, RawConfig, SourceFamily, field
 from trainer.convert.baichuan import build_tokenizer_2, generation_config, source_shapes
 
 BAICHUAN2_VOCAB = 125696
+TURN_TOKENS = {"baichuan": ("<reserved_102>", "<reserved_103>"), "baichuan2": ("<reserved_106>", "<reserved_107>")}
+"""The user/assistant tokens each template inserts; the vendor's generation_config.json names their ids."""
 
 
 def _is_alibi_baichuan(raw: RawConfig) -> bool:
@@ -77,8 +80,25 @@ def convert_tensor(
 
 
 def build_tokenizer(src: Path, raw: RawConfig, template: str) -> Any:
-    # Same SentencePiece tokenizer class as the 7B models; the turn tokens are ids 195/196 in both vocabularies.
-    return build_tokenizer_2(src, raw, template)
+    """The 7B models' SentencePiece tokenizer, checked against the vendor's generation_config.json: the template's
+    user/assistant tokens must have its ``user_token_id``/``assistant_token_id`` (195/196 in both vocabularies)."""
+    tokenizer = build_tokenizer_2(src, raw, template)
+    check_turn_tokens(tokenizer, src, template)
+    return tokenizer
+
+
+def check_turn_tokens(tokenizer: Any, src: Path, template: str) -> None:
+    """ConvertError when the template's turn tokens are not the ids the vendor's generation_config.json names."""
+    generation_file = src / "generation_config.json"
+    if template in TURN_TOKENS and generation_file.is_file():
+        vendor = json.loads(generation_file.read_text(encoding="utf-8"))
+        for token, key in zip(TURN_TOKENS[template], ("user_token_id", "assistant_token_id"), strict=True):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if key in vendor and token_id != vendor[key]:
+                raise ConvertError(
+                    f"{generation_file}: {key} is {vendor[key]} but template {template!r} inserts {token} "
+                    f"(id {token_id} in {src}/tokenizer.model); pass the matching --chat-template"
+                )
 
 
 BAICHUAN_13B = SourceFamily(
