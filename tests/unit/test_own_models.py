@@ -230,14 +230,16 @@ def test_padded_rows_equal_unpadded(converted: dict[str, Path], family: str) -> 
     torch.testing.assert_close(right.logits[:, :n], alone, rtol=0, atol=ATOL)
 
 
-def test_glm_left_padded_batch_generates_like_each_row_alone(converted: dict[str, Path]) -> None:
+@pytest.mark.parametrize("family", ["baichuan2_13b", "chatglm"])
+def test_left_padded_batch_generates_like_each_row_alone(converted: dict[str, Path], family: str) -> None:
     from transformers import GenerationConfig
 
-    model = load(converted["chatglm"], "sdpa")
-    short, long = samples("chatglm")[0][:, :5], samples("chatglm")[1][:, :7]  # both end with <sop>
-    ids = torch.cat([torch.cat([torch.full((1, 2), 3), short], 1), long])
+    model = load(converted[family], "sdpa")
+    short, long = samples(family)[0][:, :5], samples(family)[1][:, :7]  # ChatGLM: both end with <sop>
+    pad, eos = (3, 1005) if family == "chatglm" else (0, 2)
+    ids = torch.cat([torch.cat([torch.full((1, 2), pad), short], 1), long])
     mask = torch.tensor([[0, 0] + [1] * 5, [1] * 7])
-    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=3, eos_token_id=1005)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     model.generation_config = config
     with torch.no_grad():
         together = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, 7:]
