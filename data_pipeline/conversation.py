@@ -5,25 +5,56 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """One call of a tool that an assistant message makes."""
+
+    name: str
+    """The tool (function) name, e.g. ``get_weather`` or MOSS's ``Search``."""
+    arguments: str
+    """The arguments as JSON text: an object (``{"city": "北京"}``) for OpenAI, glaive and ChatGLM3 data; a
+    string (``"query"``) for MOSS's one-argument commands. Kept as text so a record stays hashable and cheap to
+    send to a worker; templates parse it when they render it."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Message:
     role: Role
-    """Who speaks. A conversation is: optional system, then user/assistant alternating, ending with assistant."""
+    """Who speaks: system, user, assistant, or tool (a tool's result, which is never trained)."""
     content: str
-    """Plain text. Control strings inside it (``<|im_end|>``, ``<eoh>``) stay text when tokenized."""
+    """Plain text. Control strings inside it (``<|im_end|>``, ``<eoh>``) stay text when tokenized. For an
+    assistant message with tool_calls: the text said before the calls (often empty; MOSS's Inner Thoughts)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls the assistant makes in this message (several run in parallel); assistant messages only. The
+    results follow as the next ``tool`` messages, one per call, in the same order."""
+    name: str = ""
+    """For a tool message: the name of the tool whose result it is, when the source says so."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Conversation:
     messages: tuple[Message, ...]
-    """System (optional, first), then user/assistant turns alternating, the last one an assistant turn."""
+    """System (optional, first), then rounds: a user message, then the assistant's answer, which is zero or more
+    (assistant message with tool_calls, then its tool results) steps and a final assistant message without calls.
+    The last message is such a final assistant message."""
     source: str
     """Source file path, for rejects and lineage."""
     index: int
     """Record index within the source (0-based; the line number minus one for JSON lines)."""
+    tools: tuple[str, ...] = ()
+    """The tools offered to the assistant, each a JSON object in OpenAI's form
+    ``{"type": "function", "function": {"name", "description", "parameters"}}``; empty when none are given."""
+    dropped_turns: int = 0
+    """Trailing user turns that nobody answered, dropped by the reader (the answered turns before them are kept);
+    prepare counts them apart from rejected records."""
+
+
+def uses_tools(conv: Conversation) -> bool:
+    """Whether a conversation offers tools, calls one, or holds a tool result: what needs a tool format."""
+    return bool(conv.tools) or any(m.tool_calls or m.role == "tool" for m in conv.messages)
 
 
 @dataclass(frozen=True, kw_only=True)

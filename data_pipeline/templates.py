@@ -13,6 +13,10 @@ tuned model sees at generation is, token for token, the prefix it was trained on
 
 Labels are IGNORE_INDEX except the assistant's tokens and the token that closes each assistant turn (eos
 or the family's end-of-turn token), so the model learns to stop.
+
+Tool use (docs/templates.md, "Tools"): qwen, llama3, chatglm3, moss and tokenizer render the tools offered, the
+assistant's calls and the tools' results the way each family was trained to; loss falls on the calls and the
+replies, never on a result. Every other template rejects a conversation that uses tools as ``no_tool_format``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from data_pipeline.conversation import Conversation, InputError, Message, Reject
+from data_pipeline.conversation import Conversation, InputError, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -67,6 +71,32 @@ MOSS_META_INSTRUCTION = (
 )
 """moss-003's published meta instruction (typo "mutiple" included); the system prompt when a conversation has none."""
 
+TOOL_TEMPLATES: tuple[str, ...] = ("qwen", "llama3", "chatglm3", "moss", "tokenizer")
+"""Templates with a tool format; the others reject conversations that use tools as ``no_tool_format``."""
+
+QWEN_TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+QWEN_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call>"
+)
+"""Qwen2.5's tool block, appended to the system text when tools are offered (its chat_template's wording)."""
+
+LLAMA31_TOOLS_SYSTEM = "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOLS_USER = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+"""Llama 3.1's custom-tool prompt: the system header, and the text before the tools in the first user turn."""
+
+CHATGLM3_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+"""ChatGLM3's tool system prompt; the tools follow as JSON (indent 4)."""
+
 ENCODE_CHUNK = 2048
 """Texts per call of the Rust tokenizer: bounds the memory of its Encoding objects; large enough that the
 per-call overhead is nothing."""
@@ -104,7 +134,8 @@ class ChatTemplate:
 
         last_turn_only: train only the last assistant turn (earlier answers become context).
         A conversation the template cannot render comes back as ``Reject(reason="unrenderable")``, one
-        whose roles are out of order as ``Reject(reason="wrong_role_order")``.
+        whose roles are out of order as ``Reject(reason="wrong_role_order")``, one that uses tools when this
+        template has no tool format as ``Reject(reason="no_tool_format")``.
         """
         return [
             r if isinstance(r, Reject) else Encoded(input_ids=r[0].tolist(), labels=r[1].tolist())
@@ -123,14 +154,21 @@ class ChatTemplate:
         texts: list[str] = []
         for conv in convs:
             messages = conv.messages
-            problem = _role_order_problem(messages, last_role="assistant")
+            problem = _role_order_problem(messages, prompt=False)
             if problem:
                 layouts.append(_reject(conv, "wrong_role_order", problem))
                 continue
-            last = len(messages) - 1
-            trained = [m.role == "assistant" and (i == last or not last_turn_only) for i, m in enumerate(messages)]
+            if uses_tools(conv) and not self._renderer.tool_format:
+                layouts.append(_reject(conv, "no_tool_format", self._no_tool_format()))
+                continue
+            # last_turn_only: the last round's assistant messages (its calls and its reply) are trained.
+            last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+            trained = [m.role == "assistant" and (i > last_user or not last_turn_only) for i, m in enumerate(messages)]
             try:
-                layout = self._renderer.render(messages, trained)
+                layout = self._renderer.render(messages, trained, conv.tools)
+            except _NoToolFormatError as exc:
+                layouts.append(_reject(conv, "no_tool_format", str(exc)))
+                continue
             except _UnrenderableError as exc:
                 layouts.append(_reject(conv, "unrenderable", str(exc)))
                 continue
@@ -169,17 +207,22 @@ class ChatTemplate:
             start = stop
         return results
 
-    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Ids of a generation prompt: the history, ending with a user turn, then the assistant prefix.
+    def encode_prompt(self, messages: Sequence[Message], tools: Sequence[str] = ()) -> list[int]:
+        """Ids of a generation prompt: the history, ending with a user turn (or with the results of the
+        assistant's tool calls), then the assistant prefix. ``tools``: the tools offered, as in
+        ``Conversation.tools`` (JSON objects).
 
         Equal to the training encoding of the same history up to the assistant's first text token, so the
-        model continues with the assistant's text. Raises ValueError when the roles are out of order.
+        model continues with the assistant's text (or a tool call). Raises ValueError when the roles are out of
+        order, or when tools are used and this template has no tool format.
         """
-        problem = _role_order_problem(messages, last_role="user")
+        problem = _role_order_problem(messages, prompt=True)
         if problem:
             raise ValueError(f"encode_prompt: {problem}")
+        if (tools or any(m.tool_calls or m.role == "tool" for m in messages)) and not self._renderer.tool_format:
+            raise ValueError(f"encode_prompt: {self._no_tool_format()}")
         try:
-            layout = self._renderer.render(messages, [False] * len(messages))
+            layout = self._renderer.render(messages, [False] * len(messages), tuple(tools))
         except _UnrenderableError as exc:
             raise ValueError(f"encode_prompt: template {self.name!r} cannot render these messages: {exc}") from exc
         pieces = iter(self._encoder.encode([part for part in layout.parts if isinstance(part, str)]))
@@ -190,6 +233,12 @@ class ChatTemplate:
             else:
                 ids.extend(next(pieces) if isinstance(part, str) else part)
         return ids
+
+    def _no_tool_format(self) -> str:
+        return (
+            f"template {self.name!r} has no tool format; tool calls are rendered by "
+            f"{', '.join(TOOL_TEMPLATES)} (tokenizer: a chat_template that renders tools)"
+        )
 
     def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Raw text for continued pre-training: [bos] + text + [eos], every token meant to be trained.
@@ -406,9 +455,15 @@ class _Renderer(Protocol):
         """What ends an assistant turn in this layout."""
         ...
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
-        """Lay out ``messages`` (ending with an assistant turn, or with a user turn for a prompt, in which
-        case the layout ends with the assistant prefix). ``trained[i]``: assistant message i carries loss."""
+    @property
+    def tool_format(self) -> bool:
+        """Whether render() lays out tools, tool calls and tool results."""
+        ...
+
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """Lay out ``messages`` (ending with an assistant turn, or with a user or tool turn for a prompt, in
+        which case the layout ends with the assistant prefix). ``trained[i]``: assistant message i carries
+        loss. ``tools``: the tools offered (JSON objects, Conversation.tools)."""
         ...
 
 
@@ -416,15 +471,21 @@ class _UnrenderableError(Exception):
     """Content this template cannot render; becomes Reject(reason="unrenderable")."""
 
 
+class _NoToolFormatError(_UnrenderableError):
+    """Tool use this template's tool format cannot express; becomes Reject(reason="no_tool_format")."""
+
+
 class _Default:
     """A neutral text template: ``### User:`` / ``### Assistant:`` headers, eos after each answer."""
+
+    tool_format = False
 
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.bos_prefix
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.bos)
         for i, m in enumerate(messages):
@@ -442,12 +503,14 @@ class _Default:
 class _Plain:
     """Base models (GPT-2, StarCoder): prompt, newline, answer, eos; turns joined by newlines."""
 
+    tool_format = False
+
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.bos_prefix
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.bos)
         for i, m in enumerate(messages):
@@ -469,12 +532,14 @@ class _Llama2:
     and message text is stripped as Meta's code does.
     """
 
+    tool_format = False
+
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.control(v.tokenizer.bos_token or "<s>")
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         system = ""
         for i, m in enumerate(messages):
@@ -493,31 +558,65 @@ class _Llama2:
 
 
 class _Llama3:
-    """Llama 3 instruct: header ids around the role, ``\\n\\n``, the text, ``<|eot_id|>``."""
+    """Llama 3 instruct: header ids around the role, ``\\n\\n``, the text, ``<|eot_id|>``.
+
+    With tools, Llama 3.1's custom-tool format (its chat_template's default, tools in the first user turn): a
+    system header naming the ipython environment, the tools as JSON (indent 4) before the first user text, one
+    call per assistant message as ``{"name": ..., "parameters": {...}}``, results in ``ipython`` turns (the
+    text as given; Meta's prompt-format documentation shows it unquoted).
+    """
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         self.begin = v.control("<|begin_of_text|>")
         self.start = v.control("<|start_header_id|>")
         self.end = v.control("<|end_header_id|>")
         self.eot = v.control("<|eot_id|>")
-        self.role = {role: v.literal(role) for role in ("system", "user", "assistant")}
+        self.role = {role: v.literal(role) for role in ("system", "user", "assistant", "ipython")}
         self.blank = v.literal("\n\n")
         self.stop_token_ids = (self.eot, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.begin)
+        has_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+        if has_tools:
+            messages, trained, before = _one_call_per_step(messages, trained)
+            if any(before):
+                raise _NoToolFormatError("Llama 3.1's tool format has no text beside a call")
+            system = messages[0].content.strip() if messages[0].role == "system" else ""
+            out.add(self.start)
+            out.add(self.role["system"])
+            out.add(self.end)
+            out.add("\n\n" + LLAMA31_TOOLS_SYSTEM + system)
+            out.add(self.eot)
+        first_user = True
         for i, m in enumerate(messages):
+            if m.role == "system" and has_tools:
+                continue
             if m.role == "assistant":
-                out.add(m.content.strip(), trained[i])
+                if m.tool_calls:
+                    (call,) = m.tool_calls
+                    text = f'{{"name": "{call.name}", "parameters": {_json(_arguments(call))}}}'
+                    out.add(text, trained[i])
+                else:
+                    out.add(m.content.strip(), trained[i])
                 out.add(self.eot, trained[i])
                 continue
             out.add(self.start)
-            out.add(self.role[m.role])
+            out.add(self.role["ipython" if m.role == "tool" else m.role])
             out.add(self.end)
-            out.add("\n\n" + m.content.strip())
+            if m.role == "tool":
+                out.add("\n\n" + m.content)
+            elif m.role == "user" and first_user and tools:
+                schemas = "".join(_json(json.loads(tool), indent=4) + "\n\n" for tool in tools)
+                out.add("\n\n" + LLAMA31_TOOLS_USER + schemas + m.content.strip())
+            else:
+                out.add("\n\n" + m.content.strip())
+            first_user = first_user and m.role != "user"
             out.add(self.eot)
-            if m.role == "user":
+            if m.role == "user" or (m.role == "tool" and (i + 1 == len(messages) or messages[i + 1].role != "tool")):
                 out.add(self.start)
                 out.add(self.role["assistant"])
                 out.add(self.end)
@@ -526,7 +625,14 @@ class _Llama3:
 
 
 class _ChatML:
-    """Qwen's ChatML: ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; default system when none is given."""
+    """Qwen's ChatML: ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; default system when none is given.
+
+    With tools, Qwen2.5's tool format: the tools (one JSON per line) inside ``<tools></tools>`` after the system
+    text, each call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` after the assistant's
+    text, and the results of consecutive tool messages in one user turn, each inside
+    ``<tool_response>\\n...\\n</tool_response>``. The XML tags are tokens where the vocabulary has them (Qwen2.5)."""
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         self.start = v.control("<|im_start|>")
@@ -534,30 +640,69 @@ class _ChatML:
         self.newline = v.literal("\n")
         self.assistant = v.literal("assistant\n")
         self.default_system = v.literal(f"system\n{QWEN_DEFAULT_SYSTEM}")
+        self.call_open, self.call_close = v.marker("<tool_call>"), v.marker("</tool_call>")
+        self.result_open, self.result_close = v.marker("<tool_response>"), v.marker("</tool_response>")
+        self.user_newline = v.literal("user\n")
         self.stop_token_ids = (self.end, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
-        if messages[0].role != "system":
+        if tools:
+            system = messages[0].content if messages[0].role == "system" else QWEN_DEFAULT_SYSTEM
+            out.add(self.start)
+            # Tool schemas are data: plain text, like the system text they follow.
+            out.add(
+                "system\n" + system + QWEN_TOOLS_HEADER + "".join("\n" + tool for tool in tools) + QWEN_TOOLS_FOOTER
+            )
+            out.add(self.end)
+            out.add(self.newline)
+        elif messages[0].role != "system":
             out.add(self.start)
             out.add(self.default_system)
             out.add(self.end)
             out.add(self.newline)
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                out.add(m.content, trained[i])
+                if m.tool_calls:
+                    self._calls(out, m, trained[i])
+                else:
+                    out.add(m.content, trained[i])
                 out.add(self.end, trained[i])
                 continue
             if i > 0 and messages[i - 1].role == "assistant":
                 out.add(self.newline)
-            out.add(self.start)
-            out.add(f"{m.role}\n{m.content}")
+            if m.role == "tool":
+                if messages[i - 1].role != "tool":
+                    out.add(self.start)
+                    out.add(self.user_newline)
+                else:
+                    out.add(self.newline)
+                out.add(self.result_open)
+                out.add("\n" + m.content + "\n")
+                out.add(self.result_close)
+                if i + 1 < len(messages) and messages[i + 1].role == "tool":
+                    continue
+            elif m.role == "system" and tools:
+                continue
+            else:
+                out.add(self.start)
+                out.add(f"{m.role}\n{m.content}")
             out.add(self.end)
             out.add(self.newline)
-            if m.role == "user":
+            if m.role in ("user", "tool"):
                 out.add(self.start)
                 out.add(self.assistant)
         return out
+
+    def _calls(self, out: _Layout, m: Message, trained: bool) -> None:
+        for n, call in enumerate(m.tool_calls):
+            # After the assistant prefix: the text (if any) and a newline, then the calls one per line.
+            before = (m.content + "\n" if m.content else "") if n == 0 else "\n"
+            if before:
+                out.add(before, trained)
+            out.add(self.call_open, trained)
+            out.add(f'\n{{"name": "{call.name}", "arguments": {_json(_arguments(call))}}}\n', trained)
+            out.add(self.call_close, trained)
 
 
 class _Baichuan:
@@ -567,13 +712,15 @@ class _Baichuan:
     <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies).
     """
 
+    tool_format = False
+
     def __init__(self, v: _Vocab, *, user: str, assistant: str) -> None:
         self.user = v.control(user)
         self.assistant = v.control(assistant)
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         for i, m in enumerate(messages):
             if m.role == "system":
@@ -595,12 +742,14 @@ class _ChatGLM2:
     closes every answer (ChatGLM2's build_prompt has none between rounds; it is how the model learns to stop).
     """
 
+    tool_format = False
+
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.prefix)
         round_index = 0
@@ -625,6 +774,8 @@ class _ChatGLM3:
     token) or, after the last answer, eos.
     """
 
+    tool_format = True
+
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.role = {role: v.control(f"<|{role}|>") for role in ("system", "user", "assistant")}
@@ -632,7 +783,7 @@ class _ChatGLM3:
         observation = v.single_token("<|observation|>")
         self.stop_token_ids = (self.role["user"], *([observation] if observation is not None else []), v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.prefix)
         last = len(messages) - 1
@@ -657,6 +808,8 @@ class _Moss:
     vocabulary has them and as text otherwise. With no system message the published meta instruction is used.
     """
 
+    tool_format = True
+
     def __init__(self, v: _Vocab) -> None:
         self.human = v.marker("<|Human|>")
         self.moss = v.marker("<|MOSS|>")
@@ -667,7 +820,7 @@ class _Moss:
         self.meta = v.literal(MOSS_META_INSTRUCTION)
         self.stop_token_ids = (self.eom, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         if messages[0].role != "system":
             out.add(self.meta)
@@ -702,6 +855,8 @@ class _TokenizerTemplate:
     rejected as unrenderable (the template rewrites content, drops or reorders messages). What closes an
     assistant turn is the template text after the answer up to and including its first special token.
     """
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         tokenizer = v.tokenizer
@@ -759,7 +914,7 @@ class _TokenizerTemplate:
         self._skeletons[key] = fragments
         return fragments
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         add_generation_prompt = messages[-1].role == "user"
         fragments = self._skeleton(tuple(m.role for m in messages), add_generation_prompt)
         rendered = self._apply([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt)
@@ -804,20 +959,100 @@ def _has_supervised(labels: np.ndarray) -> bool:
     return bool(np.any(labels != IGNORE_INDEX))
 
 
-def _role_order_problem(messages: Sequence[Message], *, last_role: str) -> str:
-    """Empty when messages are: optional system, then user/assistant alternating, ending with last_role."""
+def _role_order_problem(messages: Sequence[Message], *, prompt: bool) -> str:
+    """Empty when messages are: optional system, then rounds of a user turn and the assistant's answer (tool
+    calls each followed by their results, then a reply without calls). A conversation ends with that reply;
+    a prompt ends where the assistant speaks next: after a user turn or after tool results."""
     if not messages:
         return "no messages"
     start = 1 if messages[0].role == "system" else 0
-    for i, m in enumerate(messages[start:]):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
-            return f"message {start + i} has role {m.role!r}, expected {expected!r}"
-    if len(messages) == start or messages[-1].role != last_role:
-        return f"conversation must end with a {last_role} turn"
+    expected: tuple[str, ...] = ("user",)
+    for i, m in enumerate(messages[start:], start=start):
+        if m.role not in expected:
+            return f"message {i} has role {m.role!r}, expected {' or '.join(repr(r) for r in expected)}"
+        if m.role == "user":
+            expected = ("assistant",)
+        elif m.role == "assistant":
+            expected = ("tool",) if m.tool_calls else ("user",)
+        else:
+            expected = ("tool", "assistant")
+    if len(messages) == start:
+        return "no user turn"
+    last = messages[-1]
+    if prompt and last.role not in ("user", "tool"):
+        return "a prompt must end with a user turn or with tool results"
+    if not prompt and (last.role != "assistant" or last.tool_calls):
+        return "conversation must end with an assistant turn without tool calls"
     return ""
 
 
 def _reject(conv: Conversation, reason: str, detail: str) -> Reject:
-    raw = json.dumps([{"role": m.role, "content": m.content} for m in conv.messages], ensure_ascii=False)
+    raw = json.dumps([_message_dict(m) for m in conv.messages], ensure_ascii=False)
     return Reject(reason=reason, source=conv.source, index=conv.index, raw=raw[:500], detail=detail)
+
+
+def _message_dict(m: Message) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        body["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+    return body
+
+
+def _one_call_per_step(
+    messages: Sequence[Message], trained: Sequence[bool]
+) -> tuple[list[Message], list[bool], list[str]]:
+    """For formats with one call per assistant message (Llama 3.1, ChatGLM3): an assistant message with n calls
+    followed by their n results becomes n (call, result) pairs, in order. Returns the messages, their trained
+    flags and, per message, the text said before the calls (kept on the first call only).
+
+    Raises _NoToolFormatError when the number of results differs from the number of calls.
+    """
+    out: list[Message] = []
+    out_trained: list[bool] = []
+    before: list[str] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        if not m.tool_calls:
+            out.append(m)
+            out_trained.append(trained[i])
+            before.append("")
+            i += 1
+            continue
+        results = list(itertools.takewhile(lambda r: r.role == "tool", messages[i + 1 :]))
+        if len(results) != len(m.tool_calls) and len(m.tool_calls) > 1:
+            raise _NoToolFormatError(
+                f"{len(m.tool_calls)} parallel calls with {len(results)} results: this format makes one call "
+                "per step, so each call needs its own result"
+            )
+        for n, call in enumerate(m.tool_calls):
+            out.append(Message(role="assistant", content="", tool_calls=(call,)))
+            out_trained.append(trained[i])
+            before.append(m.content if n == 0 else "")
+            if len(m.tool_calls) > 1:
+                out.append(results[n])
+                out_trained.append(False)
+                before.append("")
+        i += 1 + (len(results) if len(m.tool_calls) > 1 else 0)
+    return out, out_trained, before
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON as Jinja's ``tojson`` in transformers writes it: non-ASCII kept, ", " and ": " separators."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _arguments(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.arguments)
+    except json.JSONDecodeError as exc:
+        raise _UnrenderableError(f"tool call {call.name}: arguments are not JSON ({exc.msg})") from exc
+
+
+def _functions(tools: Sequence[str]) -> list[dict[str, Any]]:
+    """The function schemas of OpenAI-form tools (``{"type": "function", "function": {...}}`` -> ``{...}``)."""
+    schemas = []
+    for tool in tools:
+        value = json.loads(tool)
+        schemas.append(value["function"] if isinstance(value, dict) and "function" in value else value)
+    return schemas
