@@ -21,6 +21,7 @@ replies, never on a result. Every other template rejects a conversation that use
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import re
@@ -643,6 +644,8 @@ class _ChatML:
         self.call_open, self.call_close = v.marker("<tool_call>"), v.marker("</tool_call>")
         self.result_open, self.result_close = v.marker("<tool_response>"), v.marker("</tool_response>")
         self.user_newline = v.literal("user\n")
+        self.tags = {"<tool_call>": self.call_open, "</tool_call>": self.call_close}
+        self.literal = v.literal
         self.stop_token_ids = (self.end, v.eos)
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
@@ -650,10 +653,13 @@ class _ChatML:
         if tools:
             system = messages[0].content if messages[0].role == "system" else QWEN_DEFAULT_SYSTEM
             out.add(self.start)
-            # Tool schemas are data: plain text, like the system text they follow.
-            out.add(
-                "system\n" + system + QWEN_TOOLS_HEADER + "".join("\n" + tool for tool in tools) + QWEN_TOOLS_FOOTER
-            )
+            # Tool schemas are data: plain text, like the system text they follow. The footer's <tool_call> tags
+            # are template text: tokens where the vocabulary has them, as in Qwen2.5's own rendering.
+            first, *rest = _TOOL_CALL_TAG.split(QWEN_TOOLS_FOOTER)
+            out.add("system\n" + system + QWEN_TOOLS_HEADER + "".join("\n" + tool for tool in tools) + first)
+            for piece in rest:
+                if piece:
+                    out.add(self.tags[piece] if piece in self.tags else self.literal(piece))
             out.add(self.end)
             out.add(self.newline)
         elif messages[0].role != "system":
@@ -782,8 +788,11 @@ class _ChatGLM3:
         self.eos = v.eos
         observation = v.single_token("<|observation|>")
         self.stop_token_ids = (self.role["user"], *([observation] if observation is not None else []), v.eos)
+        self.observation = observation
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         out = _Layout()
         out.add(self.prefix)
         last = len(messages) - 1
@@ -799,6 +808,62 @@ class _ChatGLM3:
             if m.role == "user":
                 out.add(self.role["assistant"])
         return out
+
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """ChatGLM3's tool format (its tool demo and fine-tuning preprocessing): the tools as JSON (indent 4) in a
+        system turn first; a call is an assistant turn whose metadata line is the tool name and whose text is
+        a fenced python block ``tool_call(city='Paris')``; its result an ``<|observation|>`` turn.
+        One call per assistant turn; text said before a call is an assistant turn of its own. The token after
+        a trained assistant turn (``<|assistant|>``, ``<|observation|>``, ``<|user|>``) is trained, eos last."""
+        if self.observation is None:
+            raise _NoToolFormatError("this tokenizer has no <|observation|> token (ChatGLM3's tool result role)")
+        messages, trained, before = _one_call_per_step(messages, trained)
+        out = _Layout()
+        out.add(self.prefix)
+        closes = False  # whether the next role token closes a trained assistant turn (ChatGLM3's shifted mask)
+
+        def turn(role: int, text: str, is_trained: bool) -> None:
+            nonlocal closes
+            out.add(role, closes)
+            out.add(text, is_trained)
+            closes = is_trained
+
+        if tools:
+            turn(self.role["system"], "\n" + CHATGLM3_TOOLS_SYSTEM + "\n" + _json(_functions(tools), indent=4), False)
+        for i, m in enumerate(messages):
+            if m.role == "assistant" and m.tool_calls:
+                (call,) = m.tool_calls
+                if before[i]:
+                    out.add("\n" + before[i], trained[i])
+                    closes = trained[i]
+                    out.add(self.role["assistant"], closes)
+                code = f"```python\n{_python_call('tool_call', _arguments(call))}\n```"
+                out.add(f"{call.name}\n{code}", trained[i])
+                closes = trained[i]
+            elif m.role == "assistant":
+                out.add("\n" + m.content, trained[i])
+                closes = trained[i]
+                if i == len(messages) - 1:
+                    out.add(self.eos, trained[i])
+            else:
+                role = self.observation if m.role == "tool" else self.role[m.role]
+                turn(role, "\n" + m.content, False)
+                last_of_results = m.role == "tool" and (i + 1 == len(messages) or messages[i + 1].role != "tool")
+                if m.role == "user" or last_of_results:
+                    out.add(self.role["assistant"])
+        return out
+
+
+def _python_call(name: str, arguments: Any) -> str:
+    """``tool_call(city='Paris')`` as ChatGLM3 writes a call (Python's ast.unparse of the keyword call); a
+    non-object argument (MOSS's one string) is passed positionally."""
+    if isinstance(arguments, dict):
+        keywords = [ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()]
+        call = ast.Call(func=ast.Name(id=name), args=[], keywords=keywords)
+    else:
+        values = arguments if isinstance(arguments, list) else [arguments]
+        call = ast.Call(func=ast.Name(id=name), args=[ast.Constant(v) for v in values], keywords=[])
+    return ast.unparse(call)
 
 
 class _Moss:
@@ -818,9 +883,14 @@ class _Moss:
         self.newline = v.literal("\n")
         self.colon = v.literal(":")
         self.meta = v.literal(MOSS_META_INSTRUCTION)
-        self.stop_token_ids = (self.eom, v.eos)
+        self.plugin = {name: v.marker(f"<|{name}|>") for name in ("Inner Thoughts", "Commands", "Results")}
+        self.ends = {name: v.marker(f"<{name}>") for name in ("eot", "eoc", "eor")}
+        eoc = v.single_token("<eoc>")
+        self.stop_token_ids = (self.eom, *([eoc] if eoc is not None else []), v.eos)
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         out = _Layout()
         if messages[0].role != "system":
             out.add(self.meta)
@@ -842,8 +912,69 @@ class _Moss:
                 out.add(self.eom, trained[i])
         return out
 
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """MOSS's plugin format (moss-003-sft plugin conversations): after ``<eoh>\\n`` the assistant writes
+        ``<|Inner Thoughts|>: {text or None}<eot>\\n<|Commands|>: Name(args), ...<eoc>`` to call tools, the
+        results follow as ``\\n<|Results|>:\\n{results}\\n<eor>\\n`` (never trained), then it writes
+        ``<|MOSS|>: {reply}<eom>``. Here the assistant writes its own markers, so they are trained and a prompt ends
+        at ``<eoh>\\n`` (or ``<eor>\\n``). Tools offered are listed after the meta instruction as MOSS lists its
+        plugins (``- {description}: enabled. API: {name}({parameters})``)."""
+        out = _Layout()
+        system = messages[0].content if messages[0].role == "system" else MOSS_META_INSTRUCTION
+        if tools:
+            lines = ["- Inner thoughts: enabled."]
+            for function in _functions(tools):
+                params = ", ".join((function.get("parameters") or {}).get("properties") or {})
+                label = str(function.get("description") or function["name"]).strip().splitlines()[0]
+                lines.append(f"- {label}: enabled. API: {function['name']}({params})")
+            system = system + ("" if system.endswith("\n") or not system else "\n") + "\n".join(lines) + "\n"
+        out.add(system)
+        for i, m in enumerate(messages):
+            if m.role == "system":
+                continue
+            if m.role == "user":
+                if messages[i - 1].role == "assistant":
+                    out.add(self.newline)
+                out.add(self.human)
+                out.add(": " + m.content)
+                out.add(self.eoh)
+                out.add(self.newline)
+            elif m.role == "tool":
+                if messages[i - 1].role != "tool":
+                    out.add(self.newline)
+                    out.add(self.plugin["Results"])
+                    out.add(":\n" + m.content)
+                else:
+                    out.add("\n" + m.content)
+                if i + 1 == len(messages) or messages[i + 1].role != "tool":
+                    out.add(self.newline)
+                    out.add(self.ends["eor"])
+                    out.add(self.newline)
+            elif m.tool_calls:
+                out.add(self.plugin["Inner Thoughts"], trained[i])
+                out.add(": " + (m.content or "None"), trained[i])
+                out.add(self.ends["eot"], trained[i])
+                out.add(self.newline, trained[i])
+                out.add(self.plugin["Commands"], trained[i])
+                out.add(": " + ", ".join(_moss_command(call) for call in m.tool_calls), trained[i])
+                out.add(self.ends["eoc"], trained[i])
+            else:
+                out.add(self.moss, trained[i])
+                out.add(self.colon, trained[i])
+                out.add(" " + m.content, trained[i])
+                out.add(self.eom, trained[i])
+        return out
+
+
+def _moss_command(call: ToolCall) -> str:
+    """``Search("query")``: MOSS's command syntax, the arguments as JSON values (a list: several arguments)."""
+    arguments = _arguments(call)
+    values = arguments if isinstance(arguments, list) else [arguments]
+    return f"{call.name}({', '.join(_json(value) for value in values)})"
+
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
+_TOOL_CALL_TAG = re.compile("(</?tool_call>)")
 
 
 class _TokenizerTemplate:
@@ -891,10 +1022,12 @@ class _TokenizerTemplate:
                 self._fragments[fragment] = ids
         return ids
 
-    def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _apply(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[Any] | None = None
+    ) -> str:
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # Jinja raises whatever the template's author chose (raise_exception).
             raise _UnrenderableError(f"chat_template failed: {exc}") from exc
@@ -915,6 +1048,8 @@ class _TokenizerTemplate:
         return fragments
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         add_generation_prompt = messages[-1].role == "user"
         fragments = self._skeleton(tuple(m.role for m in messages), add_generation_prompt)
         rendered = self._apply([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt)
@@ -941,6 +1076,129 @@ class _TokenizerTemplate:
                 out.add(after[: closer + 1], trained[i])
                 out.add(after[closer + 1 :])
         return out
+
+    # ---- tool use: the chat_template is given tools=, tool_calls and tool messages, in transformers' form
+
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """Render a conversation with tools through the chat_template.
+
+        Message contents (and the strings of arguments and tool schemas that hold a control string) are given
+        as placeholders, then tokenized as plain text; the rest is template text. An assistant message's span
+        starts where the template's generation prompt for the messages before it ends (so a prompt is exactly
+        the prefix it was trained on) and ends with the first stop token after it; the span is what is trained.
+        """
+        sentinels: list[tuple[int, str]] = []  # (owner message index, -1 for the tools; real value)
+        marked_tools, marked = self._marked(messages, tools, sentinels)
+        plain_tools, plain = self._marked(messages, tools, None)
+        prompt = messages[-1].role != "assistant"
+        text = self._apply(marked, prompt, marked_tools)
+        real = self._apply(plain, prompt, plain_tools)
+        found = [(match.start(), match.end(), int(match.group(1))) for match in _SENTINEL.finditer(text)]
+        if sorted(k for _, _, k in found) != list(range(len(sentinels))):
+            raise _UnrenderableError("chat_template drops or repeats message content or tool arguments")
+        fragments = _SENTINEL.split(text)[::2]
+        values = self._values(fragments, [sentinels[k] for _, _, k in found], real)
+
+        spans: list[tuple[int, int, int]] = []  # (start, end, message) of each assistant message's output
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self._apply(marked[:i], True, marked_tools)
+            if not text.startswith(before):
+                raise _UnrenderableError("chat_template's generation prompt is not a prefix of the conversation")
+            start = len(before)
+            bound = next((a for a, _, k in found if a >= start and sentinels[k][0] > i), len(text))
+            stops = [text.find(stop, start, bound) for stop in self.stop_texts]
+            end = min((at + len(stop) for at, stop in zip(stops, self.stop_texts, strict=True) if at >= 0), default=-1)
+            spans.append((start, end if end >= 0 else bound, i))
+
+        cuts = sorted(
+            {0, len(text), *(a for a, _, _ in found), *(b for _, b, _ in found), *(x for s in spans for x in s[:2])}
+        )
+        by_start = {a: (b, n) for n, (a, b, _) in enumerate(found)}
+        out = _Layout()
+        for a, b in itertools.pairwise(cuts):
+            if a >= b or any(x < a < y for x, y, _ in found):
+                continue
+            span = next((s for s in spans if s[0] <= a < s[1]), None)
+            is_trained = span is not None and trained[span[2]]
+            if a in by_start:
+                out.add(values[by_start[a][1]], is_trained)
+            else:
+                out.add(self._fragment_ids(text[a:b]), is_trained)
+        last = spans[-1] if spans else None
+        if (
+            not prompt
+            and last is not None
+            and last[2] == len(messages) - 1
+            and not any(text.find(stop, last[0], last[1]) >= 0 for stop in self.stop_texts)
+        ):
+            out.add(self.eos, trained[last[2]])  # the template ends the answer with nothing: teach eos
+        return out
+
+    @property
+    def stop_texts(self) -> list[str]:
+        return [str(self.tokenizer.convert_ids_to_tokens(t)) for t in self.stop_token_ids]
+
+    def _marked(
+        self, messages: Sequence[Message], tools: Sequence[str], sentinels: list[tuple[int, str]] | None
+    ) -> tuple[list[Any] | None, list[dict[str, Any]]]:
+        """transformers' messages and tools for these; with ``sentinels``, placeholders for the plain-text parts
+        (appended to it as (owner, value)); without, the real values."""
+
+        def mark(value: str, owner: int) -> str:
+            if sentinels is None:
+                return value
+            sentinels.append((owner, value))
+            return f"\ue000{len(sentinels) - 1}\ue001"
+
+        def strings(value: Any, owner: int) -> Any:
+            # Only strings that hold a control string need to be placeholders; the rest stays template text.
+            if isinstance(value, str):
+                return mark(value, owner) if any(t in value for t in self.control_texts) else value
+            if isinstance(value, list):
+                return [strings(v, owner) for v in value]
+            if isinstance(value, dict):
+                return {k: strings(v, owner) for k, v in value.items()}
+            return value
+
+        marked_tools = [strings(json.loads(t), -1) for t in tools] or None
+        out = []
+        for i, m in enumerate(messages):
+            body: dict[str, Any] = {"role": m.role, "content": mark(m.content, i) if m.content else ""}
+            if m.tool_calls:
+                body["tool_calls"] = [
+                    {
+                        "type": "function",
+                        "function": {"name": strings(c.name, i), "arguments": strings(_arguments(c), i)},
+                    }
+                    for c in m.tool_calls
+                ]
+            if m.role == "tool" and m.name:
+                body["name"] = m.name
+            out.append(body)
+        return marked_tools, out
+
+    @property
+    def control_texts(self) -> list[str]:
+        return [str(token) for token in self.tokenizer.convert_ids_to_tokens(sorted(self.special_ids)) if token]
+
+    def _values(self, fragments: list[str], sentinels: list[tuple[int, str]], real: str) -> list[str]:
+        """The text each placeholder stands for in ``real``: as given, stripped, or JSON-escaped (``tojson``),
+        whichever makes the template text that follows it match."""
+        values: list[str] = []
+        position = len(fragments[0])
+        for (_, value), fragment in zip(sentinels, fragments[1:], strict=True):
+            escaped = json.dumps(value, ensure_ascii=False)[1:-1]
+            candidates = (value, value.strip(), escaped, json.dumps(value.strip(), ensure_ascii=False)[1:-1])
+            chosen = next((c for c in candidates if real.startswith(c + fragment, position)), None)
+            if chosen is None:
+                raise _UnrenderableError("chat_template rewrites message content beyond stripping whitespace")
+            values.append(chosen)
+            position += len(chosen) + len(fragment)
+        if not real.startswith(fragments[0]) or _interleave(fragments, values) != real:
+            raise _UnrenderableError("chat_template rewrites message content beyond stripping whitespace")
+        return values
 
 
 def _interleave(fragments: list[str], contents: list[str]) -> str:

@@ -142,7 +142,7 @@ REAL_SOURCES = {  # path, format, records, max_seq_len
     "alpaca_belle": (BELLE, "alpaca", 1000, 512),
     "alpaca_array": (ALPACA, "alpaca", 999, 512),
     "conversation": (FIREFLY_MOSS_FLAT, "conversation", 33, 1024),
-    "moss": (MOSS_003, "moss", 5, 4096),  # the meta instruction alone is ~1k tiny-BPE tokens
+    "moss": (MOSS_003, "moss", 9, 4096),  # the meta instruction alone is ~1k tiny-BPE tokens
 }
 
 
