@@ -38,8 +38,9 @@ class Message:
 class Conversation:
     messages: tuple[Message, ...]
     """System (optional, first), then rounds: a user message, then the assistant's answer, which is zero or more
-    (assistant message with tool_calls, then its tool results) steps and a final assistant message without calls.
-    The last message is such a final assistant message."""
+    steps of (an assistant message, then tool results) and a final assistant message without calls. An assistant
+    message with tool_calls is always followed by results (one without calls may be too: glaive data has such
+    turns). The last message is a final assistant message."""
     source: str
     """Source file path, for rejects and lineage."""
     index: int

@@ -815,8 +815,9 @@ def _validated(turns: Sequence[Turn]) -> tuple[tuple[Message, ...], int]:
     """Check a Conversation's role order and emptiness rules; return its messages (text kept exactly) and the
     number of trailing unanswered user turns dropped (0 or 1).
 
-    A round is a user message, then zero or more steps of (assistant message with tool calls, its tool results),
-    then an assistant message without calls. A last user turn that nobody answered is dropped, not the record.
+    A round is a user message, then zero or more steps of (assistant message, tool results), then an assistant
+    message without calls; a message with calls is followed by results. A last user turn that nobody answered is
+    dropped, not the record.
     """
     messages = [turn if isinstance(turn, Message) else Message(role=turn[0], content=turn[1]) for turn in turns]
     body = messages[1:] if messages and messages[0].role == "system" else messages
@@ -839,7 +840,7 @@ def _validated(turns: Sequence[Turn]) -> tuple[tuple[Message, ...], int]:
             case "assistant" if message.tool_calls:
                 expected = {"tool"}
             case "assistant":
-                expected = {"user"}
+                expected = {"user", "tool"}  # a result after a text-only turn: LLaMA-Factory's rule, real in glaive
             case _:
                 expected = {"tool", "assistant"}
     if body[-1].role != "assistant" or body[-1].tool_calls:

@@ -1231,7 +1231,7 @@ def _role_order_problem(messages: Sequence[Message], *, prompt: bool) -> str:
         if m.role == "user":
             expected = ("assistant",)
         elif m.role == "assistant":
-            expected = ("tool",) if m.tool_calls else ("user",)
+            expected = ("tool",) if m.tool_calls else ("user", "tool")
         else:
             expected = ("tool", "assistant")
     if len(messages) == start:
