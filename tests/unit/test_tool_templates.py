@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from data_pipeline.conversation import Conversation, Message, Reject, ToolCall
+from data_pipeline.conversation import Conversation, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
 from data_pipeline.templates import (
     TEMPLATE_NAMES,
@@ -366,3 +366,103 @@ def test_stop_tokens_include_the_call_enders(tiny: PreTrainedTokenizerBase) -> N
     ids = tiny.convert_tokens_to_ids
     assert resolve_template("moss", tiny).stop_token_ids == (ids("<eom>"), ids("<eoc>"), tiny.eos_token_id)
     assert resolve_template("chatglm3", tiny).stop_token_ids == (ids("<|user|>"), ids("<|observation|>"), 2)
+
+
+GLAIVE = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "toolcall" / "glaive_toolcall_zh_demo.json"
+
+
+def glaive() -> list[Conversation]:
+    from data_pipeline.formats import read_records
+
+    records = list(read_records(GLAIVE, "sharegpt"))
+    assert all(isinstance(r, Conversation) for r in records)
+    return [r for r in records if isinstance(r, Conversation)]
+
+
+def expected_trained(name: str, conv: Conversation) -> list[str]:
+    """What each family trains: per assistant step, the call (in the family's syntax) or the reply, and its closer."""
+    runs = []
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant":
+            continue
+        calls = [(c.name, json.dumps(json.loads(c.arguments), ensure_ascii=False)) for c in m.tool_calls]
+        match name:
+            case "qwen" | "tokenizer":
+                if calls:
+                    body = "\n".join(
+                        f'<tool_call>\n{{"name": "{n}", "arguments": {a}}}\n</tool_call>' for n, a in calls
+                    )
+                    runs.append((m.content + "\n" if m.content else "") + body + "<|im_end|>")
+                else:
+                    runs.append(m.content + "<|im_end|>")
+            case "llama3":
+                runs += [f'{{"name": "{n}", "parameters": {a}}}<|eot_id|>' for n, a in calls]
+                runs += [] if calls else [m.content.strip() + "<|eot_id|>"]
+            case "moss":
+                commands = ", ".join(f"{n}({a})" for n, a in calls)
+                runs.append(
+                    f"<|Inner Thoughts|>: {m.content or 'None'}<eot>\n<|Commands|>: {commands}<eoc>"
+                    if calls
+                    else f"<|MOSS|>: {m.content}<eom>"
+                    if uses_tools(conv)
+                    else f" {m.content}<eom>"  # no tool: MOSS's plain chat, the prompt ends with "<|MOSS|>:"
+                )
+            case "chatglm3":
+                closer = "</s>" if i == len(conv.messages) - 1 else ""
+                if not calls:
+                    nxt = conv.messages[i + 1].role if i + 1 < len(conv.messages) else ""
+                    closer = {"user": "<|user|>", "tool": "<|observation|>"}.get(nxt, closer)
+                    runs.append(f"\n{m.content}{closer}")
+                else:
+                    runs.append(None)  # type: ignore[arg-type]  # checked by name below (Python call syntax)
+    return runs
+
+
+@pytest.mark.parametrize("name", [*TOOL_TEMPLATES])
+def test_glaive_every_record_is_written_and_only_calls_and_replies_are_trained(
+    tiny: PreTrainedTokenizerBase, name: str
+) -> None:
+    convs = glaive()
+    tokenizer = with_jinja(QWEN25_TOOLS_JINJA) if name == "tokenizer" else tiny
+    results = resolve_template(name, tokenizer).encode_batch(convs)
+    assert [r for r in results if isinstance(r, Reject)] == []
+    for conv, enc in zip(convs, results, strict=True):
+        assert isinstance(enc, Encoded)
+        got, want = trained_texts(tokenizer, enc), expected_trained(name, conv)
+        assert len(got) == len(want), (conv.index, got)
+        for text, expected in zip(got, want, strict=True):
+            if expected is None:  # a chatglm3 call: name, tool_call(...) code, <|observation|>
+                assert text.endswith("\n```<|observation|>") and "```python\ntool_call(" in text
+            else:
+                assert text == expected
+        # Every tool result is in the prompt part, never trained.
+        untrained = tokenizer.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == X])
+        assert all(m.content in untrained for m in conv.messages if m.role == "tool")
+
+
+MOSS_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "moss_003"
+
+
+def test_moss_plugin_conversations_train_thoughts_and_commands_as_moss_wrote_them(
+    tiny: PreTrainedTokenizerBase,
+) -> None:
+    from data_pipeline.formats import read_records
+
+    template = resolve_template("moss", tiny)
+    files = sorted(MOSS_DIR.glob("*_plugin_conversation_1.json"))
+    assert len(files) == 5
+    for path in files:
+        original = json.loads(path.read_text(encoding="utf-8"))
+        (conv,) = read_records(path, "moss")
+        assert isinstance(conv, Conversation)
+        enc = encode_one(template, conv)
+        runs = trained_texts(tiny, enc)
+        turns = [original["chat"][f"turn_{n}"] for n in range(1, len(original["chat"]) + 1)]
+        plugin_turns = [t for t in turns if t["Commands"] != "<|Commands|>: None<eoc>\n"]
+        # Each plugin turn's Inner Thoughts and Commands are trained exactly as MOSS's data writes them.
+        calls = [t["Inner Thoughts"] + t["Commands"].removesuffix("\n") for t in plugin_turns]
+        replies = [t["MOSS"].removesuffix("\n") for t in turns]
+        assert [r for r in runs if r.startswith("<|Inner Thoughts|>")] == calls, path.name
+        assert [r for r in runs if r.startswith("<|MOSS|>")] == replies
+        untrained = tiny.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == X])
+        assert all(m.content in untrained for m in conv.messages if m.role == "tool")
