@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -51,6 +52,36 @@ class Conversation:
     dropped_turns: int = 0
     """Trailing user turns that nobody answered, dropped by the reader (the answered turns before them are kept);
     prepare counts them apart from rejected records."""
+
+
+def tool_schemas(value: Any) -> tuple[str, ...]:
+    """Tools as published (a list of function schemas, OpenAI's ``{"type": "function", "function": {...}}`` or
+    bare ``{"name", "description", "parameters"}``, or the JSON text of such a list) -> Conversation.tools.
+
+    Raises ValueError saying what is wrong."""
+    if isinstance(value, str):
+        if not value.strip():
+            return ()
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"tools is not JSON ({error.msg})") from None
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"tools is a {type(value).__name__}, not a list of function schemas")
+    tools = []
+    for number, tool in enumerate(value):
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            schema = tool
+        elif isinstance(tool, dict) and isinstance(tool.get("name"), str):
+            schema = {"type": "function", "function": tool}
+        else:
+            raise ValueError(f"tools[{number}] is not a function schema with a name")
+        tools.append(json.dumps(schema, ensure_ascii=False))
+    return tuple(tools)
 
 
 def uses_tools(conv: Conversation) -> bool:

@@ -21,7 +21,17 @@ from typing import Any, Literal
 import ijson
 import orjson
 
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Role, Text, ToolCall
+from data_pipeline.conversation import (
+    Conversation,
+    InputError,
+    Message,
+    Record,
+    Reject,
+    Role,
+    Text,
+    ToolCall,
+    tool_schemas,
+)
 
 FORMATS: tuple[str, ...] = (
     "alpaca",
@@ -726,30 +736,10 @@ def _tool_call(item: Any, where: str) -> ToolCall:
 
 def _tools_field(record: dict[str, Any]) -> tuple[str, ...]:
     """The ``tools`` of a record (a list, or its JSON text as LLaMA-Factory writes it), each in OpenAI's form."""
-    value = record.get("tools")
-    if isinstance(value, str):
-        if not value.strip():
-            return ()
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise _Refused("malformed_tools", f"tools is not JSON ({error.msg})") from None
-    if value is None:
-        return ()
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise _Refused("malformed_tools", f"tools is {_type_name(value)}, not a list of function schemas")
-    tools = []
-    for number, tool in enumerate(value):
-        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
-            schema = tool
-        elif isinstance(tool, dict) and isinstance(tool.get("name"), str):
-            schema = {"type": "function", "function": tool}
-        else:
-            raise _Refused("malformed_tools", f"tools[{number}] is not a function schema with a name")
-        tools.append(_dump(schema))
-    return tuple(tools)
+    try:
+        return tool_schemas(record.get("tools"))
+    except ValueError as error:
+        raise _Refused("malformed_tools", str(error)) from None
 
 
 def _messages_turns(record: dict[str, Any]) -> list[Turn]:

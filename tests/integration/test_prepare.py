@@ -149,7 +149,9 @@ REAL_SOURCES = {  # path, format, records, max_seq_len
 @pytest.mark.parametrize("name", sorted(REAL_SOURCES))
 def test_real_samples_prepare(tmp_path: Path, name: str) -> None:
     path, fmt, records, max_seq_len = REAL_SOURCES[name]
-    manifest = run(tmp_path / "out", [path], max_seq_len=max_seq_len, val_fraction=0.1, max_bad_fraction=0.25)
+    # MOSS's plugin conversations need a template with a tool format: MOSS's own.
+    source = SourceSpec(path=str(path), template="moss") if name == "moss" else path
+    manifest = run(tmp_path / "out", [source], max_seq_len=max_seq_len, val_fraction=0.1, max_bad_fraction=0.25)
     check_output(tmp_path / "out")
     assert manifest.sources[0].format == fmt
     assert manifest.sources[0].records == records
