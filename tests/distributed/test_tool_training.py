@@ -77,7 +77,9 @@ def test_training_on_tool_calls_and_generating_one(trained: Path, tmp_path: Path
     data = Path((trained / "data_dir").read_text())
     manifest = load_manifest(data)
     assert manifest.template == "qwen" and manifest.counts["samples_written"] == len(CITIES)
-    losses = [json.loads(line)["loss"] for line in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"] for line in (trained / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
     assert losses[-1] < losses[0] / 3, losses
 
     prompt = {"prompt": "Weather in Rome?", "tools": TOOLS}

@@ -466,3 +466,24 @@ def test_moss_plugin_conversations_train_thoughts_and_commands_as_moss_wrote_the
         assert [r for r in runs if r.startswith("<|MOSS|>")] == replies
         untrained = tiny.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == X])
         assert all(m.content in untrained for m in conv.messages if m.role == "tool")
+
+
+def test_generate_prompt_rows_offer_tools(tiny: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    from trainer.generate import GenerateError, encode_row, read_prompts
+
+    bare = [WEATHER["function"], TIME["function"]]  # glaive's form: no {"type": "function"} wrapper
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "Weather and time in Paris?", "system": "Be brief.", "tools": bare}) + "\n"
+        + json.dumps({"prompt": "Hi", "tools": json.dumps(bare)}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    first, second = read_prompts(path)
+    template = resolve_template("qwen", tiny)
+    assert encode_row(template, first, 0) == template.encode_prompt(list(TWO_CALLS.messages[:2]), TOOLS)
+    assert encode_row(template, second, 1) == template.encode_prompt([Message(role="user", content="Hi")], TOOLS)
+    with pytest.raises(GenerateError, match="prompt 0: encode_prompt: template 'default' has no tool format"):
+        encode_row(resolve_template("default", tiny), first, 0)
+    path.write_text(json.dumps({"prompt": "Hi", "tools": [{"description": "no name"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(GenerateError, match=r"prompts.jsonl:1: tools\[0\] is not a function schema with a name"):
+        read_prompts(path)
