@@ -290,7 +290,7 @@ def test_overlong_truncate_or_drop(tmp_path: Path) -> None:
     check_output(tmp_path / "t")
     assert truncated.counts["samples_written"] == 4
     assert max(len(r["input_ids"]) for r in split_rows(tmp_path / "t", "train")) == 32
-    dropped = run(tmp_path / "d", [source], max_seq_len=32, overlong="drop", val_fraction=0.0, max_bad_fraction=0.5)
+    dropped = run(tmp_path / "d", [source], max_seq_len=32, overlong="drop", val_fraction=0.0, max_dropped_fraction=0.5)
     assert dropped.counts["rejected_by_reason"] == {"too_long": 1}
     assert dropped.counts["samples_written"] == 3
 
