@@ -4,11 +4,14 @@ then `python -m trainer.generate` on a prompt that offers the tool.
 The data is small and regular (one tool, get_weather, asked about 24 cities) so that the tiny model learns the
 shape of a Qwen2.5 call within a few dozen steps; what is checked is the prompt rendering (the generation prompt
 is, token for token, the training prefix) and that generation ends on the template's stop token after a call.
+The tiny tokenizer gets Qwen2.5's ``<tool_call>``/``</tool_call>`` as added tokens, as Qwen2.5's vocabulary has
+them (spelled in BPE pieces, a 2-layer model confuses the two tags' shared ``call>`` ending).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,8 @@ from data_pipeline.schema import load_manifest
 from data_pipeline.templates import resolve_template
 from tests.distributed.test_training import ROOT, env, launch
 from tests.helpers.data import TINY_LLAMA, make_prepared_dir
+
+QWEN_TAGS = ["<tool_call>", "</tool_call>"]
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +59,22 @@ def glaive_records() -> list[dict[str, object]]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("tools_ds")
+    model = tmp / "tiny_llama_tool_tags"
+    shutil.copytree(TINY_LLAMA, model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer.add_tokens(QWEN_TAGS)  # added, not special: decoded outputs keep them, as with Qwen2.5
+    tokenizer.save_pretrained(str(model))
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = len(tokenizer)
+    (model / "config.json").write_text(json.dumps(config, indent=2))
     source = tmp / "glaive_weather.json"
     source.write_text(json.dumps(glaive_records(), ensure_ascii=False), encoding="utf-8")
-    data = make_prepared_dir(tmp / "data", max_seq_len=512, source=source, template="qwen", val_fraction=0.0)
+    data = make_prepared_dir(
+        tmp / "data", max_seq_len=512, source=source, template="qwen", val_fraction=0.0, tokenizer_dir=model
+    )
     out = tmp / "run"
     overrides = [
+        f"model.path={model}",
         f"data.path={data}",
         "train.max_steps=40",
         "train.micro_batch_size=3",
@@ -94,8 +110,9 @@ def test_training_on_tool_calls_and_generating_one(trained: Path, tmp_path: Path
     (row,) = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
 
     # The prompt: the template's rendering with the tools, equal to the training prefix of the same record.
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_LLAMA))
+    tokenizer = AutoTokenizer.from_pretrained(str(trained.parent / "tiny_llama_tool_tags"))
     template = resolve_template("qwen", tokenizer)
+    assert [tokenizer.convert_tokens_to_ids(tag) for tag in QWEN_TAGS] == [2000, 2001]
     tools = tool_schemas(TOOLS)
     ids = template.encode_prompt([Message(role="user", content="Weather in Rome?")], tools)
     assert row["prompt_tokens"] == len(ids)
