@@ -203,6 +203,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise InputError(f"--tokenizer {path}: not a directory; pass the model or tokenizer directory")
     from transformers import AutoTokenizer, LlamaTokenizerFast
 
+    refuse_vendor_tokenizer(directory)
     try:
         if not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file():
             # A bare SentencePiece model (e.g. Llama 2): transformers converts it to a fast tokenizer.
@@ -213,6 +214,25 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise InputError(
             f"--tokenizer {path}: does not load ({first}); pass a directory with tokenizer.json or tokenizer.model"
         ) from exc
+
+
+def refuse_vendor_tokenizer(directory: Path) -> None:
+    """A tokenizer whose class is vendor code (``auto_map``: ChatGLM, Baichuan, MOSS originals) would be loaded
+    as something else or not at all, and tokenize silently wrong: refuse it in one line naming the converter."""
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file() or (directory / "tokenizer.json").is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{config_file}: not valid JSON ({exc})") from None
+    if isinstance(config, dict) and "auto_map" in config:
+        vendor = config.get("tokenizer_class", "a vendor tokenizer")
+        raise InputError(
+            f"--tokenizer {directory}: {vendor} is vendor code (auto_map in tokenizer_config.json) that is not run; "
+            f"convert the model once with `python -m trainer.convert {directory} {str(directory).rstrip('/')}-native` "
+            "and pass the output"
+        )
 
 
 def _digest(path: Path) -> dict[str, Any]:

@@ -50,7 +50,8 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "moss",
     "tokenizer",
 )
-"""Valid ``--template`` values, besides ``auto`` (the tokenizer's own chat_template if it has one, else default)."""
+"""Valid ``--template`` values, besides ``auto`` (the template recorded by the converter in tokenizer_config.json,
+else the tokenizer's own chat_template if it has one, else default)."""
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 """System prompt Qwen's own chat template inserts when a conversation has none."""
@@ -98,12 +99,24 @@ LLAMA31_TOOLS_USER = (
 CHATGLM3_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 """ChatGLM3's tool system prompt; the tools follow as JSON (indent 4)."""
 
+CHAT_FORMAT_KEY = "chat_format"
+"""tokenizer_config.json key naming the template of a converted checkpoint; ``--template auto`` uses it."""
+
 ENCODE_CHUNK = 2048
 """Texts per call of the Rust tokenizer: bounds the memory of its Encoding objects; large enough that the
 per-call overhead is nothing."""
 
+
+class Joined(str):
+    """Text that continues the text before it in the vendor's own (joint) encoding: tokenized without the
+    SentencePiece dummy prefix ("▁"), so a part boundary adds no token the vendor's encoding does not have."""
+
+    __slots__ = ()
+
+
 Part = int | str | tuple[int, ...]
-"""A control token id, message text to tokenize as plain text, or constant template text already tokenized."""
+"""A control token id, message text to tokenize as plain text (``Joined``: without a dummy prefix), or
+constant template text already tokenized."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,7 @@ class ChatTemplate:
         """
         layouts: list[_Layout | Reject] = []
         texts: list[str] = []
+        joined: list[str] = []
         for conv in convs:
             messages = conv.messages
             problem = _role_order_problem(messages, prompt=False)
@@ -173,10 +187,12 @@ class ChatTemplate:
             except _UnrenderableError as exc:
                 layouts.append(_reject(conv, "unrenderable", str(exc)))
                 continue
-            texts.extend(part for part in layout.parts if isinstance(part, str))
+            texts.extend(part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined))
+            joined.extend(part for part in layout.parts if isinstance(part, Joined))
             layouts.append(layout)
 
         pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(self._encoder.encode(joined, joined=True))
         segments: list[Sequence[int]] = []  # every part's ids, all conversations in order
         segment_trained: list[bool] = []
         sample_ends: list[int] = []  # per encoded conversation: how many segments precede its end
@@ -186,6 +202,8 @@ class ChatTemplate:
             for part in rendered.parts:
                 if isinstance(part, int):
                     segments.append((part,))
+                elif isinstance(part, Joined):
+                    segments.append(next(joined_pieces))
                 else:
                     segments.append(next(pieces) if isinstance(part, str) else part)
             segment_trained.extend(rendered.trained)
@@ -226,11 +244,17 @@ class ChatTemplate:
             layout = self._renderer.render(messages, [False] * len(messages), tuple(tools))
         except _UnrenderableError as exc:
             raise ValueError(f"encode_prompt: template {self.name!r} cannot render these messages: {exc}") from exc
-        pieces = iter(self._encoder.encode([part for part in layout.parts if isinstance(part, str)]))
+        texts = [part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined)]
+        pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(
+            self._encoder.encode([part for part in layout.parts if isinstance(part, Joined)], joined=True)
+        )
         ids: list[int] = []
         for part in layout.parts:
             if isinstance(part, int):
                 ids.append(part)
+            elif isinstance(part, Joined):
+                ids.extend(next(joined_pieces))
             else:
                 ids.extend(next(pieces) if isinstance(part, str) else part)
         return ids
@@ -293,7 +317,10 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
     needs is not one token of this vocabulary, no eos, no chat_template for ``tokenizer``).
     """
     if name == "auto":
-        name = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        # A converted checkpoint (python -m trainer.convert) records its family's template in tokenizer_config.json.
+        recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get(CHAT_FORMAT_KEY)
+        own = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        name = str(recorded) if recorded else own
     if name not in TEMPLATE_NAMES:
         raise InputError(f"unknown template {name!r}; valid: auto, {', '.join(TEMPLATE_NAMES)}")
     vocab = _Vocab(name, tokenizer)
@@ -340,6 +367,8 @@ class _TextEncoder:
         self.bos_prefix: tuple[int, ...] = (bos,) if bos is not None and bos != self.eos_id else ()
         self._backend_json: str | None = None
         self._backend: Any = None
+        self._joined_json: str | None = None
+        self._joined_backend: Any = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             # A private copy in which every added token counts as special, and special tokens are encoded
@@ -348,26 +377,33 @@ class _TextEncoder:
             raw = json.loads(backend.to_str())
             for added in raw.get("added_tokens") or []:
                 added["special"] = True
+            _unspell_special_pieces(raw)
             self._backend_json = json.dumps(raw)
             self._backend = _plain_text_backend(self._backend_json)
+            self._joined_json = json.dumps(_without_dummy_prefix(raw))
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
     def __getstate__(self) -> dict[str, Any]:
         # tokenizers does not pickle encode_special_tokens: rebuild the backend on unpickling (workers).
-        return {**self.__dict__, "_backend": None}
+        return {**self.__dict__, "_backend": None, "_joined_backend": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._backend_json is not None:
             self._backend = _plain_text_backend(self._backend_json)
+        if self._joined_json is not None:
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], *, joined: bool = False) -> list[list[int]]:
+        """Ids of each text; joined: without the SentencePiece dummy prefix (see ``Joined``)."""
         if not texts:
             return []
-        if self._backend is not None:
+        backend = self._joined_backend if joined else self._backend
+        if backend is not None:
             # encode_batch_fast skips offsets; both run the batch in Rust threads. Sub-batches of ENCODE_CHUNK
             # texts: a Rust Encoding also holds token strings and masks (several times the ids' size), so only
             # one sub-batch of them is alive at a time, whatever the block size.
-            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             ids: list[list[int]] = []
             for start in range(0, len(texts), ENCODE_CHUNK):
                 chunk = texts[start : start + ENCODE_CHUNK]
@@ -376,6 +412,48 @@ class _TextEncoder:
         # Slow (Python) tokenizers, e.g. remote-code ChatGLM/Baichuan ones: one batched call as well.
         out = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
+
+
+def _unspell_special_pieces(raw: dict[str, Any]) -> None:
+    """Make the model's own entries for special tokens unreachable from text, in the plain-text copy.
+
+    A SentencePiece-converted BPE emits a word found whole in its vocabulary (``ignore_merges``), so a message
+    that is exactly ``</s>`` or Baichuan2's ``<reserved_106>`` would become the control id even with special
+    tokens encoded as text. The entry is renamed with a trailing space, which normalized text never contains
+    (spaces become "▁" or "Ġ"); merges alone never build these pieces. The model's unk piece stays.
+    """
+    model = raw.get("model") or {}
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        return
+    for added in raw.get("added_tokens") or []:
+        content = added["content"]
+        if content in vocab and content != model.get("unk_token"):
+            vocab[content + " "] = vocab.pop(content)
+
+
+def _without_dummy_prefix(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a tokenizer.json that does not prepend SentencePiece's "▁" to a text (for ``Joined`` parts)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(item) for item in node if not _is_dummy_prefix_step(item)]
+        if isinstance(node, dict):
+            out = {key: strip(value) for key, value in node.items()}
+            if out.get("type") == "Metaspace":
+                out["prepend_scheme"] = "never"
+            return out
+        return node
+
+    return {key: strip(value) if key in ("normalizer", "pre_tokenizer") else value for key, value in raw.items()}
+
+
+def _is_dummy_prefix_step(step: Any) -> bool:
+    if not isinstance(step, dict):
+        return False
+    if step.get("type") == "Prepend":
+        return True
+    return step.get("type") == "Replace" and step.get("pattern") == {"Regex": "\\A▁"}
 
 
 def _plain_text_backend(tokenizer_json: str) -> Any:
@@ -712,10 +790,13 @@ class _ChatML:
 
 
 class _Baichuan:
-    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}</s>``.
+    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}...</s>``.
 
     Baichuan-13B-Chat spells the user/assistant tokens <reserved_102>/<reserved_103>, Baichuan2
-    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies).
+    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies). Rounds follow each other with no token
+    between them, as the vendor's ``build_chat_input`` builds a prompt; eos closes the last answer. The vendor's
+    fine-tune script also puts an eos *label* on every later user token (teaching eos after each answer
+    without eos in the input); labels here are ids or nothing, so those positions are not trained.
     """
 
     tool_format = False
@@ -728,6 +809,7 @@ class _Baichuan:
 
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
+        last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "system":
                 out.add(m.content)
@@ -737,15 +819,19 @@ class _Baichuan:
                 out.add(self.assistant)
             else:
                 out.add(m.content, trained[i])
-                out.add(self.eos, trained[i])
+                if i == last:
+                    out.add(self.eos, trained[i])
         return out
 
 
 class _ChatGLM2:
-    """ChatGLM2: ``[gMASK]sop`` then ``[Round N]\\n\\n问：{user}\\n\\n答：{answer}`` rounds joined by ``\\n\\n``.
+    """ChatGLM2, as THUDM's ``build_prompt`` and ``ptuning/main.py`` encode it.
 
-    ChatGLM2 has no system role: a system text is rendered before round 1, followed by a blank line. eos
-    closes every answer (ChatGLM2's build_prompt has none between rounds; it is how the model learns to stop).
+    ``[gMASK] sop``, then the prompt ``[Round 1]\n\n问：{q}\n\n答：{a}\n\n[Round 2]\n\n问：{q}\n\n答：``
+    tokenized as ONE text (rounds counted from 1), then the last answer tokenized on its own and eos. An
+    earlier answer that is trained stays part of the joint text (``Joined``: no dummy "▁" at its boundaries)
+    and gets no eos, exactly the tokens the model sees in a later prompt. ChatGLM2 has no system role: a system
+    text is rendered before round 1, followed by a blank line.
     """
 
     tool_format = False
@@ -758,26 +844,47 @@ class _ChatGLM2:
     def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.prefix)
+        pending: list[str] = []  # untrained text, tokenized as one piece when flushed
+        first_text = True
         round_index = 0
+        last = len(messages) - 1
+
+        def flush() -> None:
+            nonlocal first_text
+            if pending:
+                text = "".join(pending)
+                out.add(text if first_text else Joined(text))
+                first_text = False
+                pending.clear()
+
         for i, m in enumerate(messages):
             if m.role == "system":
-                out.add(m.content + "\n\n")
+                pending.append(m.content + "\n\n")
             elif m.role == "user":
                 round_index += 1
-                separator = "\n\n" if round_index > 1 else ""
-                out.add(f"{separator}[Round {round_index}]\n\n问：{m.content}\n\n答：")
-            else:
-                out.add(m.content, trained[i])
+                pending.append(f"[Round {round_index}]\n\n问：{m.content}\n\n答：")
+            elif i == last:
+                flush()
+                out.add(m.content, trained[i])  # ptuning encodes the answer on its own (with the dummy prefix)
                 out.add(self.eos, trained[i])
+            elif trained[i]:
+                flush()
+                out.add(Joined(m.content), True)
+                first_text = False
+                pending.append("\n\n")
+            else:
+                pending.append(m.content + "\n\n")
+        flush()
         return out
 
 
 class _ChatGLM3:
-    """ChatGLM3: ``[gMASK]sop<|system|>\\n{system}<|user|>\\n{user}<|assistant|>\\n{answer}...``.
+    """ChatGLM3: ``[gMASK]sop`` then, per message, ``<|role|>`` + ids of ``"\n"`` + ids of the content.
 
-    As in ChatGLM3's own fine-tuning code, the assistant's turn is everything after ``<|assistant|>`` (the
-    metadata line ``\\n`` and the text), and what closes it is trained: the next ``<|user|>`` (ChatGLM3's stop
-    token) or, after the last answer, eos.
+    As THUDM's ``build_single_message`` does, the metadata line ``"\n"`` and the content are tokenized
+    separately (each with SentencePiece's dummy prefix). As in ChatGLM3's own fine-tuning code, the assistant's
+    turn is everything after ``<|assistant|>`` (the ``\n`` line and the text), and what closes it is trained:
+    the next ``<|user|>`` (ChatGLM3's stop token) or, after the last answer, eos.
     """
 
     tool_format = True
@@ -785,6 +892,7 @@ class _ChatGLM3:
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.role = {role: v.control(f"<|{role}|>") for role in ("system", "user", "assistant")}
+        self.newline = v.literal("\n")
         self.eos = v.eos
         observation = v.single_token("<|observation|>")
         self.stop_token_ids = (self.role["user"], *([observation] if observation is not None else []), v.eos)
@@ -798,13 +906,15 @@ class _ChatGLM3:
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                out.add("\n" + m.content, trained[i])
+                out.add(self.newline, trained[i])
+                out.add(m.content, trained[i])
                 if i == last:
                     out.add(self.eos, trained[i])
                 continue
             closes_answer = i > 0 and trained[i - 1]
             out.add(self.role[m.role], closes_answer)
-            out.add("\n" + m.content)
+            out.add(self.newline)
+            out.add(m.content)
             if m.role == "user":
                 out.add(self.role["assistant"])
         return out
@@ -823,31 +933,36 @@ class _ChatGLM3:
         closes = False  # whether the next role token closes a trained assistant turn (ChatGLM3's shifted mask)
 
         def turn(role: int, text: str, is_trained: bool) -> None:
+            # build_single_message: the role token, then the metadata line "\n" and the text, tokenized apart
             nonlocal closes
             out.add(role, closes)
+            out.add(self.newline, is_trained)
             out.add(text, is_trained)
             closes = is_trained
 
         if tools:
-            turn(self.role["system"], "\n" + CHATGLM3_TOOLS_SYSTEM + "\n" + _json(_functions(tools), indent=4), False)
+            turn(self.role["system"], CHATGLM3_TOOLS_SYSTEM + "\n" + _json(_functions(tools), indent=4), False)
         for i, m in enumerate(messages):
             if m.role == "assistant" and m.tool_calls:
                 (call,) = m.tool_calls
                 if before[i]:
-                    out.add("\n" + before[i], trained[i])
+                    out.add(self.newline, trained[i])
+                    out.add(before[i], trained[i])
                     closes = trained[i]
                     out.add(self.role["assistant"], closes)
-                code = f"```python\n{_python_call('tool_call', _arguments(call))}\n```"
-                out.add(f"{call.name}\n{code}", trained[i])
+                # The metadata line is the tool's name; the text is the call as Python code.
+                out.add(f"{call.name}\n", trained[i])
+                out.add(f"```python\n{_python_call('tool_call', _arguments(call))}\n```", trained[i])
                 closes = trained[i]
             elif m.role == "assistant":
-                out.add("\n" + m.content, trained[i])
+                out.add(self.newline, trained[i])
+                out.add(m.content, trained[i])
                 closes = trained[i]
                 if i == len(messages) - 1:
                     out.add(self.eos, trained[i])
             else:
                 role = self.observation if m.role == "tool" else self.role[m.role]
-                turn(role, "\n" + m.content, False)
+                turn(role, m.content, False)
                 last_of_results = m.role == "tool" and (i + 1 == len(messages) or messages[i + 1].role != "tool")
                 if m.role == "user" or last_of_results:
                     out.add(self.role["assistant"])

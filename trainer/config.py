@@ -36,10 +36,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
     family: str = "auto"
-    """Model family for LoRA targets and packing isolation (llama, qwen, mistral, baichuan, chatglm, moss, gpt2,
-    starcoder); auto reads config.json's model_type."""
+    """Model family for LoRA targets and packing isolation (llama, qwen2, qwen, mistral, glm, codegen, gpt2,
+    starcoder); auto reads config.json's model_type. ChatGLM2/3, Baichuan and MOSS train as glm, llama and
+    codegen after ``python -m trainer.convert``."""
     trust_remote_code_paths: tuple[str, ...] = ()
-    """Model directories allowed to run their own modeling code (Baichuan, ChatGLM, MOSS). Empty: none."""
+    """Model directories allowed to run their own modeling code (e.g. Qwen-1). Empty: none."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, RunConfig
-from trainer.families import Family, lora_target_modules, resolve_family
+from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -196,6 +196,7 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     validate_method(cfg, ds_config)
     path = Path(cfg.model.path)
     raw_config = read_hf_config(path)
+    check_not_original(cfg.model.path, str(raw_config.get("model_type", "")))
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
     attn = attention_implementation(cfg.model.attn_implementation, trust)
@@ -214,6 +215,8 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
 
     # Training never reuses a KV cache; with one, HF would also skip the packed-sequence mask built from position_ids.
     model.config.use_cache = False
+    if raw_config.get("norm_head") and cfg.model.method == "full":
+        use_norm_head(model)
     if cfg.model.gradient_checkpointing and cfg.model.method != "qlora":  # qlora: prepare_model_for_kbit_training
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.method in ("lora", "qlora"):
@@ -229,6 +232,30 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
         base_model_path=str(base_path),
         hf_deepspeed_config=hf_ds_config,
     )
+
+
+class NormHead(nn.Linear):
+    """Baichuan2's LM head: each weight row divided by its L2 norm in every forward, so gradients pass through
+    the normalization as in the original. Inference needs none of it: the converter stores normalized rows and
+    export writes normalized rows (``normalized_lm_head``)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, nn.functional.normalize(self.weight, dim=-1), self.bias)
+
+
+def use_norm_head(model: nn.Module) -> None:
+    """Make ``model``'s lm_head a NormHead in place (config.json ``norm_head: true``, full-parameter training).
+
+    The class is swapped rather than the module replaced, so a ZeRO-3 partitioned weight and its hooks stay."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("config.json norm_head=true: the model has no Linear output layer to normalize")
+    head.__class__ = NormHead
+
+
+def normalized_lm_head(weight: torch.Tensor) -> torch.Tensor:
+    """The rows a plain Linear needs to compute what NormHead computes (used by export)."""
+    return nn.functional.normalize(weight.float(), dim=-1).to(weight.dtype)
 
 
 def _build_random(cfg: RunConfig, attn: str | None, trust: bool) -> Any:
