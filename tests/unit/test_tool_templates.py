@@ -487,3 +487,47 @@ def test_generate_prompt_rows_offer_tools(tiny: PreTrainedTokenizerBase, tmp_pat
     path.write_text(json.dumps({"prompt": "Hi", "tools": [{"description": "no name"}]}) + "\n", encoding="utf-8")
     with pytest.raises(GenerateError, match=r"prompts.jsonl:1: tools\[0\] is not a function schema with a name"):
         read_prompts(path)
+
+
+SEED_CHATGLM3 = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "seed_models" / "chatglm3"
+
+
+def test_chatglm3_tools_with_the_real_tokenizer_equal_the_vendor_algorithm(tmp_path: Path) -> None:
+    """ChatGLM3's own tool preprocessing, spelled out with its SentencePiece model: per message the role id, then
+    ``encode(metadata + "\\n")``, then ``encode(text)``; the tools in a first system turn; eos last; the loss mask
+    (True on assistant messages) shifted right by one token."""
+    import sentencepiece as spm
+
+    from trainer.convert import chatglm2
+
+    raw = json.loads((SEED_CHATGLM3 / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    chatglm2.build_tokenizer(SEED_CHATGLM3 / "tokenizer", raw, "chatglm3").save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(SEED_CHATGLM3 / "tokenizer" / "tokenizer.model"))
+    role = {"system": 64794, "user": 64795, "assistant": 64796, "observation": 64797}
+    tools_text = (
+        "Answer the following questions as best as you can. You have access to the following tools:\n"
+        + json.dumps([WEATHER["function"], TIME["function"]], indent=4, ensure_ascii=False)
+    )
+    messages = [
+        ("system", "", tools_text, False),
+        ("system", "", "Be brief.", False),
+        ("user", "", "Weather and time in Paris?", False),
+        ("assistant", "get_weather", "```python\ntool_call(city='Paris')\n```", True),
+        ("observation", "", "18C", False),
+        ("assistant", "get_time", "```python\ntool_call(city='Paris')\n```", True),
+        ("observation", "", "10:00", False),
+        ("assistant", "", "18C at 10:00.", True),
+    ]
+    ids, mask = [64790, 64792], [False, False]  # [gMASK] sop
+    for name, metadata, text, loss in messages:
+        piece = [role[name], *sp.encode(f"{metadata}\n"), *sp.encode(text)]
+        ids += piece
+        mask += [loss] * len(piece)
+    ids.append(2)  # eos
+    mask.append(False)
+    labels = [token if shifted else X for token, shifted in zip(ids, [False, *mask[:-1]], strict=True)]
+
+    enc = encode_one(resolve_template("chatglm3", tokenizer), TWO_CALLS)
+    assert enc.input_ids == ids
+    assert enc.labels == labels
