@@ -126,3 +126,21 @@ def test_cli_reports_malformed_and_length_drops_on_their_own_lines(
         "prepare: dropped by the length policy (limit --max-dropped-fraction): 5 records, 4.55% of those read" in lines
     )
     assert "prepare: unanswered user turns dropped at the end of a record (the record kept): 3" in lines
+
+
+def test_tool_records_cross_to_worker_processes_intact(glaive_qwen: Path, tmp_path: Path) -> None:
+    """Records reach workers as tuples (prepare's wire format): tools and calls must survive the trip."""
+    weighted = PrepareOptions(
+        sources=(SourceSpec(path=str(GLAIVE), weight=1.0),),  # weighted: parsed here, sent as Conversations
+        tokenizer=str(TINY_LLAMA),
+        out=str(tmp_path / "out"),
+        template="qwen",
+        max_seq_len=8192,
+        val_fraction=0.0,
+        block_size=128,
+        workers=2,
+        progress=False,
+    )
+    manifest = prepare(weighted)
+    reference = load_manifest(glaive_qwen)
+    assert [s.sha256 for s in manifest.splits["train"].shards] == [s.sha256 for s in reference.splits["train"].shards]
