@@ -531,3 +531,57 @@ def test_chatglm3_tools_with_the_real_tokenizer_equal_the_vendor_algorithm(tmp_p
     enc = encode_one(resolve_template("chatglm3", tokenizer), TWO_CALLS)
     assert enc.input_ids == ids
     assert enc.labels == labels
+
+
+# Llama 3.1's custom-tool format as a Jinja chat_template (tools in the first user turn, one call per message).
+LLAMA31_TOOLS_JINJA = (
+    "{{- '<|begin_of_text|>' }}"
+    "{%- if messages[0].role == 'system' %}{%- set system = messages[0].content | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{%- if tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' + system + '<|eot_id|>' }}"
+    "{%- if tools is not none %}"
+    "{%- set first = messages[0].content | trim %}{%- set messages = messages[1:] %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\nGiven the following functions, please respond with a JSON "
+    "for a function call with its proper arguments that best answers the given prompt.\\n\\nRespond in the format "
+    '{"name": function name, "parameters": dictionary of argument name and its value}.Do not use variables.\\n\\n\' }}'
+    "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}"
+    "{{- first + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + m.content + '<|eot_id|>' }}"
+    "{%- elif m.tool_calls %}{%- set call = m.tool_calls[0].function %}"
+    '{{- \'<|start_header_id|>assistant<|end_header_id|>\\n\\n{"name": "\' + call.name + \'", "parameters": \' }}'
+    "{{- call.arguments | tojson }}{{- '}<|eot_id|>' }}"
+    "{%- else %}{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\\n\\n' + m.content | trim + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def test_tokenizer_template_with_tools_equals_the_llama3_family(tiny: PreTrainedTokenizerBase) -> None:
+    one_call = Conversation(
+        messages=(
+            *TWO_CALLS.messages[:2],
+            Message(
+                role="assistant", content="", tool_calls=(ToolCall(name="get_weather", arguments='{"city": "巴黎"}'),)
+            ),
+            Message(role="tool", content='{"temperature": "18C <|eot_id|>"}'),
+            Message(role="assistant", content="18C."),
+        ),
+        source="t",
+        index=0,
+        tools=TOOLS,
+    )
+    family = resolve_template("llama3", tiny)
+    own = resolve_template("tokenizer", with_jinja(LLAMA31_TOOLS_JINJA))
+    assert own.stop_token_ids == family.stop_token_ids
+    expected = encode_one(family, one_call)
+    got = encode_one(own, one_call)
+    assert got.input_ids == expected.input_ids
+    assert got.labels == expected.labels
+    for end in (2, 4):
+        assert own.encode_prompt(list(one_call.messages[:end]), TOOLS) == family.encode_prompt(
+            list(one_call.messages[:end]), TOOLS
+        )
