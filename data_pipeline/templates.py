@@ -1123,6 +1123,10 @@ class _TokenizerTemplate:
             raise InputError(f"template 'tokenizer' does not fit tokenizer {v.where}: {exc}") from exc
         closers = [self._first_special(self._fragment_ids(fragments[i + 1])) for i in (1, 3)]
         self.stop_token_ids = (*(c for c in closers if c is not None), v.eos)
+        # With tools: the texts of the stop tokens (where a turn ends) and of every control token (a data string
+        # holding one is tokenized as plain text).
+        self.stop_texts = [str(t) for t in tokenizer.convert_ids_to_tokens(list(self.stop_token_ids))]
+        self.control_texts = [str(t) for t in tokenizer.convert_ids_to_tokens(sorted(self.special_ids)) if t]
 
     def _first_special(self, ids: tuple[int, ...]) -> int | None:
         return next((t for t in ids if t in self.special_ids), None)
@@ -1251,10 +1255,6 @@ class _TokenizerTemplate:
             out.add(self.eos, trained[last[2]])  # the template ends the answer with nothing: teach eos
         return out
 
-    @property
-    def stop_texts(self) -> list[str]:
-        return [str(self.tokenizer.convert_ids_to_tokens(t)) for t in self.stop_token_ids]
-
     def _marked(
         self, messages: Sequence[Message], tools: Sequence[str], sentinels: list[tuple[int, str]] | None
     ) -> tuple[list[Any] | None, list[dict[str, Any]]]:
@@ -1293,10 +1293,6 @@ class _TokenizerTemplate:
                 body["name"] = m.name
             out.append(body)
         return marked_tools, out
-
-    @property
-    def control_texts(self) -> list[str]:
-        return [str(token) for token in self.tokenizer.convert_ids_to_tokens(sorted(self.special_ids)) if token]
 
     def _values(self, fragments: list[str], sentinels: list[tuple[int, str]], real: str) -> list[str]:
         """The text each placeholder stands for in ``real``: as given, stripped, or JSON-escaped (``tojson``),
