@@ -843,7 +843,9 @@ class _ChatGLM:
         self.eop = v.control("<eop>")
         self.stop_token_ids = (self.eop, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    tool_format = False
+
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         text = "".join(m.content + "\n" for m in messages if m.role == "system")
         turns = [m.content for m in messages if m.role != "system"]
