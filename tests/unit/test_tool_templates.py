@@ -298,7 +298,9 @@ def test_control_strings_in_arguments_and_results_stay_text(tiny: PreTrainedToke
 
 @pytest.mark.parametrize("name", [n for n in TEMPLATE_NAMES if n not in TOOL_TEMPLATES])
 def test_templates_without_a_tool_format_reject_tool_records(tiny: PreTrainedTokenizerBase, name: str) -> None:
-    tiny.add_special_tokens({"additional_special_tokens": ["<reserved_102>", "<reserved_103>"]})  # type: ignore[dict-item]
+    tiny.add_special_tokens(
+        {"additional_special_tokens": ["<reserved_102>", "<reserved_103>", "[gMASK]", "<sop>", "<eop>"]}
+    )  # type: ignore[dict-item]
     template = resolve_template(name, tiny)
     plain = Conversation(
         messages=(Message(role="user", content="q"), Message(role="assistant", content="a")), source="t", index=1
