@@ -127,3 +127,22 @@ def test_own_classes_shapes_and_their_dense_mask(tmp_path: Path) -> None:
     # the ALiBi mask at seq 4096, micro 1: 40 heads x 4096^2 x 2 B = 1.25 GiB on top of the usual estimate
     plain = dataclasses.replace(baichuan, mask_heads=0)
     assert activation_bytes(baichuan, 4096, 1) - activation_bytes(plain, 4096, 1) == 40 * 4096**2 * 2
+
+
+def test_tiled_loss_shrinks_the_logits_term_and_changes_the_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    # Qwen2-7B-like vocabulary at 32k tokens: fp32 logits and their gradient are 2 x 32768 x 152064 x 4 B = 37 GiB.
+    shape = llama_shape(7e9, vocab=152064)
+    tokens = 32768
+    rest = shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden
+    assert activation_bytes(shape, tokens, 1) == rest + 2 * tokens * 152064 * 4
+    assert activation_bytes(shape, tokens, 1, loss_tile_tokens=4096) == rest + 2 * 4096 * 152064 * 4
+    assert activation_bytes(shape, 1024, 1, loss_tile_tokens=4096) == activation_bytes(shape, 1024, 1)
+    node = Hardware(gpus_per_node=8, gpu_mem_gb=80, nodes=1, cpu_mem_gb=1024)
+    plain = recommend(options(shape, node, seq_len=tokens, micro_batch=1, lora_r=16), node)
+    tiled = recommend(options(shape, node, seq_len=tokens, micro_batch=1, lora_r=16, loss_tile_tokens=4096), node)
+    assert plain is not None and plain.name == "full ds_configs/zero3.json"
+    assert tiled is not None and tiled.name == "full ds_configs/zero1.json"  # the fastest option fits again
+    args = ["--params", "7e9", "--vocab", "152064", "--seq-len", "32768", "--loss-tile-tokens", "4096"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tiled loss 4096 tokens/tile" in out and "verdict: full ds_configs/zero1.json" in out
