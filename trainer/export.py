@@ -173,7 +173,7 @@ def write_adapter(
 
 def fold_norm_heads(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Write a NormHead's rows normalized, so the export is a plain Linear head that plain transformers runs."""
-    from trainer.model import NormHead, normalized_lm_head
+    from trainer.models.norm_head import NormHead, normalized_lm_head
 
     for name, module in model.named_modules():
         key = f"{name}.weight"

@@ -23,6 +23,7 @@ from torch import nn
 import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
 from trainer.config import ConfigError, RunConfig
 from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
+from trainer.models.norm_head import NormHead
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -242,15 +243,6 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     )
 
 
-class NormHead(nn.Linear):
-    """Baichuan2's LM head: each weight row divided by its L2 norm in every forward, so gradients pass through
-    the normalization as in the original. Inference needs none of it: the converter stores normalized rows and
-    export writes normalized rows (``normalized_lm_head``)."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, nn.functional.normalize(self.weight, dim=-1), self.bias)
-
-
 def use_norm_head(model: nn.Module) -> None:
     """Make ``model``'s lm_head a NormHead in place (config.json ``norm_head: true``, full-parameter training).
 
@@ -259,11 +251,6 @@ def use_norm_head(model: nn.Module) -> None:
     if not isinstance(head, nn.Linear):
         raise ConfigError("config.json norm_head=true: the model has no Linear output layer to normalize")
     head.__class__ = NormHead
-
-
-def normalized_lm_head(weight: torch.Tensor) -> torch.Tensor:
-    """The rows a plain Linear needs to compute what NormHead computes (used by export)."""
-    return nn.functional.normalize(weight.float(), dim=-1).to(weight.dtype)
 
 
 def _build_random(cfg: RunConfig, attn: str | None, trust: bool) -> Any:

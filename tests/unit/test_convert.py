@@ -222,7 +222,8 @@ def test_baichuan2_norm_head_trains_through_the_normalization(converted: dict[st
     from transformers import AutoModelForCausalLM
 
     from trainer.export import fold_norm_heads
-    from trainer.model import NormHead, use_norm_head
+    from trainer.model import use_norm_head
+    from trainer.models.norm_head import NormHead
 
     assert json.loads((converted["baichuan2_7b"] / "config.json").read_text())["norm_head"] is True
     model = AutoModelForCausalLM.from_pretrained(converted["baichuan2_7b"], dtype=torch.float32)

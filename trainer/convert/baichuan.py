@@ -19,6 +19,7 @@ import torch
 
 from trainer.convert import RawConfig, SourceFamily, field
 from trainer.convert.tokenizer import require_file, sentencepiece_tokenizer
+from trainer.models.norm_head import normalized_lm_head
 
 BAICHUAN2_CONTROL = r"<reserved_\d+>"
 """Baichuan2's user-defined <reserved_N> pieces (195/196 are the user/assistant turn tokens) are special tokens:
@@ -104,7 +105,7 @@ def _convert_tensor(
         return [(f"{prefix}{name}_proj.weight", part) for name, part in (("q", q), ("k", k), ("v", v))]
     if key == "lm_head.weight" and norm_head:
         # NormHead: the original divides every row by its L2 norm in the forward (idempotent).
-        return [(key, torch.nn.functional.normalize(tensor.float(), dim=-1).to(tensor.dtype))]
+        return [(key, normalized_lm_head(tensor))]
     return [(key, tensor)]
 
 

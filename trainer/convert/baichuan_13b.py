@@ -18,6 +18,7 @@ import torch
 import trainer.models  # noqa: F401  registers model_type baichuan_alibi for the CLI's CONFIG_MAPPING lookup
 from trainer.convert import ConvertError, RawConfig, SourceFamily, field
 from trainer.convert.baichuan import build_tokenizer_2, generation_config, source_shapes
+from trainer.models.norm_head import normalized_lm_head
 
 BAICHUAN2_VOCAB = 125696
 TURN_TOKENS = {"baichuan": ("<reserved_102>", "<reserved_103>"), "baichuan2": ("<reserved_106>", "<reserved_107>")}
@@ -75,7 +76,7 @@ def convert_tensor(
         q, k, v = torch.chunk(tensor, 3, dim=0)  # [q | k | v], hidden rows each
         return [(f"{prefix}{name}_proj.weight", part) for name, part in (("q", q), ("k", k), ("v", v))]
     if key == "lm_head.weight" and norm_head:
-        return [(key, torch.nn.functional.normalize(tensor.float(), dim=-1).to(tensor.dtype))]
+        return [(key, normalized_lm_head(tensor))]
     return [(key, tensor)]
 
 

@@ -39,6 +39,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attenti
 from transformers.utils.deprecation import deprecate_kwarg
 
 from trainer.models.masks import additive_mask, segment_ids
+from trainer.models.norm_head import NormHead
 
 MODEL_TYPE = "baichuan_alibi"
 
@@ -186,14 +187,6 @@ class BaichuanAlibiDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class NormHead(nn.Linear):
-    """Baichuan2's head: a bias-free Linear whose rows are L2-normalised in every forward (inside the module, so
-    ZeRO-3 has gathered the weight when it is read)."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, F.normalize(self.weight, dim=-1))
 
 
 class BaichuanAlibiPreTrainedModel(PreTrainedModel):
