@@ -53,6 +53,13 @@ FAMILIES: dict[str, Family] = {
                supports_packed_positions=True, needs_remote_code=False),
         Family(name="codegen", model_types=("codegen",), lora_targets=("qkv_proj", "out_proj", "fc_in", "fc_out"),
                supports_packed_positions=True, needs_remote_code=False),
+        # Our own classes (trainer/models/): Baichuan-13B/Baichuan2-13B and ChatGLM-6B v1 after trainer.convert.
+        # Both build their masks from position_ids per packed sample (tests/unit/test_own_models.py).
+        Family(name="baichuan_alibi", model_types=("baichuan_alibi",), lora_targets=_LLAMA_STYLE,
+               supports_packed_positions=True, needs_remote_code=False),
+        Family(name="chatglm_v1", model_types=("chatglm_v1",),
+               lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+               supports_packed_positions=True, needs_remote_code=False),
         Family(name="gpt2", model_types=("gpt2",), lora_targets=("c_attn", "c_proj", "c_fc"),
                supports_packed_positions=True, needs_remote_code=False),
         Family(name="starcoder", model_types=("gpt_bigcode",), lora_targets=("c_attn", "c_proj", "c_fc"),

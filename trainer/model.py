@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
 from trainer.config import ConfigError, RunConfig
 from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
 
@@ -101,13 +102,20 @@ def is_flash_attention_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def attention_implementation(requested: str, remote_code: bool) -> str | None:
+def attention_implementation(requested: str, remote_code: bool, model_type: str = "") -> str | None:
     """The attn_implementation to pass to transformers; None lets remote modeling code choose its own."""
+    # Our own classes pass ALiBi / the GLM prefix-LM mask as a float mask, which flash-attention cannot take.
+    flash_ok = model_type not in trainer.models.OWN_MODEL_TYPES
     match requested:
         case "auto":
             if remote_code:
                 return None
-            return "flash_attention_2" if is_flash_attention_available() else "sdpa"
+            return "flash_attention_2" if flash_ok and is_flash_attention_available() else "sdpa"
+        case "flash_attention_2" if not flash_ok:
+            raise ConfigError(
+                f"model.attn_implementation=flash_attention_2: model_type {model_type} carries its position bias or "
+                "prefix mask in a float attention mask that flash-attention cannot take; use auto (sdpa) or eager"
+            )
         case _:
             return requested
 
@@ -199,7 +207,7 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     check_not_original(cfg.model.path, str(raw_config.get("model_type", "")))
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
-    attn = attention_implementation(cfg.model.attn_implementation, trust)
+    attn = attention_implementation(cfg.model.attn_implementation, trust, str(raw_config.get("model_type", "")))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     base_path = path
     if cfg.model.random_init and cfg.model.method in ("lora", "qlora"):

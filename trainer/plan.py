@@ -36,6 +36,11 @@ class ModelShape:
     vocab: int
     kv_ratio: float
     """num_key_value_heads / num_attention_heads (1.0 without grouped-query attention)."""
+    gated_mlp: bool = True
+    """Gate, up and down MLP matrices (Llama); False: two matrices and a fused QKV (ChatGLM-6B v1)."""
+    mask_heads: int = 0
+    """Heads of the dense [micro, heads, seq, seq] bf16 mask our own classes hold through the step: ALiBi
+    (Baichuan-13B) carries its bias in it, one per head; the ChatGLM-6B v1 prefix mask has one. 0: none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,11 +97,19 @@ def shape_from_config(model_dir: Path) -> ModelShape:
     layers = raw.get("num_hidden_layers", raw.get("n_layer", raw.get("num_layers")))
     if hidden is None or layers is None:
         raise SystemExit(f"{model_dir}/config.json: no hidden_size/num_hidden_layers; use --params instead")
-    intermediate = raw.get("intermediate_size", raw.get("n_inner") or raw.get("ffn_hidden_size") or 4 * hidden)
+    intermediate = raw.get(
+        "intermediate_size",
+        raw.get("n_inner") or raw.get("ffn_hidden_size") or raw.get("inner_hidden_size") or 4 * hidden,
+    )
     vocab = raw.get("vocab_size", raw.get("padded_vocab_size", 32000))
     heads = raw.get("num_attention_heads", raw.get("n_head", 1))
     kv_heads = raw.get("num_key_value_heads", raw.get("multi_query_group_num", heads))
-    gated = "intermediate_size" in raw  # Llama-style MLPs have gate, up and down matrices
+    model_type = raw.get("model_type")
+    # ChatGLM-6B v1 (ours, or the original with 2-D positions) and Baichuan-13B/2-13B (ours, or the original:
+    # no max_position_embeddings) keep a dense float mask; see ModelShape.mask_heads.
+    glm_v1 = model_type == "chatglm_v1" or (model_type == "chatglm" and bool(raw.get("position_encoding_2d")))
+    alibi = model_type == "baichuan_alibi" or (model_type == "baichuan" and "max_position_embeddings" not in raw)
+    gated = "intermediate_size" in raw and not glm_v1  # Llama-style MLPs have gate, up and down matrices
     attention = hidden * hidden * (2 + 2 * kv_heads / heads)
     mlp = (3 if gated else 2) * hidden * intermediate
     head = 1 if raw.get("tie_word_embeddings", False) else 2
@@ -108,14 +121,19 @@ def shape_from_config(model_dir: Path) -> ModelShape:
         intermediate=intermediate,
         vocab=vocab,
         kv_ratio=kv_heads / heads,
+        gated_mlp=gated,
+        mask_heads=heads if alibi else 1 if glm_v1 else 0,
     )
 
 
 def lora_params(shape: ModelShape, r: int) -> int:
-    """Adapter parameters with r on q,k,v,o,gate,up,down: r x (in + out) per matrix per layer."""
+    """Adapter parameters with r on q,k,v,o,gate,up,down (or, without a gated MLP, on the fused QKV, the
+    attention output and the two MLP matrices): r x (in + out) per matrix per layer."""
     h, i = shape.hidden, shape.intermediate
     kv = int(h * shape.kv_ratio)
     per_layer = (h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)
+    if not shape.gated_mlp:
+        per_layer = (h + h + 2 * kv) + (h + h) + (h + i) + (i + h)
     return shape.layers * r * per_layer
 
 
@@ -124,10 +142,11 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
 
     Saved layer inputs: layers x tokens x hidden x 2 B; one layer recomputed: about 34 x tokens x hidden B
     (Korthikanti et al. 2022, without the attention-score term); fp32 logits and their gradient:
-    2 x tokens x vocab x 4 B.
+    2 x tokens x vocab x 4 B; the dense mask of our own classes: micro x mask_heads x seq^2 x 2 B.
     """
     tokens = seq_len * micro_batch
-    return shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden + 2 * tokens * shape.vocab * 4
+    mask = micro_batch * shape.mask_heads * seq_len**2 * 2
+    return shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden + 2 * tokens * shape.vocab * 4 + mask
 
 
 def largest_layer_params(shape: ModelShape) -> int:

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.convert",
         description="Convert an original ChatGLM2/3, Baichuan-7B/Baichuan2-7B or MOSS checkpoint into a native "
-        "transformers model directory (no vendor code is run).",
+        "transformers model directory, or a Baichuan-13B/Baichuan2-13B or ChatGLM-6B (v1) one into our own classes "
+        "(trainer/models; no vendor code is run).",
     )
     parser.add_argument("src", type=Path, help="original checkpoint directory (config.json, shards, tokenizer files)")
     parser.add_argument("dst", type=Path, help="new output directory")
@@ -126,13 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", default=None, help="template name to record (default: the family's, from config.json)"
     )
     parser.add_argument("--check", action="store_true", help="reload the output and run one forward pass")
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="convert weights and configs, no tokenizer (ChatGLM-6B v1, whose tokenizer is not converted)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        record = convert_checkpoint(args.src, args.dst, chat_template=args.chat_template)
+        record = convert_checkpoint(
+            args.src, args.dst, chat_template=args.chat_template, with_tokenizer=not args.weights_only
+        )
         print(
             f"converted {record['source_family']} -> {record['architecture']} in {args.dst} "
             f"({record['native_tensors']} tensors, {record['shards']} shards, template {record['chat_template']})"

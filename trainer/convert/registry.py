@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.convert import ConvertError, RawConfig, SourceFamily, baichuan, chatglm2, moss
+from trainer.convert import ConvertError, RawConfig, SourceFamily, baichuan, baichuan_13b, chatglm2, chatglm_v1, moss
 
 SOURCES: tuple[SourceFamily, ...] = (
     chatglm2.SOURCE,
     baichuan.BAICHUAN_7B,
     baichuan.BAICHUAN2_7B,
     moss.SOURCE,
+    baichuan_13b.BAICHUAN_13B,
+    baichuan_13b.BAICHUAN2_13B,
+    chatglm_v1.SOURCE,
 )
 
 ORIGINAL_MODEL_TYPES = ("chatglm", "baichuan", "moss")
