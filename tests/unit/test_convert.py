@@ -253,3 +253,23 @@ def test_prepare_refuses_a_vendor_tokenizer(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=r"python -m trainer\.convert") as caught:
             load_tokenizer(str(SEED / family / "tokenizer"))
         assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_training_an_original_checkpoint_exits_with_the_converter_command(tmp_path: Path) -> None:
+    import os
+
+    from tests.helpers.data import make_prepared_dir
+
+    data = make_prepared_dir(tmp_path / "data")
+    original = SEED / "chatglm2" / "checkpoint"
+    result = subprocess.run(
+        [sys.executable, "launcher/run.py", "--config", "configs/tiny_cpu.yaml", f"model.path={original}",
+         "model.random_init=false", f"data.path={data}", f"train.output_dir={tmp_path / 'out'}",
+         "tracking.enabled=false"],
+        cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "MASTER_PORT": "29731"},
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if "trainer.convert" in line]
+    assert f"python -m trainer.convert {original} {original}-native" in line
