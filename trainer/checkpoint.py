@@ -233,9 +233,7 @@ def hash_files(ckpt: Path, names: list[str], *, local: bool = False) -> dict[str
     hash to "missing".
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() and not local else (0, 1)
-    mine = {
-        name: sha256_file(ckpt / name) if (ckpt / name).is_file() else "missing" for name in names[rank::world]
-    }
+    mine = {name: sha256_file(ckpt / name) if (ckpt / name).is_file() else "missing" for name in names[rank::world]}
     if world == 1:
         return mine
     parts: list[dict[str, str] | None] = [None] * world
@@ -253,7 +251,11 @@ def read_marker(ckpt: Path) -> dict[str, Any]:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a checkpoint marker ({exc})") from exc
-    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), dict):
+    if (
+        not isinstance(marker, dict)
+        or marker.get("format") != MARKER_FORMAT
+        or not isinstance(marker.get("files"), dict)
+    ):
         raise CheckpointError(f"{path}: not written by this trainer (no {MARKER_FORMAT!r} marker with file hashes)")
     return marker
 

@@ -182,7 +182,9 @@ class RunConfig:
         for key in ("lr", "weight_decay", "adam_eps", "grad_clip", "min_lr_ratio", "collective_timeout_s"):
             value = getattr(t, key)
             if not math.isfinite(value) or value < 0 or (key in ("lr", "collective_timeout_s") and value == 0):
-                raise ConfigError(f"train.{key}={value}: must be a finite number {'> 0' if key in ('lr', 'collective_timeout_s') else '>= 0'}")
+                raise ConfigError(
+                    f"train.{key}={value}: must be a finite number {'> 0' if key in ('lr', 'collective_timeout_s') else '>= 0'}"
+                )
         for key in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
             if not 0.0 <= getattr(t, key) <= 1.0:
                 raise ConfigError(f"train.{key}={getattr(t, key)}: must be in [0, 1]")
@@ -295,7 +297,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {dotted.strip()}={text!r}: not a YAML value ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"override {dotted.strip()}={text!r}: not a YAML value ({str(exc).splitlines()[0]})"
+            ) from None
         merged.setdefault(section, {})[key] = value
     return merged
 
