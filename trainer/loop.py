@@ -139,6 +139,8 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
             step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
             for batch in batches:  # micro-steps
                 micro_loss = forward_loss_sum(engine, batch)
+                if progress.fault_hook("loss", state.step + 1, run.rank) and batch is batches[0]:  # NaN drill
+                    micro_loss = micro_loss * float("nan")
                 step_loss += micro_loss.detach()
                 engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
                 engine.step()

@@ -22,8 +22,9 @@ PHASES = ("start", "data", "update", "done")
 """The points of a step a rank records: started it, has its batches (entering the first all-reduce), ran
 forward/backward/step of every micro-batch, finished it."""
 FAULT_ENV = "SFT_TEST_FAULT"
-"""Test hook ``POINT:STEP:RANK:ACTION``: at POINT (a phase, ``save`` or ``export``) of step STEP, rank RANK
-does ACTION: ``kill`` (SIGKILL itself) or ``hang`` (sleep, as a rank stuck in a collective or in I/O)."""
+"""Test hook ``POINT:STEP:RANK:ACTION``: at POINT (a phase, ``save``, ``export`` or ``loss``) of step STEP, rank
+RANK does ACTION: ``kill`` (SIGKILL itself), ``hang`` (sleep, as a rank stuck in a collective or in I/O) or
+``nan`` (at ``loss``: its first micro-batch loss becomes NaN)."""
 _KEY = "sft_progress/{rank}"
 
 
@@ -31,19 +32,22 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete within train.collective_timeout_s; the message names step and ranks."""
 
 
-def fault_hook(point: str, step: int, rank: int) -> None:
-    """Act out SFT_TEST_FAULT if it names this point, step and rank."""
+def fault_hook(point: str, step: int, rank: int) -> bool:
+    """Act out SFT_TEST_FAULT if it names this point, step and rank; True for ``nan`` (the caller poisons)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return False
     want_point, want_step, want_rank, action = spec.split(":")
     if (want_point, int(want_step), int(want_rank)) != (point, step, rank):
-        return
+        return False
+    if action == "nan":
+        return True
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hang":
         while True:
             time.sleep(3600)
+    raise ValueError(f"{FAULT_ENV}={spec!r}: the action must be kill, hang or nan")
 
 
 def _store() -> Any:
