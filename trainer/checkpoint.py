@@ -168,8 +168,8 @@ def save(
     tag = tag_for(state.step)
     ckpt = root / tag
     rank = dist.get_rank()
-    if rank == 0:  # re-saving a tag whose older copy was damaged: it counts again only with the new marker
-        (ckpt / COMPLETE).unlink(missing_ok=True)
+    if rank == 0:  # a tag left by an earlier attempt (killed, or damaged and fallen back from): start it afresh
+        shutil.rmtree(ckpt, ignore_errors=True)
     dist.barrier()
     client_state = {
         "trainer_state": state.to_dict(),
