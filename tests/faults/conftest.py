@@ -42,8 +42,16 @@ def free_port() -> int:
 
 
 def drill_env(**extra: str) -> dict[str, str]:
+    """The environment of a drill's processes: CPU accelerator, this checkout, one compute thread per rank.
+
+    One thread: bit-exact comparisons between separate processes need every kernel to sum in the same order, and
+    a multi-threaded BLAS may pick its thread count (hence its blocking) by the machine's load; the 2 ranks
+    share 2 cores anyway. (Measured: with the default threads, one of two runs on a loaded machine differed from
+    the reference by 1e-8 in the last step.)
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra}
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **threads, **extra}
 
 
 def launch(
