@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # CPU-only machine (no nvidia-smi): the local CPU wheel of torch; elsewhere the normal (CUDA) one.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-fast lint dashboard clean
+.PHONY: venv demo test test-fast test-faults lint dashboard clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ test: venv lint
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not slow" tests
+
+# The fault drills and security checks alone (also part of `make test`); docs/RELIABILITY.md records them.
+test-faults: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m faults tests
 
 # MLflow UI on the embedded store: STORE is the mlruns/ folder next to the runs' output dirs. Loopback unless HOST is set.
 # Exposing it: docs/tracking.md (basic-auth app, --allowed-hosts, a TLS reverse proxy).

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,40 @@ _OPTION_FLAGS = {
 }
 _SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(SourceSpec))
 _CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(PrepareOptions))
+
+
+def _check_type(value: Any, annotation: Any, key: str, where: str) -> None:
+    """Refuse a YAML value of the wrong type for a PrepareOptions/SourceSpec field, naming the key.
+
+    YAML gives strings for quoted numbers and booleans ("5", "false"); those are refused rather than coerced,
+    so `pack: "false"` cannot silently mean true.
+    """
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if options:
+        if value is None and type(None) in options:
+            return
+        annotation = next(o for o in options if o is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        if value not in typing.get_args(annotation):
+            choices = ", ".join(map(str, typing.get_args(annotation)))
+            raise InputError(f"{where}: {key}={value!r} must be one of {choices}")
+        return
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[annotation]
+    if not ok:
+        raise InputError(f"{where}: {key}={value!r} must be {expected}")
+
+
+def _check_types(values: dict[str, Any], cls: type, where: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key != "sources":
+            _check_type(value, hints[key], key, where)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +147,9 @@ def _load_config(path: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(_CONFIG_KEYS))
     if unknown:
         raise InputError(f"--config {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(_CONFIG_KEYS)}")
+    _check_types(raw, PrepareOptions, f"--config {path}")
+    if not isinstance(raw.get("sources", []), (list, type(None))):
+        raise InputError(f"--config {path}: sources must be a list of paths or mappings")
     return raw
 
 
@@ -118,10 +157,13 @@ def _source_spec(entry: Any, where: str) -> SourceSpec:
     if isinstance(entry, str):
         return SourceSpec(path=entry)
     if not isinstance(entry, dict) or "path" not in entry:
-        raise InputError(f"{where}: each source is a path or a mapping with path: (and {', '.join(_SOURCE_KEYS[1:])})")
+        raise InputError(
+            f"{where}: sources: each source is a path or a mapping with path: (and {', '.join(_SOURCE_KEYS[1:])})"
+        )
     unknown = sorted(set(entry) - set(_SOURCE_KEYS))
     if unknown:
         raise InputError(f"{where}: unknown source key(s) {', '.join(unknown)}; valid: {', '.join(_SOURCE_KEYS)}")
+    _check_types(entry, SourceSpec, f"{where}: source {entry['path']!r}")
     return SourceSpec(**entry)
 
 

@@ -36,8 +36,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a one-rank group for `python launcher/run.py`."""
+def init_distributed(timeout_s: float) -> None:
+    """Join the launcher's process group, or make a one-rank group for `python launcher/run.py`.
+
+    ``timeout_s`` (train.collective_timeout_s) bounds every collective: a rank that stops makes the others fail.
+    """
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -45,7 +50,7 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -60,8 +65,9 @@ def main(argv: list[str]) -> int:
 
     from trainer.ds_config import build_ds_config
     from trainer.loop import NonFiniteLossError, train
+    from trainer.progress import CollectiveTimeoutError
 
-    init_distributed()
+    init_distributed(cfg.train.collective_timeout_s)
     try:
         ds_config = build_ds_config(cfg, dist.get_world_size())
         train(cfg, ds_config)
@@ -71,6 +77,9 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as exc:
         print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr)
         return 1
+    except CollectiveTimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # destroy_process_group would wait on the rank that hung
     finally:
         dist.destroy_process_group()
     return 0

@@ -8,6 +8,7 @@ wrong type, fail at start-up with a message that names the key and lists the val
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,10 @@ class TrainConfig:
     on this many positions at a time, recomputed in backward, so the loss never holds full logits (peak:
     tile x vocab instead of micro_batch_size x seq x vocab). 0: the plain loss over the model's full logits.
     Same loss up to fp32 summation order; costs one extra head matmul per token. Use it for long sequences."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a rank waits in one collective (all-reduce, barrier) before the job fails with an error naming
+    the step and the rank(s) that stopped reporting progress, instead of hanging until the wall-clock limit.
+    Must exceed the slowest legitimate wait: a checkpoint save or export on another rank, ds_to_universal."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +184,37 @@ class RunConfig:
             raise ConfigError("train.keep_last_checkpoints must be >= 1")
         if t.loss_tile_tokens < 0:
             raise ConfigError(f"train.loss_tile_tokens={t.loss_tile_tokens}: must be >= 0 (0: plain loss)")
+        for key in ("save_every_steps", "log_every_steps"):
+            if getattr(t, key) < (1 if key == "log_every_steps" else 0):
+                raise ConfigError(f"train.{key}={getattr(t, key)}: must be >= {1 if key == 'log_every_steps' else 0}")
+        for key in ("lr", "weight_decay", "adam_eps", "grad_clip", "min_lr_ratio", "collective_timeout_s"):
+            value = getattr(t, key)
+            if not math.isfinite(value) or value < 0 or (key in ("lr", "collective_timeout_s") and value == 0):
+                raise ConfigError(
+                    f"train.{key}={value}: must be a finite number {'> 0' if key in ('lr', 'collective_timeout_s') else '>= 0'}"
+                )
+        for key in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(t, key) <= 1.0:
+                raise ConfigError(f"train.{key}={getattr(t, key)}: must be in [0, 1]")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+        if t.on_nonfinite == "skip" and t.grad_clip == 0 and self.model.dtype == "fp32":
+            raise ConfigError(
+                "train.on_nonfinite=skip with train.grad_clip=0 and model.dtype=fp32: DeepSpeed would apply a "
+                "non-finite update; set train.grad_clip > 0 or train.on_nonfinite=stop"
+            )
+        if self.lora.r < 1 or self.lora.alpha < 1 or not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(
+                f"lora.r={self.lora.r}, lora.alpha={self.lora.alpha}, lora.dropout={self.lora.dropout}: "
+                "r and alpha must be >= 1 and dropout in [0, 1)"
+            )
+        for key in ("every_steps", "max_batches"):
+            if getattr(self.eval, key) < 0:
+                raise ConfigError(f"eval.{key}={getattr(self.eval, key)}: must be >= 0")
+        if self.eval.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens={self.eval.max_new_tokens}: must be >= 1")
+        if not math.isfinite(self.tracking.close_timeout_s) or self.tracking.close_timeout_s < 0:
+            raise ConfigError(f"tracking.close_timeout_s={self.tracking.close_timeout_s}: must be a finite number >= 0")
         if self.model.method == "qlora" and self.model.dtype == "fp16":
             raise ConfigError("model.dtype=fp16 with model.method=qlora: QLoRA computes in bf16; set model.dtype=bf16")
 
@@ -256,7 +292,7 @@ def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (value parsed as YAML) to a nested dict, strictly."""
     sections = _section_types()
-    merged = {name: dict(body or {}) for name, body in raw.items()}
+    merged = {name: dict(body) if isinstance(body, dict) else body for name, body in raw.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
@@ -264,7 +300,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, _, key = dotted.strip().partition(".")
         if section not in sections or not key:
             raise ConfigError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sections)}")
-        merged.setdefault(section, {})[key] = yaml.safe_load(text) if text.strip() else None
+        if not isinstance(merged.get(section, {}), dict):
+            raise ConfigError(f"section {section}: expected a mapping of key: value, got {merged[section]!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {dotted.strip()}={text!r}: not a YAML value ({str(exc).splitlines()[0]})"
+            ) from None
+        merged.setdefault(section, {})[key] = value
     return merged
 
 
@@ -274,6 +318,9 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     unknown = [name for name in raw if name not in sections]
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}")
+    for name, body in raw.items():
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"section {name}: expected a mapping of key: value, got {body!r}")
     built = {name: _build_section(sections[name], raw[name] or {}, name) for name in raw}
     for name in ("model", "data", "train"):
         if name not in built:

@@ -165,8 +165,12 @@ def log_to_mlflow(
     """
     import mlflow
 
+    from trainer.tracking import redact
+
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
+    results = redact(results)  # secret-looking keys and URL passwords never reach the tracking server
+    generations = redact(generations) if generations else generations
     metrics: dict[str, float] = {}
     if "loss" in results:
         metrics |= {"eval/loss": results["loss"]["loss"], "eval/perplexity": results["loss"]["perplexity"]}

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import progress
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.model import DTYPES, LoadedModel, load_model
 
@@ -149,7 +150,7 @@ def write_full(
         generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = True  # training turned it off; generation wants it
     try:
-        model.save_pretrained(partial, state_dict=state_dict)
+        model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
     finally:
         model.config.use_cache = False
     tokenizer.save_pretrained(partial)
@@ -165,7 +166,7 @@ def write_adapter(
     if problem is not None:
         raise RuntimeError(f"refusing to write an empty LoRA adapter to {out_dir}: {problem}")
     partial = _fresh_partial(out_dir)
-    model.save_pretrained(partial, state_dict=state_dict)
+    model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     (partial / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     _replace_dir(partial, out_dir)
@@ -192,6 +193,7 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
     else:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
         writer = write_adapter
+    progress.fault_hook("export", cfg.train.max_steps, _rank())  # drills: a rank dies between gather and write
     error = [""]
     failure: Exception | None = None
     if _rank() == 0:
@@ -231,7 +233,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     base = AutoModelForCausalLM.from_pretrained(info["base_model_path"], dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     partial = _fresh_partial(out_dir)
-    merged.save_pretrained(partial)
+    merged.save_pretrained(partial, safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
     merged_info = {**info, "merged_from": str(adapter_dir)}
     (partial / EXPORT_INFO_FILE).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
@@ -240,8 +242,12 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """The tag directory meant by a run directory, its ``checkpoints/`` folder, or a tag directory itself."""
-    from trainer.checkpoint import CHECKPOINTS, COMPLETE, LATEST
+    """The tag directory meant by a run directory, its ``checkpoints/`` folder, or a tag directory itself.
+
+    The directory must carry our COMPLETE marker and match its hashes (trainer.checkpoint.verify) before
+    anything in it is unpickled: DeepSpeed's files are loaded with ``torch.load(weights_only=False)``.
+    """
+    from trainer.checkpoint import CHECKPOINTS, COMPLETE, LATEST, CheckpointError, verify
 
     if (path / CHECKPOINTS).is_dir():
         path = path / CHECKPOINTS
@@ -249,11 +255,19 @@ def resolve_checkpoint(path: Path) -> Path:
         path = path / (path / LATEST).read_text(encoding="utf-8").strip()
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker); pick another tag")
+    try:
+        verify(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"--checkpoint {path}: refused, {exc}") from exc
     return path
 
 
 def load_checkpoint_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 module state from one DeepSpeed checkpoint tag directory."""
+    """Consolidated fp32 module state from one DeepSpeed checkpoint tag directory, verified by resolve_checkpoint.
+
+    Both branches unpickle DeepSpeed's files with ``weights_only=False`` (they hold Python objects besides
+    tensors); only ever call this on a directory ``resolve_checkpoint`` returned.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):

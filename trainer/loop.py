@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.schema import IGNORE_INDEX, Manifest
-from trainer import checkpoint, preemption
+from trainer import checkpoint, preemption, progress
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, val_batches
 from trainer.ds_config import dump_ds_config, with_universal_load
@@ -135,15 +135,20 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     status, exported = "FAILED", False
     try:
         while not should_stop(state.step, cfg):
+            progress.mark(state.step + 1, "start", run.rank)  # what a collective timeout reports (trainer/progress)
             batches, cursor = run.data.next_step(state.cursor)
+            progress.mark(state.step + 1, "data", run.rank)
             set_lr(engine.optimizer, lr_at(state.step, t))
             loss_tokens = global_loss_tokens(batches, engine.device)
             step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
             for batch in batches:  # micro-steps
                 micro_loss = forward_loss_sum(engine, batch, t.loss_tile_tokens)
+                if progress.fault_hook("loss", state.step + 1, run.rank) and batch is batches[0]:  # NaN drill
+                    micro_loss = micro_loss * float("nan")
                 step_loss += micro_loss.detach()
                 engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
                 engine.step()
+            progress.mark(state.step + 1, "update", run.rank)
             reduced = reduce_step(step_loss, batches, run.rank, world)
             check_finite(reduced, state.step + 1, engine, cfg, run.rank)
             state = dataclasses.replace(
@@ -160,11 +165,17 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 save(run, cfg, state)
             if preempted:
                 break
+            progress.mark(state.step, "done", run.rank)
         exported = state.step >= t.max_steps and t.export
         if exported:
             export(run, cfg)
         # KILLED: stopped early (stop_at_step or a signal) with a checkpoint; rerunning resumes the same run.
         status = "FINISHED" if state.step >= t.max_steps else "KILLED"
+    except RuntimeError as exc:
+        if progress.is_timeout(exc):  # a rank stopped: name it and the step instead of a gloo/NCCL traceback
+            message = progress.describe_timeout(state.step + 1, run.rank, t.collective_timeout_s)
+            raise progress.CollectiveTimeoutError(message) from exc
+        raise
     finally:
         preemption.uninstall()
         run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and exported else None)

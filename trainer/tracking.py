@@ -122,6 +122,20 @@ def clean_params(params: dict[str, Any], limit: int = MAX_PARAM_CHARS) -> dict[s
     return {key: clean_value(key, value, limit) for key, value in params.items()}
 
 
+def redact(tree: Any, name: str = "") -> Any:
+    """A copy of a JSON-like tree for an MLflow artifact: values under secret-looking keys become ``***`` and
+    user:password is removed from URLs in every string (the rule of ``clean_value``, without truncation)."""
+    if name and is_secret_name(name) and tree not in (None, ""):
+        return REDACTED
+    if isinstance(tree, dict):
+        return {key: redact(value, str(key)) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact(value) for value in tree]
+    if isinstance(tree, str):
+        return _URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", tree)
+    return tree
+
+
 def flatten_dict(body: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"prefix.a.b": 1}``; lists stay values."""
     flat: dict[str, Any] = {}
@@ -989,7 +1003,9 @@ def open_tracker(
     """
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker()
-    from trainer.config import dump_yaml
+    import yaml
+
+    from trainer.config import to_dict
 
     output_dir = Path(output_dir)
     spool = Spool(output_dir)
@@ -1020,12 +1036,13 @@ def open_tracker(
     )
     put({"op": "tags", "tags": clean_params(tags, MAX_TAG_CHARS)})
     put({"op": "params", "params": clean_params(run_params(cfg, ds_config, world_size))})
-    put({"op": "json_artifact", "name": "config.yaml", "text": dump_yaml(cfg), "artifact_path": "config"})
+    config_text = yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True)
+    put({"op": "json_artifact", "name": "config.yaml", "text": config_text, "artifact_path": "config"})
     put(
         {
             "op": "json_artifact",
             "name": "deepspeed_config.json",
-            "text": json.dumps(ds_config, indent=2, default=str),
+            "text": json.dumps(redact(ds_config), indent=2, default=str),
             "artifact_path": "config",
         }
     )

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from trainer.checkpoint import (
-    COMPLETE,
     CheckpointError,
     TrainState,
     batch_change_note,
     checkpoints_dir,
     complete_tags,
+    hash_files,
     latest_complete,
     prune,
     tag_for,
     universal_command,
+    write_marker,
 )
 from trainer.config import dump_yaml, load_config
 from trainer.data import DataCursor
@@ -28,7 +29,7 @@ def fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
     ckpt.mkdir(parents=True)
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (ckpt / COMPLETE).write_text("{}")
+        write_marker(ckpt, hash_files(ckpt, ["mp_rank_00_model_states.pt"]), step=step, world_size=1, run_id=None)
     return ckpt
 
 
@@ -55,7 +56,7 @@ def test_pointer_to_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, 4, complete=False)
     (root / "latest_complete").write_text("step_00000004\n")
-    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+    with pytest.raises(CheckpointError, match="points at 'step_00000004', which is not a complete checkpoint"):
         latest_complete(tmp_path)
 
 

@@ -1,0 +1,132 @@
+"""Tracking server slow, answering 5xx, or not answering at all: the training thread never waits for it, and
+every metric reaches the server in the end.
+
+A fault proxy sits between the tracker and a real `mlflow server`. The tracker is driven with the loop's own
+calls (``log_metrics`` once per step, as trainer.loop.log_step does). Phases: the proxy holds every request
+(a hung server), then answers 503 (an overloaded one), then forwards each request after a delay (a slow one).
+(The server killed outright is tests/integration/test_tracking_server.py::test_server_killed_mid_run_then_back_loses_no_step.)
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.mlflow_server import MlflowServer, free_port
+from trainer import tracking
+from trainer.config import load_config
+from trainer.tracking import open_tracker
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+TINY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny_llama"
+SLOW_S = 1.0
+"""Delay the slow phase adds to every request."""
+
+
+class FaultProxy:
+    """Forwards HTTP to ``upstream``; ``mode``: pass, hold (block until release), error (503), slow (+SLOW_S)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.mode = "pass"
+        self.released = threading.Event()
+        self.answered = 0
+        self.errors = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.mode == "hold":
+                    proxy.released.wait()
+                if proxy.mode == "error":
+                    proxy.errors += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if proxy.mode == "slow":
+                    time.sleep(SLOW_S)
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                proxy.answered += 1
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    srv = MlflowServer(tmp_path_factory.mktemp("mlruns"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_hung_then_failing_then_slow_server(server: MlflowServer, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr(tracking, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
+    proxy = FaultProxy(server.port)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [f"model.path={TINY}", f"data.path={out / 'data'}", f"train.output_dir={out}", "train.max_steps=30",
+         f"tracking.uri={proxy.uri}", "tracking.experiment=faults", "tracking.system_metrics=false",
+         "tracking.close_timeout_s=180"],
+    )  # fmt: skip
+    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=0, world_size=1)
+    assert tracker.run_id is not None  # created while the proxy passed requests through
+    call_s: dict[str, list[float]] = {"hold": [], "error": [], "slow": []}
+    step = 0
+    try:
+        for mode in ("hold", "error", "slow"):
+            proxy.mode = mode
+            answered_before = proxy.answered
+            for _ in range(10):
+                step += 1
+                started = time.perf_counter()
+                tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-4 * step}, step)
+                call_s[mode].append(time.perf_counter() - started)
+                time.sleep(0.05)  # a (very fast) training step
+            if mode == "hold":
+                # Ten steps went by while the server answered nothing: the loop never waited for it.
+                assert proxy.answered == answered_before
+                proxy.released.set()
+        tracker.close("FINISHED")
+    finally:
+        proxy.close()
+    assert proxy.errors > 0  # the 503 phase was seen by the tracker's requests
+    client = MlflowClient(server.uri)
+    for key in ("loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id, key)) == list(range(1, 31))
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    worst = {mode: max(times) * 1e3 for mode, times in call_s.items()}
+    print(f"log_metrics worst call per phase (ms): {worst}")  # recorded in docs/RELIABILITY.md
