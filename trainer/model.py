@@ -231,6 +231,14 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     )
 
 
+def build_random_model(cfg: RunConfig) -> Any:
+    """The full model exactly as a ``random_init`` run starts it (same config, seed and dtype), outside any run:
+    for measuring the untrained model (the demo's "before" evaluation)."""
+    path = Path(cfg.model.path)
+    trust = check_remote_code(cfg, read_hf_config(path))
+    return _build_random(cfg, attention_implementation(cfg.model.attn_implementation, trust), trust)
+
+
 def _build_random(cfg: RunConfig, attn: str | None, trust: bool) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
