@@ -41,15 +41,17 @@ def test_every_chain_of_thought_computes_its_stated_answer(problems: tuple[list,
     train, heldout = problems
     for p in train + heldout:
         assert final_answer(p.output) == p.a + p.b == final_answer(p.answer_only)
-        # Re-do the column addition from the written steps: each step's sum is right, its digit and carry follow
-        # from the sum, the carry is the next step's third term, and the written digits spell the answer.
-        steps = re.findall(r"(\d)\+(\d)(?:\+(\d))?=(\d+)[，,] ?(?:写|write )(\d) ?(?:进|carry )(\d)", p.output)
+        # Re-do the column addition from the written steps: each step adds the operands' digits of its column
+        # and the carry the step before passed on, writes the sum's last digit and passes on its tens, and the
+        # written digits spell the answer.
+        steps = re.findall(r"(\d)\+(\d)\+(\d)[，,] ?(?:写|write )(\d) ?(?:进|carry )(\d)", p.output)
         assert len(steps) == len(str(p.a)) == len(str(p.b)), p.output
         carry, digits = 0, []
-        for x, y, carried, total, digit, carry_out in steps:
-            assert int(carried or 0) == carry
-            assert int(x) + int(y) + carry == int(total)
-            assert (int(digit), int(carry_out)) == (int(total) % 10, int(total) // 10)
+        for column, (x, y, carried, digit, carry_out) in enumerate(steps):
+            assert (int(x), int(y)) == (p.a // 10**column % 10, p.b // 10**column % 10)
+            assert int(carried) == carry
+            total = int(x) + int(y) + carry
+            assert (int(digit), int(carry_out)) == (total % 10, total // 10)
             digits.append(digit)
             carry = int(carry_out)
         assert int(("1" if carry else "") + "".join(reversed(digits))) == p.a + p.b
@@ -57,11 +59,10 @@ def test_every_chain_of_thought_computes_its_stated_answer(problems: tuple[list,
 
 def test_worked_example_in_both_languages() -> None:
     assert solve(347, 285, "zh") == (
-        "列竖式计算347+285。个位：7+5=12，写2进1。十位：4+8+1=13，写3进1。百位：3+2+1=6，写6进0。"
-        "所以347+285=632。答案：632。"
+        "列竖式计算347+285。个位：7+5+0，写2进1。十位：4+8+1，写3进1。百位：3+2+1，写6进0。所以347+285=632。答案：632。"
     )
     assert solve(964, 494, "en").endswith(
-        "Hundreds: 9+4+1=14, write 4 carry 1. Thousands: write 1. So 964+494=1458. Answer: 1458."
+        "Column 3: 9+4+1, write 4 carry 1. Column 4: write 1. So 964+494=1458. Answer: 1458."
     )
 
 
