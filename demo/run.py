@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-size", type=int, default=400, help="held-out problems scored (default 400)")
     p.add_argument("--unseen-fraction", type=float, default=0.5, help="held-out share with unseen operand pairs")
     p.add_argument("--digits", type=int, default=3, help="digits of each operand (default 3)")
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps of each run (default 300)")
+    p.add_argument("--max-steps", type=int, default=900, help="optimizer steps of each run (default 900)")
     p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed chain-of-thought row")
     p.add_argument("--samples", type=int, default=3, help="held-out problems shown side by side (default 3)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both training runs")
