@@ -45,7 +45,7 @@ TEMPLATE = "plain"
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """The Llama-shaped model trained from scratch: about 0.8M parameters."""
+    """The Llama-shaped model trained from scratch: about 0.9M parameters with the ~150-character vocabulary."""
 
     hidden_size: int = 128
     num_hidden_layers: int = 4
