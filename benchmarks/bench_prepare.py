@@ -260,6 +260,7 @@ def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int
         pack=True,
         val_fraction=0.01,
         max_bad_fraction=1.0,
+        max_dropped_fraction=1.0,
         workers=workers,
         progress=False,
     )

@@ -16,6 +16,7 @@ import yaml
 
 from data_pipeline import tracking
 from data_pipeline.conversation import InputError
+from data_pipeline.inspect import rejects_summary
 from data_pipeline.prepare import PrepareOptions, SourceSpec, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
 
@@ -28,6 +29,7 @@ _OPTION_FLAGS = {
     "overlong": str,
     "val_fraction": float,
     "max_bad_fraction": float,
+    "max_dropped_fraction": float,
     "seed": int,
     "block_size": int,
     "workers": int,
@@ -55,7 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true", default=None, help="pack samples into rows of --max-seq-len")
     p.add_argument("--workers", type=int, help="tokenizing processes (default 1)")
     p.add_argument("--val-fraction", type=float, help="fraction of records for val/ (default 0.01)")
-    p.add_argument("--max-bad-fraction", type=float, help="fail above this rejected fraction (default 0.01)")
+    p.add_argument(
+        "--max-bad-fraction", type=float, help="fail above this fraction of malformed records (default 0.01)"
+    )
+    p.add_argument(
+        "--max-dropped-fraction",
+        type=float,
+        help="fail above this fraction of records dropped by the length policy (default 0.1)",
+    )
     p.add_argument("--seed", type=int, help="seed of the val split and weights (default 0)")
     p.add_argument("--block-size", type=int, help="samples per block/shard/packing window (default 8192)")
     p.add_argument("--num-tasks", type=int, help="split the work into this many tasks (then `merge`)")
@@ -80,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("partials", type=Path, nargs="+", help="the tasks' output directories")
     m.add_argument("--out", type=Path, required=True, help="the merged output directory")
     m.add_argument("--max-bad-fraction", type=float, help="override the tasks' threshold")
+    m.add_argument("--max-dropped-fraction", type=float, help="override the tasks' threshold")
     m.add_argument(
         "--track",
         action=argparse.BooleanOptionalAction,
@@ -167,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{manifest.splits['train'].rows} train / {manifest.splits['val'].rows} val rows, "
                     f"packing efficiency {manifest.packing_efficiency:.3f} -> {options.out}"
                 )
+                for line in rejects_summary(counts):
+                    print(f"prepare: {line}")
                 if options.num_tasks == 1 and tracking.is_enabled(args.track):
                     tracking.log_prepare_run(manifest, options.out, options)
                 return 0
@@ -178,7 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "verify":
                 return _verify(args.out)
             case "merge":
-                manifest = merge(args.partials, args.out, max_bad_fraction=args.max_bad_fraction)
+                manifest = merge(
+                    args.partials,
+                    args.out,
+                    max_bad_fraction=args.max_bad_fraction,
+                    max_dropped_fraction=args.max_dropped_fraction,
+                )
                 print(
                     f"merge: {len(args.partials)} partial outputs -> {args.out} ({manifest.counts['samples_written']} samples)"
                 )

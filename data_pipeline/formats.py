@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,17 @@ from typing import Any, Literal
 import ijson
 import orjson
 
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Role, Text
+from data_pipeline.conversation import (
+    Conversation,
+    InputError,
+    Message,
+    Record,
+    Reject,
+    Role,
+    Text,
+    ToolCall,
+    tool_schemas,
+)
 
 FORMATS: tuple[str, ...] = (
     "alpaca",
@@ -48,7 +58,9 @@ REJECT_REASONS: tuple[str, ...] = (
     "unknown_role",
     "unsupported_role",
     "unsupported_content",
-    "moss_plugin_turn",
+    "malformed_tools",
+    "malformed_tool_call",
+    "multimodal",
 )
 """Every ``Reject.reason`` a reader can give. Stable keys: manifests and rejects.jsonl count by them."""
 
@@ -71,22 +83,35 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "chatgpt": "assistant",
     "bing": "assistant",
     "bard": "assistant",
+    # Tool results: LLaMA-Factory's/glaive's "observation", ChatGLM3's "observation" and OpenAI-style "tool".
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 _MESSAGES_ROLES: dict[str, Role] = {
     "system": "system",
     "developer": "system",  # OpenAI's newer name for the system message
     "user": "user",
     "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",  # OpenAI's legacy name for a function's result
+    "ipython": "tool",  # Llama 3.1's name for a tool's result
 }
-# Roles that exist in published tool-use data (LLaMA-Factory, Glaive, OpenAI) but that no chat template here renders.
-_TOOL_ROLES = frozenset({"function_call", "observation", "tool", "function", "tool_call", "tool_response", "ipython"})
+# Tool-use roles seen in published data whose shape no reader here knows (a call or a result with no fixed schema).
+_TOOL_ROLES = frozenset({"tool_call", "tool_response"})
+_MEDIA_FIELDS = ("images", "videos", "audios")
+_MEDIA_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+_MEDIA_PARTS = frozenset({"image_url", "image", "input_audio", "audio", "video", "video_url", "file"})
 
 _MOSS_PLUGIN_FIELDS = ("Inner Thoughts", "Commands", "Tool Responses")
 _MOSS_START = re.compile(r"\A<\|[^|<>]+\|>: ?")  # <|Human|>: , <|MOSS|>: , <|Results|>:
 _MOSS_END = re.compile(r"<eo[a-z]>\s*\Z")  # <eoh> <eom> <eot> <eoc> <eor>, then the newline after it
 _MOSS_TURN = re.compile(r"\Aturn_(\d+)\Z")
+_MOSS_COMMAND = re.compile(r"\s*([A-Za-z_][\w.]*)\(")  # Search("...") Calculate("...") Text2Image("...")
 
 Layout = Literal["array", "lines", "document"]
+Turn = tuple[Role, str] | Message
+"""What a record converter yields per message: (role, text) for plain text, a Message when it carries tool use."""
 
 
 class _Refused(Exception):
@@ -475,6 +500,7 @@ def _convert_item(fmt: str, item: _Item, source: str) -> Record:
             raise _Refused("malformed_json", item.error)
         if not isinstance(item.value, dict):
             raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
+        _refuse_media_fields(item.value)
         return _convert(fmt, item.value, source, item.index)
     except _Refused as refused:
         raw = item.raw if item.raw is not None else _dump(item.value)
@@ -488,6 +514,8 @@ def _convert_item(fmt: str, item: _Item, source: str) -> Record:
 
 
 def _convert(fmt: str, record: dict[str, Any], source: str, index: int) -> Conversation | Text:
+    turns: list[Turn]
+    tools: tuple[str, ...] = ()
     match fmt:
         case "alpaca":
             turns = _alpaca_turns(record)
@@ -498,25 +526,26 @@ def _convert(fmt: str, record: dict[str, Any], source: str, index: int) -> Conve
         case "conversation":
             turns = _conversation_turns(record)
         case "sharegpt":
-            turns = _sharegpt_turns(record)
+            turns, tools = _sharegpt_turns(record), _tools_field(record)
         case "messages":
-            turns = _messages_turns(record)
+            turns, tools = _messages_turns(record), _tools_field(record)
         case "text":
             return _text_record(_text_field(record, "text"), source, index)
         case _:
             raise AssertionError(f"format {fmt} has no JSON record converter")
-    return Conversation(messages=_validated(turns), source=source, index=index)
+    messages, dropped = _validated(turns)
+    return Conversation(messages=messages, source=source, index=index, tools=tools, dropped_turns=dropped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Record converters: a published record -> [(role, text), ...]; they raise _Refused
 
 
-def _alpaca_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+def _alpaca_turns(record: dict[str, Any]) -> list[Turn]:
     instruction = _text_field(record, "instruction")
     query = _optional_text(record, "input")
     output = _text_field(record, "output")
-    turns = _system_turn(record, "system")
+    turns: list[Turn] = list(_system_turn(record, "system"))
     # LLaMA-Factory's alpaca form: earlier rounds as [[user, assistant], ...] before the instruction.
     for number, pair in enumerate(_optional_list(record, "history")):
         if not (isinstance(pair, list) and len(pair) == 2):
@@ -529,9 +558,9 @@ def _alpaca_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
     return [*turns, ("user", user), ("assistant", output)]
 
 
-def _moss_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
+def _moss_turns(record: dict[str, Any]) -> list[Turn]:
     system = _text_field(record, "meta_instruction")
-    turns: list[tuple[Role, str]] = [("system", system)] if system.strip() else []
+    turns: list[Turn] = [("system", system)] if system.strip() else []
     chat = record.get("chat")
     if not isinstance(chat, dict):
         reason = "missing_field" if chat is None else "non_string_field"
@@ -542,32 +571,83 @@ def _moss_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
         if match is None:
             raise _Refused("missing_field", f"chat key {name!r} is not turn_N")
         names.append((int(match.group(1)), name))
-    for position, (_, name) in enumerate(sorted(names)):
+    for _, name in sorted(names):
         turn = chat[name]
         if not isinstance(turn, dict):
             raise _Refused("non_string_field", f"chat.{name} is {_type_name(turn)}, not an object")
-        plugin = _moss_plugin_use(turn, name)
-        if plugin is not None:
-            # Documented choice: keep the turns before the first plugin turn, refuse if that leaves none.
-            if position == 0:
-                raise _Refused("moss_plugin_turn", f"chat.{name} uses plugins ({plugin}); no turn before it")
-            break
-        user = _strip_moss_markers(_text_field(turn, "Human", f"chat.{name}."))
-        assistant = _strip_moss_markers(_text_field(turn, "MOSS", f"chat.{name}."))
-        turns += [("user", user), ("assistant", assistant)]
+        where = f"chat.{name}."
+        turns.append(("user", _strip_moss_markers(_text_field(turn, "Human", where))))
+        plugin = {field: _moss_plugin_text(turn, field, where) for field in _MOSS_PLUGIN_FIELDS}
+        if plugin["Commands"]:
+            # A plugin turn, as MOSS's fine-tuning trains it: the Inner Thoughts and the Commands are the assistant
+            # calling tools, the Tool Responses a tool result (never trained), then the reply.
+            if not plugin["Tool Responses"]:
+                raise _Refused("malformed_tool_call", f"{where}Commands are given but no Tool Responses")
+            calls = _moss_commands(plugin["Commands"], where)
+            turns.append(Message(role="assistant", content=plugin["Inner Thoughts"], tool_calls=calls))
+            turns.append(Message(role="tool", content=plugin["Tool Responses"]))
+        # A turn with Inner Thoughts but no command keeps only its reply (docs/formats.md, MOSS plugin turns).
+        turns.append(("assistant", _strip_moss_markers(_text_field(turn, "MOSS", where))))
     return turns
 
 
-def _moss_plugin_use(turn: dict[str, Any], name: str) -> str | None:
-    """The first plugin field this turn fills (not "None"), or None for a plain chat turn."""
-    for field in _MOSS_PLUGIN_FIELDS:
-        value = turn.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise _Refused("non_string_field", f"chat.{name}.{field} is {_type_name(value)}, not a string")
-        if _strip_moss_markers(value).strip() not in ("", "None"):
-            return field
+def _moss_plugin_text(turn: dict[str, Any], field: str, where: str) -> str:
+    """A plugin field's text without its markers; "" when absent or MOSS's "None" (no plugin used)."""
+    value = turn.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Refused("non_string_field", f"{where}{field} is {_type_name(value)}, not a string")
+    text = _strip_moss_markers(value).strip()
+    return "" if text == "None" else text
+
+
+def _moss_commands(text: str, where: str) -> tuple[ToolCall, ...]:
+    """``Search("a"), Calculate("1+1")`` -> the calls; each call's arguments become JSON text (see ToolCall)."""
+    calls: list[ToolCall] = []
+    position = 0
+    while position < len(text):
+        match = _MOSS_COMMAND.match(text, position)
+        if match is None:
+            raise _Refused("malformed_tool_call", f"{where}Commands: expected Name(...) at {text[position:][:40]!r}")
+        end = _closing_paren(text, match.end())
+        if end is None:
+            raise _Refused("malformed_tool_call", f"{where}Commands: unclosed parenthesis in {text[:80]!r}")
+        inner = text[match.end() : end]
+        try:
+            values = json.loads(f"[{inner}]")
+            arguments: Any = values[0] if len(values) == 1 else values
+        except json.JSONDecodeError:
+            arguments = inner  # not JSON literals (e.g. an unquoted expression): the text itself
+        calls.append(ToolCall(name=match.group(1), arguments=_dump(arguments)))
+        position = end + 1
+        while position < len(text) and text[position] in ", ;\n":
+            position += 1
+    if not calls:
+        raise _Refused("malformed_tool_call", f"{where}Commands holds no command")
+    return tuple(calls)
+
+
+def _closing_paren(text: str, start: int) -> int | None:
+    """Index of the ``)`` that closes the parenthesis opened just before ``start``; quotes are skipped."""
+    depth, quote, escaped = 1, "", False
+    for position in range(start, len(text)):
+        char = text[position]
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return position
     return None
 
 
@@ -576,8 +656,8 @@ def _strip_moss_markers(value: str) -> str:
     return _MOSS_END.sub("", _MOSS_START.sub("", value, count=1), count=1)
 
 
-def _conversation_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
-    turns = _system_turn(record, "system")
+def _conversation_turns(record: dict[str, Any]) -> list[Turn]:
+    turns: list[Turn] = list(_system_turn(record, "system"))
     rounds = _list_field(record, "conversation")
     if not rounds:
         raise _Refused("missing_field", "'conversation' is an empty list")
@@ -589,8 +669,8 @@ def _conversation_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
     return turns
 
 
-def _sharegpt_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
-    turns = _system_turn(record, "system")
+def _sharegpt_turns(record: dict[str, Any]) -> list[Turn]:
+    turns: list[Turn] = list(_system_turn(record, "system"))
     messages = _list_field(record, "conversations")
     if not messages:
         raise _Refused("missing_field", "'conversations' is an empty list")
@@ -598,9 +678,27 @@ def _sharegpt_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
         where = f"conversations[{number}]."
         if not isinstance(message, dict):
             raise _Refused("non_string_field", f"conversations[{number}] is {_type_name(message)}, not an object")
-        # Some ShareGPT exports use OpenAI's role/content keys inside "conversations".
+        # Some ShareGPT exports (ChatGLM3's among them) use OpenAI's role/content keys inside "conversations".
         role_key, text_key = ("role", "content") if "from" not in message and "role" in message else ("from", "value")
-        role = _role(_text_field(message, role_key, where).lower(), _SHAREGPT_ROLES, where)
+        name = _text_field(message, role_key, where).lower()
+        if name == "function_call":
+            # LLaMA-Factory: the value is the JSON of one call {"name", "arguments"} or of a list of parallel calls.
+            calls = _sharegpt_calls(_text_field(message, text_key, where), where)
+            previous = turns[-1] if turns else None
+            if isinstance(previous, Message) and previous.tool_calls:
+                turns[-1] = Message(role="assistant", content=previous.content, tool_calls=previous.tool_calls + calls)
+            else:
+                turns.append(Message(role="assistant", content="", tool_calls=calls))
+            continue
+        if name == "tool" and "parameters" in message:
+            # ChatGLM3's tool record: one call and its observation in one entry.
+            call = _tool_call({"name": message.get("name"), "arguments": message["parameters"]}, where)
+            turns.append(Message(role="assistant", content="", tool_calls=(call,)))
+            observation = message.get("observation")
+            text = observation if isinstance(observation, str) else _dump(observation)
+            turns.append(Message(role="tool", content=text, name=call.name))
+            continue
+        role = _role(name, _SHAREGPT_ROLES, where)
         text = _text_field(message, text_key, where)
         if role == "system" and not turns and number == 0 and not text.strip():
             continue
@@ -608,8 +706,44 @@ def _sharegpt_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
     return turns
 
 
-def _messages_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
-    turns: list[tuple[Role, str]] = []
+def _sharegpt_calls(value: str, where: str) -> tuple[ToolCall, ...]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise _Refused("malformed_tool_call", f"{where}function_call is not JSON ({error.msg})") from None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if not items:
+        raise _Refused("malformed_tool_call", f"{where}function_call is an empty list")
+    return tuple(_tool_call(item, where) for item in items)
+
+
+def _tool_call(item: Any, where: str) -> ToolCall:
+    """``{"name", "arguments"}`` (arguments an object, or its JSON text as OpenAI sends it) -> a ToolCall."""
+    if isinstance(item, dict) and isinstance(item.get("function"), dict):
+        item = item["function"]  # OpenAI: {"id", "type": "function", "function": {"name", "arguments"}}
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+        raise _Refused("malformed_tool_call", f"{where}a tool call needs a string 'name' (got {_dump(item)[:80]})")
+    arguments = item.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as error:
+            raise _Refused(
+                "malformed_tool_call", f"{where}{item['name']}: arguments are not JSON ({error.msg})"
+            ) from None
+    return ToolCall(name=item["name"], arguments=_dump(arguments))
+
+
+def _tools_field(record: dict[str, Any]) -> tuple[str, ...]:
+    """The ``tools`` of a record (a list, or its JSON text as LLaMA-Factory writes it), each in OpenAI's form."""
+    try:
+        return tool_schemas(record.get("tools"))
+    except ValueError as error:
+        raise _Refused("malformed_tools", str(error)) from None
+
+
+def _messages_turns(record: dict[str, Any]) -> list[Turn]:
+    turns: list[Turn] = []
     messages = _list_field(record, "messages")
     if not messages:
         raise _Refused("missing_field", "'messages' is an empty list")
@@ -618,13 +752,17 @@ def _messages_turns(record: dict[str, Any]) -> list[tuple[Role, str]]:
         if not isinstance(message, dict):
             raise _Refused("non_string_field", f"messages[{number}] is {_type_name(message)}, not an object")
         role = _role(_text_field(message, "role", where).lower(), _MESSAGES_ROLES, where)
-        for call_key in ("tool_calls", "function_call"):
-            if message.get(call_key):
-                raise _Refused("unsupported_content", f"{where}{call_key} is set; tool calls are not rendered")
-        text = _message_content(message, where)
+        calls: tuple[ToolCall, ...] = ()
+        raw_calls = message.get("tool_calls") or ([message["function_call"]] if message.get("function_call") else [])
+        if raw_calls:
+            if role != "assistant" or not isinstance(raw_calls, list):
+                raise _Refused("malformed_tool_call", f"{where}tool_calls must be a list on an assistant message")
+            calls = tuple(_tool_call(call, f"{where}tool_calls[{n}].") for n, call in enumerate(raw_calls))
+        text = "" if calls and message.get("content") is None else _message_content(message, where)
         if role == "system" and number == 0 and not text.strip():
             continue
-        turns.append((role, text))
+        name = message.get("name") if role == "tool" and isinstance(message.get("name"), str) else ""
+        turns.append(Message(role=role, content=text, tool_calls=calls, name=name or ""))
     return turns
 
 
@@ -640,6 +778,8 @@ def _message_content(message: dict[str, Any], where: str) -> str:
     texts = []
     for number, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise _Refused("multimodal", f"{where}content[{number}] is a {kind} part; media records are not trained")
         if kind != "text" or not isinstance(part.get("text"), str):
             shown = kind if isinstance(kind, str) else _type_name(part)
             raise _Refused("unsupported_content", f"{where}content[{number}] is a {shown} part; only text is rendered")
@@ -651,33 +791,66 @@ def _role(name: str, roles: dict[str, Role], where: str) -> Role:
     if name in roles:
         return roles[name]
     if name in _TOOL_ROLES:
-        raise _Refused("unsupported_role", f"{where}role {name!r} (tool use) is not rendered by the chat templates")
+        raise _Refused("unsupported_role", f"{where}role {name!r}: a tool-use role whose record shape is not known")
     raise _Refused("unknown_role", f"{where}role {name!r}; known: {', '.join(sorted(roles))}")
 
 
-def _validated(turns: list[tuple[Role, str]]) -> tuple[Message, ...]:
-    """Check the role order and emptiness rules of a Conversation; text is kept exactly."""
-    body = turns[1:] if turns and turns[0][0] == "system" else turns
+def _refuse_media_fields(record: dict[str, Any]) -> None:
+    for field in _MEDIA_FIELDS:
+        if record.get(field):
+            raise _Refused("multimodal", f"'{field}' lists media files; media records are not trained (text only)")
+
+
+def _validated(turns: Sequence[Turn]) -> tuple[tuple[Message, ...], int]:
+    """Check a Conversation's role order and emptiness rules; return its messages (text kept exactly) and the
+    number of trailing unanswered user turns dropped (0 or 1).
+
+    A round is a user message, then zero or more steps of (assistant message, tool results), then an assistant
+    message without calls; a message with calls is followed by results. A last user turn that nobody answered is
+    dropped, not the record.
+    """
+    messages = [turn if isinstance(turn, Message) else Message(role=turn[0], content=turn[1]) for turn in turns]
+    body = messages[1:] if messages and messages[0].role == "system" else messages
     if not body:
         raise _Refused("missing_field", "no user or assistant turn")
-    for position, (role, _) in enumerate(body):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
+    dropped = 0
+    if len(body) > 1 and body[-1].role == "user" and body[-2].role == "assistant" and not body[-2].tool_calls:
+        body, messages, dropped = body[:-1], messages[:-1], 1
+    expected = {"user"}
+    for message in body:
+        if message.role not in expected:
             raise _Refused(
                 "wrong_role_order",
-                f"roles {_roles(turns)}: expected an optional system, then user/assistant alternating, "
-                "ending with assistant",
+                f"roles {_roles(messages)}: expected an optional system, then rounds of a user turn and an "
+                "assistant answer (tool calls each followed by their results), ending with an assistant turn",
             )
-    if body[-1][0] != "assistant":
-        raise _Refused("wrong_role_order", f"roles {_roles(turns)}: the last turn is a user turn with no answer")
-    for position, (role, text) in enumerate(body):
-        if not text.strip():
-            raise _Refused(f"empty_{role}", f"turn {position} ({role}) is empty or whitespace")
-    return tuple(Message(role=role, content=text) for role, text in turns)
+        match message.role:
+            case "user":
+                expected = {"assistant"}
+            case "assistant" if message.tool_calls:
+                expected = {"tool"}
+            case "assistant":
+                expected = {"user", "tool"}  # a result after a text-only turn: LLaMA-Factory's rule, real in glaive
+            case _:
+                expected = {"tool", "assistant"}
+    if body[-1].role != "assistant" or body[-1].tool_calls:
+        last = "a user turn with no answer" if body[-1].role == "user" else "not a final assistant answer"
+        raise _Refused("wrong_role_order", f"roles {_roles(messages)}: the last turn is {last}")
+    for position, message in enumerate(body):
+        if message.role in ("user", "assistant") and not message.tool_calls and not message.content.strip():
+            raise _Refused(f"empty_{message.role}", f"turn {position} ({message.role}) is empty or whitespace")
+        if _MEDIA_PLACEHOLDER.search(message.content):
+            found = _MEDIA_PLACEHOLDER.search(message.content)
+            assert found is not None
+            raise _Refused(
+                "multimodal",
+                f"turn {position} holds the media placeholder {found.group(0)}; media records are not trained",
+            )
+    return tuple(messages), dropped
 
 
-def _roles(turns: list[tuple[Role, str]]) -> str:
-    return ",".join(role for role, _ in turns)
+def _roles(messages: list[Message]) -> str:
+    return ",".join(f"{m.role}+calls" if m.tool_calls else m.role for m in messages)
 
 
 def _text_record(text: str, source: str, index: int) -> Text:
@@ -828,7 +1001,8 @@ def _safety_record(item: Any, scenario: str, source: str, index: int) -> Record:
             ("user", _text_field(item, "prompt")),
             ("assistant", _text_field(item, "response")),
         ]
-        return Conversation(messages=_validated(turns), source=source, index=index)
+        messages, dropped = _validated(turns)
+        return Conversation(messages=messages, source=source, index=index, dropped_turns=dropped)
     except _Refused as refused:
         return Reject(
             reason=refused.reason,
@@ -896,7 +1070,7 @@ def _read_csv(path: Path, columns: tuple[int, int, int]) -> Iterator[Record]:
             else:
                 try:
                     turns: list[tuple[Role, str]] = [("user", row[prompt_at]), ("assistant", row[output_at])]
-                    record = Conversation(messages=_validated(turns), source=source, index=index)
+                    record = Conversation(messages=_validated(turns)[0], source=source, index=index)
                 except _Refused as refused:
                     raw = _truncate(_csv_line(row))
                     record = Reject(reason=refused.reason, source=source, index=index, raw=raw, detail=refused.detail)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.schema import IGNORE_INDEX, REJECTS_FILE, DataError, Manifest, load_manifest, load_split
 
@@ -29,11 +30,30 @@ def summary(manifest: Manifest, out: Path) -> list[str]:
     if counts["rejected_by_reason"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
         lines.append(f"rejected by reason: {reasons}  (see {out / REJECTS_FILE})")
+    lines.extend(rejects_summary(counts))
     lines.append("lengths: " + ", ".join(f"{k}: {v}" for k, v in manifest.length_histogram.items()))
     for name, split in manifest.splits.items():
         lines.append(
             f"{name}: {split.rows} rows in {len(split.shards)} shards, {split.samples} samples, "
             f"{split.tokens} tokens, {split.loss_tokens} loss tokens"
+        )
+    return lines
+
+
+def rejects_summary(counts: dict[str, Any]) -> list[str]:
+    """The malformed records, the length policy's drops and the dropped unanswered turns: one line each, with
+    count and share of the records read (manifests written before these counts existed show none)."""
+    read = max(int(counts["samples_read"]), 1)
+    lines = []
+    for key, what in (
+        ("samples_malformed", "malformed (limit --max-bad-fraction)"),
+        ("samples_dropped_by_length", "dropped by the length policy (limit --max-dropped-fraction)"),
+    ):
+        if key in counts:
+            lines.append(f"{what}: {counts[key]} records, {counts[key] / read:.2%} of those read")
+    if counts.get("unanswered_turns_dropped"):
+        lines.append(
+            f"unanswered user turns dropped at the end of a record (the record kept): {counts['unanswered_turns_dropped']}"
         )
     return lines
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text
+from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import Line, convert_line, read_lines, read_records
 from data_pipeline.pack import pack_bins
 from data_pipeline.schema import (
@@ -61,10 +62,15 @@ RAW_CHARS = 500
 """Raw record text kept per line of rejects.jsonl."""
 # Options that change nothing in the output; they are not part of the manifest or the plan fingerprint.
 EXECUTION_OPTIONS = ("out", "workers", "progress", "num_tasks", "task_index")
+# Options that only decide pass/fail: in the manifest, not in the plan fingerprint (changing them keeps the blocks).
+LIMIT_OPTIONS = ("max_bad_fraction", "max_dropped_fraction")
+LENGTH_REASONS = ("too_long", "no_supervised_tokens")
+"""Reject reasons of the length policy (max_seq_len, overlong): records dropped whole, not malformed ones."""
 
 
 class TooManyRejects(Exception):
-    """The rejected fraction exceeded ``max_bad_fraction``; rejects.jsonl is written, the manifest is not."""
+    """The malformed fraction exceeded ``max_bad_fraction``, or the fraction dropped by the length policy exceeded
+    ``max_dropped_fraction``; rejects.jsonl is written, the manifest is not."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +110,15 @@ class PrepareOptions:
     """Fraction of records sent to val/, decided by a hash of (seed, the record's token ids): identical records
     land in the same split and the choice does not depend on order, block size, workers or tasks."""
     max_bad_fraction: float = 0.01
-    """Fail (after writing rejects.jsonl, without a manifest) when rejected / read exceeds this."""
+    """Fail (after writing rejects.jsonl, without a manifest) when malformed / read exceeds this. Malformed: every
+    reject except the length policy's (LENGTH_REASONS), e.g. malformed_json, empty_user, multimodal,
+    no_tool_format. A trailing unanswered user turn is dropped without rejecting its record, and is not counted."""
+    max_dropped_fraction: float = 0.1
+    """Fail (like max_bad_fraction) when the records dropped by the length policy (too_long: over max_seq_len
+    with overlong=drop; no_supervised_tokens: truncation left no assistant token) exceed this fraction of those
+    read. They are not bad data but a max_seq_len too small for it: real corpora at usual lengths drop well under
+    1%, so 10% stops a run whose max_seq_len is badly off without failing one that merely has a few long
+    records."""
     seed: int = 0
     """Seeds the val split and the weight sampling."""
     block_size: int = 8192
@@ -127,6 +141,7 @@ class PrepareOptions:
             (self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop"),
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
             (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]"),
+            (0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.workers >= 1, "workers", "must be >= 1"),
             (self.num_tasks >= 1, "num_tasks", "must be >= 1"),
@@ -188,6 +203,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise InputError(f"--tokenizer {path}: not a directory; pass the model or tokenizer directory")
     from transformers import AutoTokenizer, LlamaTokenizerFast
 
+    refuse_vendor_tokenizer(directory)
     try:
         if not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file():
             # A bare SentencePiece model (e.g. Llama 2): transformers converts it to a fast tokenizer.
@@ -198,6 +214,25 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise InputError(
             f"--tokenizer {path}: does not load ({first}); pass a directory with tokenizer.json or tokenizer.model"
         ) from exc
+
+
+def refuse_vendor_tokenizer(directory: Path) -> None:
+    """A tokenizer whose class is vendor code (``auto_map``: ChatGLM, Baichuan, MOSS originals) would be loaded
+    as something else or not at all, and tokenize silently wrong: refuse it in one line naming the converter."""
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file() or (directory / "tokenizer.json").is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{config_file}: not valid JSON ({exc})") from None
+    if isinstance(config, dict) and "auto_map" in config:
+        vendor = config.get("tokenizer_class", "a vendor tokenizer")
+        raise InputError(
+            f"--tokenizer {directory}: {vendor} is vendor code (auto_map in tokenizer_config.json) that is not run; "
+            f"convert the model once with `python -m trainer.convert {directory} {str(directory).rstrip('/')}-native` "
+            "and pass the output"
+        )
 
 
 def _digest(path: Path) -> dict[str, Any]:
@@ -249,8 +284,8 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> tu
         options=manifest_options,
     )
     body = plan.to_dict()
-    # max_bad_fraction only decides pass/fail, not the shards: changing it must not invalidate finished blocks.
-    body["options"] = {k: v for k, v in body["options"].items() if k != "max_bad_fraction"}
+    # The limits only decide pass/fail, not the shards: changing them must not invalidate finished blocks.
+    body["options"] = {k: v for k, v in body["options"].items() if k not in LIMIT_OPTIONS}
     body.pop("specs")  # already inside options
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     templates_by_name = {name: resolved[name] for name in sorted(set(templates))}
@@ -342,7 +377,10 @@ def _to_wire(records: list[Sample]) -> list[Wire]:
         if isinstance(r, Line):
             wire.append(("l", position, r.source, r.index, r.fmt, r.data))
         elif isinstance(r, Conversation):
-            wire.append(("c", position, r.source, r.index, tuple((m.role, m.content) for m in r.messages)))
+            messages = tuple(
+                (m.role, m.content, tuple((c.name, c.arguments) for c in m.tool_calls), m.name) for m in r.messages
+            )
+            wire.append(("c", position, r.source, r.index, messages, r.tools, r.dropped_turns))
         elif isinstance(r, Text):
             wire.append(("t", position, r.source, r.index, r.text))
         else:
@@ -358,8 +396,16 @@ def _from_wire(wire: list[Wire]) -> list[Sample]:
         if kind == "l":
             record = Line(source=source, fmt=item[4], index=index, data=item[5])
         elif kind == "c":
-            messages = tuple(Message(role=role, content=content) for role, content in item[4])
-            record = Conversation(messages=messages, source=source, index=index)
+            messages = tuple(
+                Message(
+                    role=role,
+                    content=content,
+                    tool_calls=tuple(ToolCall(name=n, arguments=a) for n, a in calls),
+                    name=name,
+                )
+                for role, content, calls, name in item[4]
+            )
+            record = Conversation(messages=messages, source=source, index=index, tools=item[5], dropped_turns=item[6])
         elif kind == "t":
             record = Text(text=item[4], source=source, index=index)
         else:
@@ -376,7 +422,14 @@ def _process_in_worker(job: tuple[int, list[Wire]]) -> dict[str, Any]:
 def _raw_of(record: Conversation | Text) -> str:
     if isinstance(record, Text):
         return record.text[:RAW_CHARS]
-    body = [{"role": m.role, "content": m.content} for m in record.messages]
+    body = [
+        {
+            "role": m.role,
+            "content": m.content,
+            **({"tool_calls": [dataclasses.asdict(c) for c in m.tool_calls]} if m.tool_calls else {}),
+        }
+        for m in record.messages
+    ]
     return json.dumps(body, ensure_ascii=False)[:RAW_CHARS]
 
 
@@ -484,6 +537,7 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[st
     rejected: Counter[str] = Counter()
     histogram: Counter[str] = Counter()
     source_records = [0] * len(state.plan.sources)
+    turns_dropped = sum(r.dropped_turns for _, r in records if isinstance(r, Conversation))
     rejects_path = state.out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl"
     with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
         for (position, _record), outcome in zip(records, encoded, strict=True):
@@ -520,12 +574,35 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[st
         "read": len(records),
         "written": sum(samples.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
+        "unanswered_turns_dropped": turns_dropped,
         "source_records": source_records,
         "histogram": dict(sorted(histogram.items())),
         "splits": splits,
     }
     _write_json_atomic(state.out / BLOCKS_DIR / f"{block:05d}.json", result)
     return result
+
+
+def _check_limits(out: Path, plan: Plan, read: int, rejected_by_reason: dict[str, int]) -> None:
+    """Raise TooManyRejects, naming the flag that accepts the rejects, when a limit is exceeded."""
+    if not read:
+        return
+    length = {k: n for k, n in rejected_by_reason.items() if k in LENGTH_REASONS}
+    malformed = {k: n for k, n in rejected_by_reason.items() if k not in LENGTH_REASONS}
+    for what, counts, flag, hint in (
+        ("rejected as malformed", malformed, "max_bad_fraction", "fix the records or"),
+        ("dropped by the length policy", length, "max_dropped_fraction", "raise --max-seq-len, or"),
+    ):
+        total, limit = sum(counts.values()), float(plan.options[flag])
+        if total / read > limit:
+            top = ", ".join(f"{reason} {n}" for reason, n in Counter(counts).most_common(3))
+            accept = math.ceil(total / read * 100) / 100
+            option = "--" + flag.replace("_", "-")
+            raise TooManyRejects(
+                f"prepare: {total} of {read} records {what} ({total / read:.1%} > {option} {limit}); top reasons: "
+                f"{top}; see {out / REJECTS_FILE}. To go on, {hint} rerun the same command with {option} {accept}: "
+                "the rerun reuses the finished work (blocks already written are not redone)"
+            )
 
 
 def _write_json_atomic(path: Path, body: dict[str, Any]) -> None:
@@ -606,12 +683,9 @@ def assemble(
     written = sum(r["written"] for r in results)
     rejected_by_reason = _sum_counters(r["rejected_by_reason"] for r in results)
     rejected = sum(rejected_by_reason.values())
-    if check_rejects and read and rejected / read > float(plan.options["max_bad_fraction"]):
-        top = ", ".join(f"{reason} {n}" for reason, n in Counter(rejected_by_reason).most_common(3))
-        raise TooManyRejects(
-            f"prepare: {rejected} of {read} records rejected ({rejected / read:.1%} > --max-bad-fraction "
-            f"{plan.options['max_bad_fraction']}); top reasons: {top}; see {out / REJECTS_FILE}"
-        )
+    dropped = sum(n for reason, n in rejected_by_reason.items() if reason in LENGTH_REASONS)
+    if check_rejects:
+        _check_limits(out, plan, read, rejected_by_reason)
 
     splits: dict[str, SplitInfo] = {}
     for split in SPLITS:
@@ -649,6 +723,10 @@ def assemble(
             "samples_written": written,
             "samples_rejected": rejected,
             "rejected_by_reason": rejected_by_reason,
+            "samples_malformed": rejected - dropped,
+            "samples_dropped_by_length": dropped,
+            # .get: completion records written before this count existed are still reused
+            "unanswered_turns_dropped": sum(r.get("unanswered_turns_dropped", 0) for r in results),
             "sequences": sum(p["sequences"] for r in results for p in r["splits"].values()),
             "rows": sum(s.rows for s in splits.values()),
             "tokens": tokens,
@@ -805,7 +883,13 @@ def _prepare(options: PrepareOptions) -> Manifest:
     return assemble(out, plan, results, partial=partial, timings=timings, check_rejects=partial is None)
 
 
-def merge(partials: Sequence[Path], out: Path, *, max_bad_fraction: float | None = None) -> Manifest:
+def merge(
+    partials: Sequence[Path],
+    out: Path,
+    *,
+    max_bad_fraction: float | None = None,
+    max_dropped_fraction: float | None = None,
+) -> Manifest:
     """Assemble the partial outputs of all tasks into ``out``: the directory a single run would have written."""
     start = time.perf_counter()
     if not partials:
@@ -826,8 +910,9 @@ def merge(partials: Sequence[Path], out: Path, *, max_bad_fraction: float | None
     tasks = sorted(d["task_index"] for d in dones)
     if tasks != list(range(num_tasks)) or any(d["num_tasks"] != num_tasks for d in dones):
         raise InputError(f"merge: need exactly one output per task 0..{num_tasks - 1}, got task indices {tasks}")
-    if max_bad_fraction is not None:
-        plan = dataclasses.replace(plan, options={**plan.options, "max_bad_fraction": max_bad_fraction})
+    for key, value in (("max_bad_fraction", max_bad_fraction), ("max_dropped_fraction", max_dropped_fraction)):
+        if value is not None:
+            plan = dataclasses.replace(plan, options={**plan.options, key: value})
 
     _open_out(out, plan)
     results = []

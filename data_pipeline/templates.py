@@ -13,10 +13,15 @@ tuned model sees at generation is, token for token, the prefix it was trained on
 
 Labels are IGNORE_INDEX except the assistant's tokens and the token that closes each assistant turn (eos
 or the family's end-of-turn token), so the model learns to stop.
+
+Tool use (docs/templates.md, "Tools"): qwen, llama3, chatglm3, moss and tokenizer render the tools offered, the
+assistant's calls and the tools' results the way each family was trained to; loss falls on the calls and the
+replies, never on a result. Every other template rejects a conversation that uses tools as ``no_tool_format``.
 """
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import re
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from data_pipeline.conversation import Conversation, InputError, Message, Reject
+from data_pipeline.conversation import Conversation, InputError, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -40,12 +45,14 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "qwen",
     "baichuan",
     "baichuan2",
+    "chatglm",
     "chatglm2",
     "chatglm3",
     "moss",
     "tokenizer",
 )
-"""Valid ``--template`` values, besides ``auto`` (the tokenizer's own chat_template if it has one, else default)."""
+"""Valid ``--template`` values, besides ``auto`` (the template recorded by the converter in tokenizer_config.json,
+else the tokenizer's own chat_template if it has one, else default)."""
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 """System prompt Qwen's own chat template inserts when a conversation has none."""
@@ -67,12 +74,50 @@ MOSS_META_INSTRUCTION = (
 )
 """moss-003's published meta instruction (typo "mutiple" included); the system prompt when a conversation has none."""
 
+TOOL_TEMPLATES: tuple[str, ...] = ("qwen", "llama3", "chatglm3", "moss", "tokenizer")
+"""Templates with a tool format; the others reject conversations that use tools as ``no_tool_format``."""
+
+QWEN_TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+QWEN_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call>"
+)
+"""Qwen2.5's tool block, appended to the system text when tools are offered (its chat_template's wording)."""
+
+LLAMA31_TOOLS_SYSTEM = "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOLS_USER = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+"""Llama 3.1's custom-tool prompt: the system header, and the text before the tools in the first user turn."""
+
+CHATGLM3_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+"""ChatGLM3's tool system prompt; the tools follow as JSON (indent 4)."""
+
+CHAT_FORMAT_KEY = "chat_format"
+"""tokenizer_config.json key naming the template of a converted checkpoint; ``--template auto`` uses it."""
+
 ENCODE_CHUNK = 2048
 """Texts per call of the Rust tokenizer: bounds the memory of its Encoding objects; large enough that the
 per-call overhead is nothing."""
 
+
+class Joined(str):
+    """Text that continues the text before it in the vendor's own (joint) encoding: tokenized without the
+    SentencePiece dummy prefix ("▁"), so a part boundary adds no token the vendor's encoding does not have."""
+
+    __slots__ = ()
+
+
 Part = int | str | tuple[int, ...]
-"""A control token id, message text to tokenize as plain text, or constant template text already tokenized."""
+"""A control token id, message text to tokenize as plain text (``Joined``: without a dummy prefix), or
+constant template text already tokenized."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +149,8 @@ class ChatTemplate:
 
         last_turn_only: train only the last assistant turn (earlier answers become context).
         A conversation the template cannot render comes back as ``Reject(reason="unrenderable")``, one
-        whose roles are out of order as ``Reject(reason="wrong_role_order")``.
+        whose roles are out of order as ``Reject(reason="wrong_role_order")``, one that uses tools when this
+        template has no tool format as ``Reject(reason="no_tool_format")``.
         """
         return [
             r if isinstance(r, Reject) else Encoded(input_ids=r[0].tolist(), labels=r[1].tolist())
@@ -121,23 +167,33 @@ class ChatTemplate:
         """
         layouts: list[_Layout | Reject] = []
         texts: list[str] = []
+        joined: list[str] = []
         for conv in convs:
             messages = conv.messages
-            problem = _role_order_problem(messages, last_role="assistant")
+            problem = _role_order_problem(messages, prompt=False)
             if problem:
                 layouts.append(_reject(conv, "wrong_role_order", problem))
                 continue
-            last = len(messages) - 1
-            trained = [m.role == "assistant" and (i == last or not last_turn_only) for i, m in enumerate(messages)]
+            if uses_tools(conv) and not self._renderer.tool_format:
+                layouts.append(_reject(conv, "no_tool_format", self._no_tool_format()))
+                continue
+            # last_turn_only: the last round's assistant messages (its calls and its reply) are trained.
+            last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+            trained = [m.role == "assistant" and (i > last_user or not last_turn_only) for i, m in enumerate(messages)]
             try:
-                layout = self._renderer.render(messages, trained)
+                layout = self._renderer.render(messages, trained, conv.tools)
+            except _NoToolFormatError as exc:
+                layouts.append(_reject(conv, "no_tool_format", str(exc)))
+                continue
             except _UnrenderableError as exc:
                 layouts.append(_reject(conv, "unrenderable", str(exc)))
                 continue
-            texts.extend(part for part in layout.parts if isinstance(part, str))
+            texts.extend(part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined))
+            joined.extend(part for part in layout.parts if isinstance(part, Joined))
             layouts.append(layout)
 
         pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(self._encoder.encode(joined, joined=True))
         segments: list[Sequence[int]] = []  # every part's ids, all conversations in order
         segment_trained: list[bool] = []
         sample_ends: list[int] = []  # per encoded conversation: how many segments precede its end
@@ -147,6 +203,8 @@ class ChatTemplate:
             for part in rendered.parts:
                 if isinstance(part, int):
                     segments.append((part,))
+                elif isinstance(part, Joined):
+                    segments.append(next(joined_pieces))
                 else:
                     segments.append(next(pieces) if isinstance(part, str) else part)
             segment_trained.extend(rendered.trained)
@@ -169,27 +227,44 @@ class ChatTemplate:
             start = stop
         return results
 
-    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-        """Ids of a generation prompt: the history, ending with a user turn, then the assistant prefix.
+    def encode_prompt(self, messages: Sequence[Message], tools: Sequence[str] = ()) -> list[int]:
+        """Ids of a generation prompt: the history, ending with a user turn (or with the results of the
+        assistant's tool calls), then the assistant prefix. ``tools``: the tools offered, as in
+        ``Conversation.tools`` (JSON objects).
 
         Equal to the training encoding of the same history up to the assistant's first text token, so the
-        model continues with the assistant's text. Raises ValueError when the roles are out of order.
+        model continues with the assistant's text (or a tool call). Raises ValueError when the roles are out of
+        order, or when tools are used and this template has no tool format.
         """
-        problem = _role_order_problem(messages, last_role="user")
+        problem = _role_order_problem(messages, prompt=True)
         if problem:
             raise ValueError(f"encode_prompt: {problem}")
+        if (tools or any(m.tool_calls or m.role == "tool" for m in messages)) and not self._renderer.tool_format:
+            raise ValueError(f"encode_prompt: {self._no_tool_format()}")
         try:
-            layout = self._renderer.render(messages, [False] * len(messages))
+            layout = self._renderer.render(messages, [False] * len(messages), tuple(tools))
         except _UnrenderableError as exc:
             raise ValueError(f"encode_prompt: template {self.name!r} cannot render these messages: {exc}") from exc
-        pieces = iter(self._encoder.encode([part for part in layout.parts if isinstance(part, str)]))
+        texts = [part for part in layout.parts if isinstance(part, str) and not isinstance(part, Joined)]
+        pieces = iter(self._encoder.encode(texts))
+        joined_pieces = iter(
+            self._encoder.encode([part for part in layout.parts if isinstance(part, Joined)], joined=True)
+        )
         ids: list[int] = []
         for part in layout.parts:
             if isinstance(part, int):
                 ids.append(part)
+            elif isinstance(part, Joined):
+                ids.extend(next(joined_pieces))
             else:
                 ids.extend(next(pieces) if isinstance(part, str) else part)
         return ids
+
+    def _no_tool_format(self) -> str:
+        return (
+            f"template {self.name!r} has no tool format; tool calls are rendered by "
+            f"{', '.join(TOOL_TEMPLATES)} (tokenizer: a chat_template that renders tools)"
+        )
 
     def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Raw text for continued pre-training: [bos] + text + [eos], every token meant to be trained.
@@ -243,7 +318,10 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
     needs is not one token of this vocabulary, no eos, no chat_template for ``tokenizer``).
     """
     if name == "auto":
-        name = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        # A converted checkpoint (python -m trainer.convert) records its family's template in tokenizer_config.json.
+        recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get(CHAT_FORMAT_KEY)
+        own = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
+        name = str(recorded) if recorded else own
     if name not in TEMPLATE_NAMES:
         raise InputError(f"unknown template {name!r}; valid: auto, {', '.join(TEMPLATE_NAMES)}")
     vocab = _Vocab(name, tokenizer)
@@ -263,6 +341,8 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
             renderer = _Baichuan(vocab, user="<reserved_102>", assistant="<reserved_103>")
         case "baichuan2":
             renderer = _Baichuan(vocab, user="<reserved_106>", assistant="<reserved_107>")
+        case "chatglm":
+            renderer = _ChatGLM(vocab)
         case "chatglm2":
             renderer = _ChatGLM2(vocab)
         case "chatglm3":
@@ -290,6 +370,8 @@ class _TextEncoder:
         self.bos_prefix: tuple[int, ...] = (bos,) if bos is not None and bos != self.eos_id else ()
         self._backend_json: str | None = None
         self._backend: Any = None
+        self._joined_json: str | None = None
+        self._joined_backend: Any = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
             # A private copy in which every added token counts as special, and special tokens are encoded
@@ -298,26 +380,33 @@ class _TextEncoder:
             raw = json.loads(backend.to_str())
             for added in raw.get("added_tokens") or []:
                 added["special"] = True
+            _unspell_special_pieces(raw)
             self._backend_json = json.dumps(raw)
             self._backend = _plain_text_backend(self._backend_json)
+            self._joined_json = json.dumps(_without_dummy_prefix(raw))
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
     def __getstate__(self) -> dict[str, Any]:
         # tokenizers does not pickle encode_special_tokens: rebuild the backend on unpickling (workers).
-        return {**self.__dict__, "_backend": None}
+        return {**self.__dict__, "_backend": None, "_joined_backend": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._backend_json is not None:
             self._backend = _plain_text_backend(self._backend_json)
+        if self._joined_json is not None:
+            self._joined_backend = _plain_text_backend(self._joined_json)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], *, joined: bool = False) -> list[list[int]]:
+        """Ids of each text; joined: without the SentencePiece dummy prefix (see ``Joined``)."""
         if not texts:
             return []
-        if self._backend is not None:
+        backend = self._joined_backend if joined else self._backend
+        if backend is not None:
             # encode_batch_fast skips offsets; both run the batch in Rust threads. Sub-batches of ENCODE_CHUNK
             # texts: a Rust Encoding also holds token strings and masks (several times the ids' size), so only
             # one sub-batch of them is alive at a time, whatever the block size.
-            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
             ids: list[list[int]] = []
             for start in range(0, len(texts), ENCODE_CHUNK):
                 chunk = texts[start : start + ENCODE_CHUNK]
@@ -326,6 +415,48 @@ class _TextEncoder:
         # Slow (Python) tokenizers, e.g. remote-code ChatGLM/Baichuan ones: one batched call as well.
         out = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in out["input_ids"]]
+
+
+def _unspell_special_pieces(raw: dict[str, Any]) -> None:
+    """Make the model's own entries for special tokens unreachable from text, in the plain-text copy.
+
+    A SentencePiece-converted BPE emits a word found whole in its vocabulary (``ignore_merges``), so a message
+    that is exactly ``</s>`` or Baichuan2's ``<reserved_106>`` would become the control id even with special
+    tokens encoded as text. The entry is renamed with a trailing space, which normalized text never contains
+    (spaces become "▁" or "Ġ"); merges alone never build these pieces. The model's unk piece stays.
+    """
+    model = raw.get("model") or {}
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        return
+    for added in raw.get("added_tokens") or []:
+        content = added["content"]
+        if content in vocab and content != model.get("unk_token"):
+            vocab[content + " "] = vocab.pop(content)
+
+
+def _without_dummy_prefix(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a tokenizer.json that does not prepend SentencePiece's "▁" to a text (for ``Joined`` parts)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strip(item) for item in node if not _is_dummy_prefix_step(item)]
+        if isinstance(node, dict):
+            out = {key: strip(value) for key, value in node.items()}
+            if out.get("type") == "Metaspace":
+                out["prepend_scheme"] = "never"
+            return out
+        return node
+
+    return {key: strip(value) if key in ("normalizer", "pre_tokenizer") else value for key, value in raw.items()}
+
+
+def _is_dummy_prefix_step(step: Any) -> bool:
+    if not isinstance(step, dict):
+        return False
+    if step.get("type") == "Prepend":
+        return True
+    return step.get("type") == "Replace" and step.get("pattern") == {"Regex": "\\A▁"}
 
 
 def _plain_text_backend(tokenizer_json: str) -> Any:
@@ -406,9 +537,15 @@ class _Renderer(Protocol):
         """What ends an assistant turn in this layout."""
         ...
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
-        """Lay out ``messages`` (ending with an assistant turn, or with a user turn for a prompt, in which
-        case the layout ends with the assistant prefix). ``trained[i]``: assistant message i carries loss."""
+    @property
+    def tool_format(self) -> bool:
+        """Whether render() lays out tools, tool calls and tool results."""
+        ...
+
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """Lay out ``messages`` (ending with an assistant turn, or with a user or tool turn for a prompt, in
+        which case the layout ends with the assistant prefix). ``trained[i]``: assistant message i carries
+        loss. ``tools``: the tools offered (JSON objects, Conversation.tools)."""
         ...
 
 
@@ -416,15 +553,21 @@ class _UnrenderableError(Exception):
     """Content this template cannot render; becomes Reject(reason="unrenderable")."""
 
 
+class _NoToolFormatError(_UnrenderableError):
+    """Tool use this template's tool format cannot express; becomes Reject(reason="no_tool_format")."""
+
+
 class _Default:
     """A neutral text template: ``### User:`` / ``### Assistant:`` headers, eos after each answer."""
+
+    tool_format = False
 
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.bos_prefix
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.bos)
         for i, m in enumerate(messages):
@@ -442,12 +585,14 @@ class _Default:
 class _Plain:
     """Base models (GPT-2, StarCoder): prompt, newline, answer, eos; turns joined by newlines."""
 
+    tool_format = False
+
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.bos_prefix
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.bos)
         for i, m in enumerate(messages):
@@ -469,12 +614,14 @@ class _Llama2:
     and message text is stripped as Meta's code does.
     """
 
+    tool_format = False
+
     def __init__(self, v: _Vocab) -> None:
         self.bos = v.control(v.tokenizer.bos_token or "<s>")
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         system = ""
         for i, m in enumerate(messages):
@@ -493,31 +640,65 @@ class _Llama2:
 
 
 class _Llama3:
-    """Llama 3 instruct: header ids around the role, ``\\n\\n``, the text, ``<|eot_id|>``."""
+    """Llama 3 instruct: header ids around the role, ``\\n\\n``, the text, ``<|eot_id|>``.
+
+    With tools, Llama 3.1's custom-tool format (its chat_template's default, tools in the first user turn): a
+    system header naming the ipython environment, the tools as JSON (indent 4) before the first user text, one
+    call per assistant message as ``{"name": ..., "parameters": {...}}``, results in ``ipython`` turns (the
+    text as given; Meta's prompt-format documentation shows it unquoted).
+    """
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         self.begin = v.control("<|begin_of_text|>")
         self.start = v.control("<|start_header_id|>")
         self.end = v.control("<|end_header_id|>")
         self.eot = v.control("<|eot_id|>")
-        self.role = {role: v.literal(role) for role in ("system", "user", "assistant")}
+        self.role = {role: v.literal(role) for role in ("system", "user", "assistant", "ipython")}
         self.blank = v.literal("\n\n")
         self.stop_token_ids = (self.eot, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.begin)
+        has_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+        if has_tools:
+            messages, trained, before = _one_call_per_step(messages, trained)
+            if any(before):
+                raise _NoToolFormatError("Llama 3.1's tool format has no text beside a call")
+            system = messages[0].content.strip() if messages[0].role == "system" else ""
+            out.add(self.start)
+            out.add(self.role["system"])
+            out.add(self.end)
+            out.add("\n\n" + LLAMA31_TOOLS_SYSTEM + system)
+            out.add(self.eot)
+        first_user = True
         for i, m in enumerate(messages):
+            if m.role == "system" and has_tools:
+                continue
             if m.role == "assistant":
-                out.add(m.content.strip(), trained[i])
+                if m.tool_calls:
+                    (call,) = m.tool_calls
+                    text = f'{{"name": "{call.name}", "parameters": {_json(_arguments(call))}}}'
+                    out.add(text, trained[i])
+                else:
+                    out.add(m.content.strip(), trained[i])
                 out.add(self.eot, trained[i])
                 continue
             out.add(self.start)
-            out.add(self.role[m.role])
+            out.add(self.role["ipython" if m.role == "tool" else m.role])
             out.add(self.end)
-            out.add("\n\n" + m.content.strip())
+            if m.role == "tool":
+                out.add("\n\n" + m.content)
+            elif m.role == "user" and first_user and tools:
+                schemas = "".join(_json(json.loads(tool), indent=4) + "\n\n" for tool in tools)
+                out.add("\n\n" + LLAMA31_TOOLS_USER + schemas + m.content.strip())
+            else:
+                out.add("\n\n" + m.content.strip())
+            first_user = first_user and m.role != "user"
             out.add(self.eot)
-            if m.role == "user":
+            if m.role == "user" or (m.role == "tool" and (i + 1 == len(messages) or messages[i + 1].role != "tool")):
                 out.add(self.start)
                 out.add(self.role["assistant"])
                 out.add(self.end)
@@ -526,7 +707,14 @@ class _Llama3:
 
 
 class _ChatML:
-    """Qwen's ChatML: ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; default system when none is given."""
+    """Qwen's ChatML: ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; default system when none is given.
+
+    With tools, Qwen2.5's tool format: the tools (one JSON per line) inside ``<tools></tools>`` after the system
+    text, each call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` after the assistant's
+    text, and the results of consecutive tool messages in one user turn, each inside
+    ``<tool_response>\\n...\\n</tool_response>``. The XML tags are tokens where the vocabulary has them (Qwen2.5)."""
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         self.start = v.control("<|im_start|>")
@@ -534,38 +722,87 @@ class _ChatML:
         self.newline = v.literal("\n")
         self.assistant = v.literal("assistant\n")
         self.default_system = v.literal(f"system\n{QWEN_DEFAULT_SYSTEM}")
+        self.call_open, self.call_close = v.marker("<tool_call>"), v.marker("</tool_call>")
+        self.result_open, self.result_close = v.marker("<tool_response>"), v.marker("</tool_response>")
+        self.user_newline = v.literal("user\n")
+        self.tags = {"<tool_call>": self.call_open, "</tool_call>": self.call_close}
+        self.literal = v.literal
         self.stop_token_ids = (self.end, v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
-        if messages[0].role != "system":
+        if tools:
+            system = messages[0].content if messages[0].role == "system" else QWEN_DEFAULT_SYSTEM
+            out.add(self.start)
+            # Tool schemas are data: plain text, like the system text they follow. The footer's <tool_call> tags
+            # are template text: tokens where the vocabulary has them, as in Qwen2.5's own rendering.
+            first, *rest = _TOOL_CALL_TAG.split(QWEN_TOOLS_FOOTER)
+            out.add("system\n" + system + QWEN_TOOLS_HEADER + "".join("\n" + tool for tool in tools) + first)
+            for piece in rest:
+                if piece:
+                    out.add(self.tags[piece] if piece in self.tags else self.literal(piece))
+            out.add(self.end)
+            out.add(self.newline)
+        elif messages[0].role != "system":
             out.add(self.start)
             out.add(self.default_system)
             out.add(self.end)
             out.add(self.newline)
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                out.add(m.content, trained[i])
+                if m.tool_calls:
+                    self._calls(out, m, trained[i])
+                else:
+                    out.add(m.content, trained[i])
                 out.add(self.end, trained[i])
                 continue
             if i > 0 and messages[i - 1].role == "assistant":
                 out.add(self.newline)
-            out.add(self.start)
-            out.add(f"{m.role}\n{m.content}")
+            if m.role == "tool":
+                if messages[i - 1].role != "tool":
+                    out.add(self.start)
+                    out.add(self.user_newline)
+                else:
+                    out.add(self.newline)
+                out.add(self.result_open)
+                out.add("\n" + m.content + "\n")
+                out.add(self.result_close)
+                if i + 1 < len(messages) and messages[i + 1].role == "tool":
+                    continue
+            elif m.role == "system" and tools:
+                continue
+            else:
+                out.add(self.start)
+                out.add(f"{m.role}\n{m.content}")
             out.add(self.end)
             out.add(self.newline)
-            if m.role == "user":
+            if m.role in ("user", "tool"):
                 out.add(self.start)
                 out.add(self.assistant)
         return out
 
+    def _calls(self, out: _Layout, m: Message, trained: bool) -> None:
+        for n, call in enumerate(m.tool_calls):
+            # After the assistant prefix: the text (if any) and a newline, then the calls one per line.
+            before = (m.content + "\n" if m.content else "") if n == 0 else "\n"
+            if before:
+                out.add(before, trained)
+            out.add(self.call_open, trained)
+            out.add(f'\n{{"name": "{call.name}", "arguments": {_json(_arguments(call))}}}\n', trained)
+            out.add(self.call_close, trained)
+
 
 class _Baichuan:
-    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}</s>``.
+    """Baichuan chat: ``{system}<user_token>{user}<assistant_token>{answer}...</s>``.
 
     Baichuan-13B-Chat spells the user/assistant tokens <reserved_102>/<reserved_103>, Baichuan2
-    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies).
+    <reserved_106>/<reserved_107> (ids 195/196 in both vocabularies). Rounds follow each other with no token
+    between them, as the vendor's ``build_chat_input`` builds a prompt; eos closes the last answer. The vendor's
+    fine-tune script also puts an eos *label* on every later user token (teaching eos after each answer
+    without eos in the input); labels here are ids or nothing, so those positions are not trained.
     """
+
+    tool_format = False
 
     def __init__(self, v: _Vocab, *, user: str, assistant: str) -> None:
         self.user = v.control(user)
@@ -573,8 +810,9 @@ class _Baichuan:
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
+        last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "system":
                 out.add(m.content)
@@ -584,70 +822,204 @@ class _Baichuan:
                 out.add(self.assistant)
             else:
                 out.add(m.content, trained[i])
-                out.add(self.eos, trained[i])
+                if i == last:
+                    out.add(self.eos, trained[i])
+        return out
+
+
+class _ChatGLM:
+    """ChatGLM-6B (v1): ``{prompt}[gMASK]<sop>{answer}<eop>``, one trained answer per sample.
+
+    The prompt is built as the original's ``chat``/P-Tuning code builds it: the query alone when there are no
+    earlier rounds, else ``[Round i]\n问：{q}\n答：{a}\n`` for i = 0, 1, ... then ``[Round n]\n问：{q}\n答：``.
+    Everything before ``<sop>`` is the bidirectional prefix of the GLM prefix-LM, so earlier answers are history
+    text, never trained: only the last answer and its ``<eop>`` are. A system text (v1 has no system role)
+    goes first, followed by a newline.
+    """
+
+    def __init__(self, v: _Vocab) -> None:
+        self.gmask = v.control("[gMASK]")
+        self.sop = v.control("<sop>")
+        self.eop = v.control("<eop>")
+        self.stop_token_ids = (self.eop, v.eos)
+
+    tool_format = False
+
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        out = _Layout()
+        text = "".join(m.content + "\n" for m in messages if m.role == "system")
+        turns = [m.content for m in messages if m.role != "system"]
+        answer = turns.pop() if messages[-1].role == "assistant" else None
+        query, history = turns[-1], list(zip(turns[:-1:2], turns[1:-1:2], strict=True))
+        if history:
+            text += "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+            text += f"[Round {len(history)}]\n问：{query}\n答："
+        else:
+            text += query
+        out.add(text)
+        out.add(self.gmask)
+        out.add(self.sop)
+        if answer is not None:
+            out.add(answer, trained[-1])
+            out.add(self.eop, trained[-1])
         return out
 
 
 class _ChatGLM2:
-    """ChatGLM2: ``[gMASK]sop`` then ``[Round N]\\n\\n问：{user}\\n\\n答：{answer}`` rounds joined by ``\\n\\n``.
+    """ChatGLM2, as THUDM's ``build_prompt`` and ``ptuning/main.py`` encode it.
 
-    ChatGLM2 has no system role: a system text is rendered before round 1, followed by a blank line. eos
-    closes every answer (ChatGLM2's build_prompt has none between rounds; it is how the model learns to stop).
+    ``[gMASK] sop``, then the prompt ``[Round 1]\n\n问：{q}\n\n答：{a}\n\n[Round 2]\n\n问：{q}\n\n答：``
+    tokenized as ONE text (rounds counted from 1), then the last answer tokenized on its own and eos. An
+    earlier answer that is trained stays part of the joint text (``Joined``: no dummy "▁" at its boundaries)
+    and gets no eos, exactly the tokens the model sees in a later prompt. ChatGLM2 has no system role: a system
+    text is rendered before round 1, followed by a blank line.
     """
+
+    tool_format = False
 
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.eos = v.eos
         self.stop_token_ids = (v.eos,)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
         out = _Layout()
         out.add(self.prefix)
+        pending: list[str] = []  # untrained text, tokenized as one piece when flushed
+        first_text = True
         round_index = 0
+        last = len(messages) - 1
+
+        def flush() -> None:
+            nonlocal first_text
+            if pending:
+                text = "".join(pending)
+                out.add(text if first_text else Joined(text))
+                first_text = False
+                pending.clear()
+
         for i, m in enumerate(messages):
             if m.role == "system":
-                out.add(m.content + "\n\n")
+                pending.append(m.content + "\n\n")
             elif m.role == "user":
                 round_index += 1
-                separator = "\n\n" if round_index > 1 else ""
-                out.add(f"{separator}[Round {round_index}]\n\n问：{m.content}\n\n答：")
-            else:
-                out.add(m.content, trained[i])
+                pending.append(f"[Round {round_index}]\n\n问：{m.content}\n\n答：")
+            elif i == last:
+                flush()
+                out.add(m.content, trained[i])  # ptuning encodes the answer on its own (with the dummy prefix)
                 out.add(self.eos, trained[i])
+            elif trained[i]:
+                flush()
+                out.add(Joined(m.content), True)
+                first_text = False
+                pending.append("\n\n")
+            else:
+                pending.append(m.content + "\n\n")
+        flush()
         return out
 
 
 class _ChatGLM3:
-    """ChatGLM3: ``[gMASK]sop<|system|>\\n{system}<|user|>\\n{user}<|assistant|>\\n{answer}...``.
+    """ChatGLM3: ``[gMASK]sop`` then, per message, ``<|role|>`` + ids of ``"\n"`` + ids of the content.
 
-    As in ChatGLM3's own fine-tuning code, the assistant's turn is everything after ``<|assistant|>`` (the
-    metadata line ``\\n`` and the text), and what closes it is trained: the next ``<|user|>`` (ChatGLM3's stop
-    token) or, after the last answer, eos.
+    As THUDM's ``build_single_message`` does, the metadata line ``"\n"`` and the content are tokenized
+    separately (each with SentencePiece's dummy prefix). As in ChatGLM3's own fine-tuning code, the assistant's
+    turn is everything after ``<|assistant|>`` (the ``\n`` line and the text), and what closes it is trained:
+    the next ``<|user|>`` (ChatGLM3's stop token) or, after the last answer, eos.
     """
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         self.prefix = (v.control("[gMASK]"), v.control("sop"))
         self.role = {role: v.control(f"<|{role}|>") for role in ("system", "user", "assistant")}
+        self.newline = v.literal("\n")
         self.eos = v.eos
         observation = v.single_token("<|observation|>")
         self.stop_token_ids = (self.role["user"], *([observation] if observation is not None else []), v.eos)
+        self.observation = observation
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         out = _Layout()
         out.add(self.prefix)
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m.role == "assistant":
-                out.add("\n" + m.content, trained[i])
+                out.add(self.newline, trained[i])
+                out.add(m.content, trained[i])
                 if i == last:
                     out.add(self.eos, trained[i])
                 continue
             closes_answer = i > 0 and trained[i - 1]
             out.add(self.role[m.role], closes_answer)
-            out.add("\n" + m.content)
+            out.add(self.newline)
+            out.add(m.content)
             if m.role == "user":
                 out.add(self.role["assistant"])
         return out
+
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """ChatGLM3's tool format (its tool demo and fine-tuning preprocessing): the tools as JSON (indent 4) in a
+        system turn first; a call is an assistant turn whose metadata line is the tool name and whose text is
+        a fenced python block ``tool_call(city='Paris')``; its result an ``<|observation|>`` turn.
+        One call per assistant turn; text said before a call is an assistant turn of its own. The token after
+        a trained assistant turn (``<|assistant|>``, ``<|observation|>``, ``<|user|>``) is trained, eos last."""
+        if self.observation is None:
+            raise _NoToolFormatError("this tokenizer has no <|observation|> token (ChatGLM3's tool result role)")
+        messages, trained, before = _one_call_per_step(messages, trained)
+        out = _Layout()
+        out.add(self.prefix)
+        closes = False  # whether the next role token closes a trained assistant turn (ChatGLM3's shifted mask)
+
+        def turn(role: int, text: str, is_trained: bool) -> None:
+            # build_single_message: the role token, then the metadata line "\n" and the text, tokenized apart
+            nonlocal closes
+            out.add(role, closes)
+            out.add(self.newline, is_trained)
+            out.add(text, is_trained)
+            closes = is_trained
+
+        if tools:
+            turn(self.role["system"], CHATGLM3_TOOLS_SYSTEM + "\n" + _json(_functions(tools), indent=4), False)
+        for i, m in enumerate(messages):
+            if m.role == "assistant" and m.tool_calls:
+                (call,) = m.tool_calls
+                if before[i]:
+                    out.add(self.newline, trained[i])
+                    out.add(before[i], trained[i])
+                    closes = trained[i]
+                    out.add(self.role["assistant"], closes)
+                # The metadata line is the tool's name; the text is the call as Python code.
+                out.add(f"{call.name}\n", trained[i])
+                out.add(f"```python\n{_python_call('tool_call', _arguments(call))}\n```", trained[i])
+                closes = trained[i]
+            elif m.role == "assistant":
+                out.add(self.newline, trained[i])
+                out.add(m.content, trained[i])
+                closes = trained[i]
+                if i == len(messages) - 1:
+                    out.add(self.eos, trained[i])
+            else:
+                role = self.observation if m.role == "tool" else self.role[m.role]
+                turn(role, m.content, False)
+                last_of_results = m.role == "tool" and (i + 1 == len(messages) or messages[i + 1].role != "tool")
+                if m.role == "user" or last_of_results:
+                    out.add(self.role["assistant"])
+        return out
+
+
+def _python_call(name: str, arguments: Any) -> str:
+    """``tool_call(city='Paris')`` as ChatGLM3 writes a call (Python's ast.unparse of the keyword call); a
+    non-object argument (MOSS's one string) is passed positionally."""
+    if isinstance(arguments, dict):
+        keywords = [ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()]
+        call = ast.Call(func=ast.Name(id=name), args=[], keywords=keywords)
+    else:
+        values = arguments if isinstance(arguments, list) else [arguments]
+        call = ast.Call(func=ast.Name(id=name), args=[ast.Constant(v) for v in values], keywords=[])
+    return ast.unparse(call)
 
 
 class _Moss:
@@ -657,6 +1029,8 @@ class _Moss:
     vocabulary has them and as text otherwise. With no system message the published meta instruction is used.
     """
 
+    tool_format = True
+
     def __init__(self, v: _Vocab) -> None:
         self.human = v.marker("<|Human|>")
         self.moss = v.marker("<|MOSS|>")
@@ -665,9 +1039,14 @@ class _Moss:
         self.newline = v.literal("\n")
         self.colon = v.literal(":")
         self.meta = v.literal(MOSS_META_INSTRUCTION)
-        self.stop_token_ids = (self.eom, v.eos)
+        self.plugin = {name: v.marker(f"<|{name}|>") for name in ("Inner Thoughts", "Commands", "Results")}
+        self.ends = {name: v.marker(f"<{name}>") for name in ("eot", "eoc", "eor")}
+        eoc = v.single_token("<eoc>")
+        self.stop_token_ids = (self.eom, *([eoc] if eoc is not None else []), v.eos)
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         out = _Layout()
         if messages[0].role != "system":
             out.add(self.meta)
@@ -689,8 +1068,69 @@ class _Moss:
                 out.add(self.eom, trained[i])
         return out
 
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """MOSS's plugin format (moss-003-sft plugin conversations): after ``<eoh>\\n`` the assistant writes
+        ``<|Inner Thoughts|>: {text or None}<eot>\\n<|Commands|>: Name(args), ...<eoc>`` to call tools, the
+        results follow as ``\\n<|Results|>:\\n{results}\\n<eor>\\n`` (never trained), then it writes
+        ``<|MOSS|>: {reply}<eom>``. Here the assistant writes its own markers, so they are trained and a prompt ends
+        at ``<eoh>\\n`` (or ``<eor>\\n``). Tools offered are listed after the meta instruction as MOSS lists its
+        plugins (``- {description}: enabled. API: {name}({parameters})``)."""
+        out = _Layout()
+        system = messages[0].content if messages[0].role == "system" else MOSS_META_INSTRUCTION
+        if tools:
+            lines = ["- Inner thoughts: enabled."]
+            for function in _functions(tools):
+                params = ", ".join((function.get("parameters") or {}).get("properties") or {})
+                label = str(function.get("description") or function["name"]).strip().splitlines()[0]
+                lines.append(f"- {label}: enabled. API: {function['name']}({params})")
+            system = system + ("" if system.endswith("\n") or not system else "\n") + "\n".join(lines) + "\n"
+        out.add(system)
+        for i, m in enumerate(messages):
+            if m.role == "system":
+                continue
+            if m.role == "user":
+                if messages[i - 1].role == "assistant":
+                    out.add(self.newline)
+                out.add(self.human)
+                out.add(": " + m.content)
+                out.add(self.eoh)
+                out.add(self.newline)
+            elif m.role == "tool":
+                if messages[i - 1].role != "tool":
+                    out.add(self.newline)
+                    out.add(self.plugin["Results"])
+                    out.add(":\n" + m.content)
+                else:
+                    out.add("\n" + m.content)
+                if i + 1 == len(messages) or messages[i + 1].role != "tool":
+                    out.add(self.newline)
+                    out.add(self.ends["eor"])
+                    out.add(self.newline)
+            elif m.tool_calls:
+                out.add(self.plugin["Inner Thoughts"], trained[i])
+                out.add(": " + (m.content or "None"), trained[i])
+                out.add(self.ends["eot"], trained[i])
+                out.add(self.newline, trained[i])
+                out.add(self.plugin["Commands"], trained[i])
+                out.add(": " + ", ".join(_moss_command(call) for call in m.tool_calls), trained[i])
+                out.add(self.ends["eoc"], trained[i])
+            else:
+                out.add(self.moss, trained[i])
+                out.add(self.colon, trained[i])
+                out.add(" " + m.content, trained[i])
+                out.add(self.eom, trained[i])
+        return out
+
+
+def _moss_command(call: ToolCall) -> str:
+    """``Search("query")``: MOSS's command syntax, the arguments as JSON values (a list: several arguments)."""
+    arguments = _arguments(call)
+    values = arguments if isinstance(arguments, list) else [arguments]
+    return f"{call.name}({', '.join(_json(value) for value in values)})"
+
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
+_TOOL_CALL_TAG = re.compile("(</?tool_call>)")
 
 
 class _TokenizerTemplate:
@@ -702,6 +1142,8 @@ class _TokenizerTemplate:
     rejected as unrenderable (the template rewrites content, drops or reorders messages). What closes an
     assistant turn is the template text after the answer up to and including its first special token.
     """
+
+    tool_format = True
 
     def __init__(self, v: _Vocab) -> None:
         tokenizer = v.tokenizer
@@ -722,6 +1164,10 @@ class _TokenizerTemplate:
             raise InputError(f"template 'tokenizer' does not fit tokenizer {v.where}: {exc}") from exc
         closers = [self._first_special(self._fragment_ids(fragments[i + 1])) for i in (1, 3)]
         self.stop_token_ids = (*(c for c in closers if c is not None), v.eos)
+        # With tools: the texts of the stop tokens (where a turn ends) and of every control token (a data string
+        # holding one is tokenized as plain text).
+        self.stop_texts = [str(t) for t in tokenizer.convert_ids_to_tokens(list(self.stop_token_ids))]
+        self.control_texts = [str(t) for t in tokenizer.convert_ids_to_tokens(sorted(self.special_ids)) if t]
 
     def _first_special(self, ids: tuple[int, ...]) -> int | None:
         return next((t for t in ids if t in self.special_ids), None)
@@ -736,10 +1182,12 @@ class _TokenizerTemplate:
                 self._fragments[fragment] = ids
         return ids
 
-    def _apply(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _apply(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[Any] | None = None
+    ) -> str:
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # Jinja raises whatever the template's author chose (raise_exception).
             raise _UnrenderableError(f"chat_template failed: {exc}") from exc
@@ -759,7 +1207,9 @@ class _TokenizerTemplate:
         self._skeletons[key] = fragments
         return fragments
 
-    def render(self, messages: Sequence[Message], trained: Sequence[bool]) -> _Layout:
+    def render(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str] = ()) -> _Layout:
+        if tools or any(m.tool_calls or m.role == "tool" for m in messages):
+            return self._render_tools(messages, trained, tools)
         add_generation_prompt = messages[-1].role == "user"
         fragments = self._skeleton(tuple(m.role for m in messages), add_generation_prompt)
         rendered = self._apply([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt)
@@ -787,6 +1237,121 @@ class _TokenizerTemplate:
                 out.add(after[closer + 1 :])
         return out
 
+    # ---- tool use: the chat_template is given tools=, tool_calls and tool messages, in transformers' form
+
+    def _render_tools(self, messages: Sequence[Message], trained: Sequence[bool], tools: Sequence[str]) -> _Layout:
+        """Render a conversation with tools through the chat_template.
+
+        Message contents (and the strings of arguments and tool schemas that hold a control string) are given
+        as placeholders, then tokenized as plain text; the rest is template text. An assistant message's span
+        starts where the template's generation prompt for the messages before it ends (so a prompt is exactly
+        the prefix it was trained on) and ends with the first stop token after it; the span is what is trained.
+        """
+        sentinels: list[tuple[int, str]] = []  # (owner message index, -1 for the tools; real value)
+        marked_tools, marked = self._marked(messages, tools, sentinels)
+        plain_tools, plain = self._marked(messages, tools, None)
+        prompt = messages[-1].role != "assistant"
+        text = self._apply(marked, prompt, marked_tools)
+        real = self._apply(plain, prompt, plain_tools)
+        found = [(match.start(), match.end(), int(match.group(1))) for match in _SENTINEL.finditer(text)]
+        if sorted(k for _, _, k in found) != list(range(len(sentinels))):
+            raise _UnrenderableError("chat_template drops or repeats message content or tool arguments")
+        fragments = _SENTINEL.split(text)[::2]
+        values = self._values(fragments, [sentinels[k] for _, _, k in found], real)
+
+        spans: list[tuple[int, int, int]] = []  # (start, end, message) of each assistant message's output
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self._apply(marked[:i], True, marked_tools)
+            if not text.startswith(before):
+                raise _UnrenderableError("chat_template's generation prompt is not a prefix of the conversation")
+            start = len(before)
+            bound = next((a for a, _, k in found if a >= start and sentinels[k][0] > i), len(text))
+            stops = [text.find(stop, start, bound) for stop in self.stop_texts]
+            end = min((at + len(stop) for at, stop in zip(stops, self.stop_texts, strict=True) if at >= 0), default=-1)
+            spans.append((start, end if end >= 0 else bound, i))
+
+        cuts = sorted(
+            {0, len(text), *(a for a, _, _ in found), *(b for _, b, _ in found), *(x for s in spans for x in s[:2])}
+        )
+        by_start = {a: (b, n) for n, (a, b, _) in enumerate(found)}
+        out = _Layout()
+        for a, b in itertools.pairwise(cuts):
+            if a >= b or any(x < a < y for x, y, _ in found):
+                continue
+            span = next((s for s in spans if s[0] <= a < s[1]), None)
+            is_trained = span is not None and trained[span[2]]
+            if a in by_start:
+                out.add(values[by_start[a][1]], is_trained)
+            else:
+                out.add(self._fragment_ids(text[a:b]), is_trained)
+        last = spans[-1] if spans else None
+        if (
+            not prompt
+            and last is not None
+            and last[2] == len(messages) - 1
+            and not any(text.find(stop, last[0], last[1]) >= 0 for stop in self.stop_texts)
+        ):
+            out.add(self.eos, trained[last[2]])  # the template ends the answer with nothing: teach eos
+        return out
+
+    def _marked(
+        self, messages: Sequence[Message], tools: Sequence[str], sentinels: list[tuple[int, str]] | None
+    ) -> tuple[list[Any] | None, list[dict[str, Any]]]:
+        """transformers' messages and tools for these; with ``sentinels``, placeholders for the plain-text parts
+        (appended to it as (owner, value)); without, the real values."""
+
+        def mark(value: str, owner: int) -> str:
+            if sentinels is None:
+                return value
+            sentinels.append((owner, value))
+            return f"\ue000{len(sentinels) - 1}\ue001"
+
+        def strings(value: Any, owner: int) -> Any:
+            # Only strings that hold a control string need to be placeholders; the rest stays template text.
+            if isinstance(value, str):
+                return mark(value, owner) if any(t in value for t in self.control_texts) else value
+            if isinstance(value, list):
+                return [strings(v, owner) for v in value]
+            if isinstance(value, dict):
+                return {k: strings(v, owner) for k, v in value.items()}
+            return value
+
+        marked_tools = [strings(json.loads(t), -1) for t in tools] or None
+        out = []
+        for i, m in enumerate(messages):
+            body: dict[str, Any] = {"role": m.role, "content": mark(m.content, i) if m.content else ""}
+            if m.tool_calls:
+                body["tool_calls"] = [
+                    {
+                        "type": "function",
+                        "function": {"name": strings(c.name, i), "arguments": strings(_arguments(c), i)},
+                    }
+                    for c in m.tool_calls
+                ]
+            if m.role == "tool" and m.name:
+                body["name"] = m.name
+            out.append(body)
+        return marked_tools, out
+
+    def _values(self, fragments: list[str], sentinels: list[tuple[int, str]], real: str) -> list[str]:
+        """The text each placeholder stands for in ``real``: as given, stripped, or JSON-escaped (``tojson``),
+        whichever makes the template text that follows it match."""
+        values: list[str] = []
+        position = len(fragments[0])
+        for (_, value), fragment in zip(sentinels, fragments[1:], strict=True):
+            escaped = json.dumps(value, ensure_ascii=False)[1:-1]
+            candidates = (value, value.strip(), escaped, json.dumps(value.strip(), ensure_ascii=False)[1:-1])
+            chosen = next((c for c in candidates if real.startswith(c + fragment, position)), None)
+            if chosen is None:
+                raise _UnrenderableError("chat_template rewrites message content beyond stripping whitespace")
+            values.append(chosen)
+            position += len(chosen) + len(fragment)
+        if not real.startswith(fragments[0]) or _interleave(fragments, values) != real:
+            raise _UnrenderableError("chat_template rewrites message content beyond stripping whitespace")
+        return values
+
 
 def _interleave(fragments: list[str], contents: list[str]) -> str:
     parts = [fragments[0]]
@@ -804,20 +1369,100 @@ def _has_supervised(labels: np.ndarray) -> bool:
     return bool(np.any(labels != IGNORE_INDEX))
 
 
-def _role_order_problem(messages: Sequence[Message], *, last_role: str) -> str:
-    """Empty when messages are: optional system, then user/assistant alternating, ending with last_role."""
+def _role_order_problem(messages: Sequence[Message], *, prompt: bool) -> str:
+    """Empty when messages are: optional system, then rounds of a user turn and the assistant's answer (tool
+    calls each followed by their results, then a reply without calls). A conversation ends with that reply;
+    a prompt ends where the assistant speaks next: after a user turn or after tool results."""
     if not messages:
         return "no messages"
     start = 1 if messages[0].role == "system" else 0
-    for i, m in enumerate(messages[start:]):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
-            return f"message {start + i} has role {m.role!r}, expected {expected!r}"
-    if len(messages) == start or messages[-1].role != last_role:
-        return f"conversation must end with a {last_role} turn"
+    expected: tuple[str, ...] = ("user",)
+    for i, m in enumerate(messages[start:], start=start):
+        if m.role not in expected:
+            return f"message {i} has role {m.role!r}, expected {' or '.join(repr(r) for r in expected)}"
+        if m.role == "user":
+            expected = ("assistant",)
+        elif m.role == "assistant":
+            expected = ("tool",) if m.tool_calls else ("user", "tool")
+        else:
+            expected = ("tool", "assistant")
+    if len(messages) == start:
+        return "no user turn"
+    last = messages[-1]
+    if prompt and last.role not in ("user", "tool"):
+        return "a prompt must end with a user turn or with tool results"
+    if not prompt and (last.role != "assistant" or last.tool_calls):
+        return "conversation must end with an assistant turn without tool calls"
     return ""
 
 
 def _reject(conv: Conversation, reason: str, detail: str) -> Reject:
-    raw = json.dumps([{"role": m.role, "content": m.content} for m in conv.messages], ensure_ascii=False)
+    raw = json.dumps([_message_dict(m) for m in conv.messages], ensure_ascii=False)
     return Reject(reason=reason, source=conv.source, index=conv.index, raw=raw[:500], detail=detail)
+
+
+def _message_dict(m: Message) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        body["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+    return body
+
+
+def _one_call_per_step(
+    messages: Sequence[Message], trained: Sequence[bool]
+) -> tuple[list[Message], list[bool], list[str]]:
+    """For formats with one call per assistant message (Llama 3.1, ChatGLM3): an assistant message with n calls
+    followed by their n results becomes n (call, result) pairs, in order. Returns the messages, their trained
+    flags and, per message, the text said before the calls (kept on the first call only).
+
+    Raises _NoToolFormatError when the number of results differs from the number of calls.
+    """
+    out: list[Message] = []
+    out_trained: list[bool] = []
+    before: list[str] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        if not m.tool_calls:
+            out.append(m)
+            out_trained.append(trained[i])
+            before.append("")
+            i += 1
+            continue
+        results = list(itertools.takewhile(lambda r: r.role == "tool", messages[i + 1 :]))
+        if len(results) != len(m.tool_calls) and len(m.tool_calls) > 1:
+            raise _NoToolFormatError(
+                f"{len(m.tool_calls)} parallel calls with {len(results)} results: this format makes one call "
+                "per step, so each call needs its own result"
+            )
+        for n, call in enumerate(m.tool_calls):
+            out.append(Message(role="assistant", content="", tool_calls=(call,)))
+            out_trained.append(trained[i])
+            before.append(m.content if n == 0 else "")
+            if len(m.tool_calls) > 1:
+                out.append(results[n])
+                out_trained.append(False)
+                before.append("")
+        i += 1 + (len(results) if len(m.tool_calls) > 1 else 0)
+    return out, out_trained, before
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    """JSON as Jinja's ``tojson`` in transformers writes it: non-ASCII kept, ", " and ": " separators."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _arguments(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.arguments)
+    except json.JSONDecodeError as exc:
+        raise _UnrenderableError(f"tool call {call.name}: arguments are not JSON ({exc.msg})") from exc
+
+
+def _functions(tools: Sequence[str]) -> list[dict[str, Any]]:
+    """The function schemas of OpenAI-form tools (``{"type": "function", "function": {...}}`` -> ``{...}``)."""
+    schemas = []
+    for tool in tools:
+        value = json.loads(tool)
+        schemas.append(value["function"] if isinstance(value, dict) and "function" in value else value)
+    return schemas

@@ -36,10 +36,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% more compute."""
     family: str = "auto"
-    """Model family for LoRA targets and packing isolation (llama, qwen, mistral, baichuan, chatglm, moss, gpt2,
-    starcoder); auto reads config.json's model_type."""
+    """Model family for LoRA targets and packing isolation (llama, qwen2, qwen, mistral, glm, codegen, gpt2,
+    starcoder); auto reads config.json's model_type. ChatGLM2/3, Baichuan and MOSS train as glm, llama and
+    codegen after ``python -m trainer.convert``."""
     trust_remote_code_paths: tuple[str, ...] = ()
-    """Model directories allowed to run their own modeling code (Baichuan, ChatGLM, MOSS). Empty: none."""
+    """Model directories allowed to run their own modeling code (e.g. Qwen-1). Empty: none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +111,11 @@ class TrainConfig:
     """auto: continue from the latest complete checkpoint in output_dir if there is one."""
     export: bool = True
     """Write OUT/final (HF model or PEFT adapter + tokenizer) at the end of the run."""
+    loss_tile_tokens: int = 0
+    """Tokens per tile of the tiled loss (trainer/tiled_loss.py): the output head and the fp32 cross-entropy run
+    on this many positions at a time, recomputed in backward, so the loss never holds full logits (peak:
+    tile x vocab instead of micro_batch_size x seq x vocab). 0: the plain loss over the model's full logits.
+    Same loss up to fp32 summation order; costs one extra head matmul per token. Use it for long sequences."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +177,8 @@ class RunConfig:
             raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
         if t.keep_last_checkpoints < 1:
             raise ConfigError("train.keep_last_checkpoints must be >= 1")
+        if t.loss_tile_tokens < 0:
+            raise ConfigError(f"train.loss_tile_tokens={t.loss_tile_tokens}: must be >= 0 (0: plain loss)")
         if self.model.method == "qlora" and self.model.dtype == "fp16":
             raise ConfigError("model.dtype=fp16 with model.method=qlora: QLoRA computes in bf16; set model.dtype=bf16")
 

@@ -171,12 +171,23 @@ def write_adapter(
     _replace_dir(partial, out_dir)
 
 
+def fold_norm_heads(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a NormHead's rows normalized, so the export is a plain Linear head that plain transformers runs."""
+    from trainer.models.norm_head import NormHead, normalized_lm_head
+
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if isinstance(module, NormHead) and key in state_dict:
+            state_dict[key] = normalized_lm_head(state_dict[key])
+
+
 def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir: Path) -> Path:
     """Export a model (the engine's module, or one rebuilt from a checkpoint); all ranks call it."""
     out_dir = Path(out_dir)
     info = export_info(cfg, loaded.base_model_path)
     if cfg.model.method == "full":
         state_dict = gathered_state_dict(model, keep=lambda _name, _param: True)
+        fold_norm_heads(model, state_dict)
         writer = write_full
     else:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)

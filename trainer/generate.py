@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from data_pipeline.conversation import Message
+from data_pipeline.conversation import Message, tool_schemas
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -118,7 +118,7 @@ def generation_config(decoding: Decoding, *, stop_token_ids: Sequence[int], pad_
 
 
 def read_prompts(path: str | Path) -> list[dict[str, str]]:
-    """Rows ``{prompt, system?, reference?}`` from JSON lines or the seed's CSV (``prompt,output``; output is the
+    """Rows ``{prompt, system?, tools?, reference?}`` (tools: a list of function schemas) from JSON lines or the seed's CSV (``prompt,output``; output is the
     reference). Raises GenerateError naming the file and line of the first bad record."""
     path = Path(path)
     if not path.is_file():
@@ -161,6 +161,12 @@ def _prompt_row(record: Any, where: str) -> dict[str, str]:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
         raise GenerateError(f"{where}: expected an object with a non-empty string 'prompt'")
     row = {"prompt": record["prompt"]}
+    if record.get("tools") is not None:
+        # The tools offered to the model, rendered as the template's family was trained to see them.
+        try:
+            row["tools"] = json.dumps([json.loads(t) for t in tool_schemas(record["tools"])], ensure_ascii=False)
+        except ValueError as exc:
+            raise GenerateError(f"{where}: {exc}") from None
     for key in ("system", "reference"):
         value = record.get(key)
         if value is not None:
@@ -177,9 +183,10 @@ def prompt_messages(prompt: str, system: str | None = None, history: Sequence[Me
 
 
 def encode_row(template: ChatTemplate, row: dict[str, str], index: int) -> list[int]:
-    """Prompt ids of one ``{prompt, system?}`` row, rendered exactly as training rendered the same turns."""
+    """Prompt ids of one ``{prompt, system?, tools?}`` row, rendered exactly as training rendered the same turns."""
     try:
-        return template.encode_prompt(prompt_messages(row["prompt"], row.get("system")))
+        tools = tool_schemas(row.get("tools"))
+        return template.encode_prompt(prompt_messages(row["prompt"], row.get("system")), tools)
     except ValueError as exc:
         raise GenerateError(f"prompt {index}: {exc}") from None
 
@@ -604,6 +611,8 @@ def load_for_inference(
     the trained model by the base's quantization error.
     """
     from transformers import AutoModelForCausalLM
+
+    import trainer.models  # noqa: F401  registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1)
 
     base_dir, adapter_path = resolve_dirs(model_dir, adapter_dir)
     tokenizer = load_tokenizer(base_dir, adapter_path, trust_remote_code=trust_remote_code)

@@ -27,6 +27,7 @@ from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open
 from trainer.ds_config import dump_ds_config, with_universal_load
 from trainer.metrics import MetricsLog, eta_s, mfu, peak_flops, perplexity, train_flops
 from trainer.optim import build_optimizer, choose_adam, lr_at, set_lr
+from trainer.tiled_loss import forward_tiled_loss_sum
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +83,10 @@ def scale_for_backward(
     return micro_loss_sum * (grad_accum_steps * world_size) / global_loss_tokens
 
 
-def forward_loss_sum(engine: Any, batch: Batch) -> torch.Tensor:
+def forward_loss_sum(engine: Any, batch: Batch, tile_tokens: int = 0) -> torch.Tensor:
+    """The micro-batch's summed loss; with tile_tokens > 0 the full logits never exist (trainer/tiled_loss)."""
+    if tile_tokens > 0:
+        return forward_tiled_loss_sum(engine, batch.model_inputs(engine.device), batch.labels, tile_tokens)
     outputs = engine(**batch.model_inputs(engine.device), use_cache=False)
     return loss_sum(outputs.logits, batch.labels.to(engine.device))
 
@@ -136,7 +140,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
             loss_tokens = global_loss_tokens(batches, engine.device)
             step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
             for batch in batches:  # micro-steps
-                micro_loss = forward_loss_sum(engine, batch)
+                micro_loss = forward_loss_sum(engine, batch, t.loss_tile_tokens)
                 step_loss += micro_loss.detach()
                 engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
                 engine.step()
@@ -422,7 +426,7 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
         engine.eval()
         with torch.no_grad():
             for batch in batches:
-                totals[0] += forward_loss_sum(engine, batch).double()
+                totals[0] += forward_loss_sum(engine, batch, cfg.train.loss_tile_tokens).double()
                 totals[1] += batch.loss_tokens
         engine.train()
         dist.all_reduce(totals)

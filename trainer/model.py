@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
 from trainer.config import ConfigError, RunConfig
-from trainer.families import Family, lora_target_modules, resolve_family
+from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
+from trainer.models.norm_head import NormHead
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,13 +103,20 @@ def is_flash_attention_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def attention_implementation(requested: str, remote_code: bool) -> str | None:
+def attention_implementation(requested: str, remote_code: bool, model_type: str = "") -> str | None:
     """The attn_implementation to pass to transformers; None lets remote modeling code choose its own."""
+    # Our own classes pass ALiBi / the GLM prefix-LM mask as a float mask, which flash-attention cannot take.
+    flash_ok = model_type not in trainer.models.OWN_MODEL_TYPES
     match requested:
         case "auto":
             if remote_code:
                 return None
-            return "flash_attention_2" if is_flash_attention_available() else "sdpa"
+            return "flash_attention_2" if flash_ok and is_flash_attention_available() else "sdpa"
+        case "flash_attention_2" if not flash_ok:
+            raise ConfigError(
+                f"model.attn_implementation=flash_attention_2: model_type {model_type} carries its position bias or "
+                "prefix mask in a float attention mask that flash-attention cannot take; use auto (sdpa) or eager"
+            )
         case _:
             return requested
 
@@ -196,9 +205,10 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     validate_method(cfg, ds_config)
     path = Path(cfg.model.path)
     raw_config = read_hf_config(path)
+    check_not_original(cfg.model.path, str(raw_config.get("model_type", "")))
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
-    attn = attention_implementation(cfg.model.attn_implementation, trust)
+    attn = attention_implementation(cfg.model.attn_implementation, trust, str(raw_config.get("model_type", "")))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     base_path = path
     if cfg.model.random_init and cfg.model.method in ("lora", "qlora"):
@@ -214,6 +224,8 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
 
     # Training never reuses a KV cache; with one, HF would also skip the packed-sequence mask built from position_ids.
     model.config.use_cache = False
+    if raw_config.get("norm_head") and cfg.model.method == "full":
+        use_norm_head(model)
     if cfg.model.gradient_checkpointing and cfg.model.method != "qlora":  # qlora: prepare_model_for_kbit_training
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.method in ("lora", "qlora"):
@@ -234,9 +246,20 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
 def build_random_model(cfg: RunConfig) -> Any:
     """The full model exactly as a ``random_init`` run starts it (same config, seed and dtype), outside any run:
     for measuring the untrained model (the demo's "before" evaluation)."""
-    path = Path(cfg.model.path)
-    trust = check_remote_code(cfg, read_hf_config(path))
-    return _build_random(cfg, attention_implementation(cfg.model.attn_implementation, trust), trust)
+    raw_config = read_hf_config(Path(cfg.model.path))
+    trust = check_remote_code(cfg, raw_config)
+    model_type = str(raw_config.get("model_type", ""))
+    return _build_random(cfg, attention_implementation(cfg.model.attn_implementation, trust, model_type), trust)
+
+
+def use_norm_head(model: nn.Module) -> None:
+    """Make ``model``'s lm_head a NormHead in place (config.json ``norm_head: true``, full-parameter training).
+
+    The class is swapped rather than the module replaced, so a ZeRO-3 partitioned weight and its hooks stay."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("config.json norm_head=true: the model has no Linear output layer to normalize")
+    head.__class__ = NormHead
 
 
 def _build_random(cfg: RunConfig, attn: str | None, trust: bool) -> Any:

@@ -36,6 +36,11 @@ class ModelShape:
     vocab: int
     kv_ratio: float
     """num_key_value_heads / num_attention_heads (1.0 without grouped-query attention)."""
+    gated_mlp: bool = True
+    """Gate, up and down MLP matrices (Llama); False: two matrices and a fused QKV (ChatGLM-6B v1)."""
+    mask_heads: int = 0
+    """Heads of the dense [micro, heads, seq, seq] bf16 mask our own classes hold through the step: ALiBi
+    (Baichuan-13B) carries its bias in it, one per head; the ChatGLM-6B v1 prefix mask has one. 0: none."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,11 +97,19 @@ def shape_from_config(model_dir: Path) -> ModelShape:
     layers = raw.get("num_hidden_layers", raw.get("n_layer", raw.get("num_layers")))
     if hidden is None or layers is None:
         raise SystemExit(f"{model_dir}/config.json: no hidden_size/num_hidden_layers; use --params instead")
-    intermediate = raw.get("intermediate_size", raw.get("n_inner") or raw.get("ffn_hidden_size") or 4 * hidden)
+    intermediate = raw.get(
+        "intermediate_size",
+        raw.get("n_inner") or raw.get("ffn_hidden_size") or raw.get("inner_hidden_size") or 4 * hidden,
+    )
     vocab = raw.get("vocab_size", raw.get("padded_vocab_size", 32000))
     heads = raw.get("num_attention_heads", raw.get("n_head", 1))
     kv_heads = raw.get("num_key_value_heads", raw.get("multi_query_group_num", heads))
-    gated = "intermediate_size" in raw  # Llama-style MLPs have gate, up and down matrices
+    model_type = raw.get("model_type")
+    # ChatGLM-6B v1 (ours, or the original with 2-D positions) and Baichuan-13B/2-13B (ours, or the original:
+    # no max_position_embeddings) keep a dense float mask; see ModelShape.mask_heads.
+    glm_v1 = model_type == "chatglm_v1" or (model_type == "chatglm" and bool(raw.get("position_encoding_2d")))
+    alibi = model_type == "baichuan_alibi" or (model_type == "baichuan" and "max_position_embeddings" not in raw)
+    gated = "intermediate_size" in raw and not glm_v1  # Llama-style MLPs have gate, up and down matrices
     attention = hidden * hidden * (2 + 2 * kv_heads / heads)
     mlp = (3 if gated else 2) * hidden * intermediate
     head = 1 if raw.get("tie_word_embeddings", False) else 2
@@ -108,26 +121,39 @@ def shape_from_config(model_dir: Path) -> ModelShape:
         intermediate=intermediate,
         vocab=vocab,
         kv_ratio=kv_heads / heads,
+        gated_mlp=gated,
+        mask_heads=heads if alibi else 1 if glm_v1 else 0,
     )
 
 
 def lora_params(shape: ModelShape, r: int) -> int:
-    """Adapter parameters with r on q,k,v,o,gate,up,down: r x (in + out) per matrix per layer."""
+    """Adapter parameters with r on q,k,v,o,gate,up,down (or, without a gated MLP, on the fused QKV, the
+    attention output and the two MLP matrices): r x (in + out) per matrix per layer."""
     h, i = shape.hidden, shape.intermediate
     kv = int(h * shape.kv_ratio)
     per_layer = (h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)
+    if not shape.gated_mlp:
+        per_layer = (h + h + 2 * kv) + (h + h) + (h + i) + (i + h)
     return shape.layers * r * per_layer
 
 
-def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int) -> int:
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, loss_tile_tokens: int = 0) -> int:
     """Rough activations with gradient checkpointing and flash/sdpa attention (no seq^2 term).
 
     Saved layer inputs: layers x tokens x hidden x 2 B; one layer recomputed: about 34 x tokens x hidden B
     (Korthikanti et al. 2022, without the attention-score term); fp32 logits and their gradient:
-    2 x tokens x vocab x 4 B.
+    2 x tokens x vocab x 4 B, or with the tiled loss (``train.loss_tile_tokens``) the same for one tile; the dense
+    mask of our own classes: micro x mask_heads x seq^2 x 2 B.
     """
     tokens = seq_len * micro_batch
-    return shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden + 2 * tokens * shape.vocab * 4
+    logit_tokens = min(tokens, loss_tile_tokens) if loss_tile_tokens > 0 else tokens
+    mask = micro_batch * shape.mask_heads * seq_len**2 * 2
+    return (
+        shape.layers * tokens * shape.hidden * 2
+        + 34 * tokens * shape.hidden
+        + 2 * logit_tokens * shape.vocab * 4
+        + mask
+    )
 
 
 def largest_layer_params(shape: ModelShape) -> int:
@@ -158,13 +184,15 @@ def qlora_states(shape: ModelShape, adapter: int) -> int:
     return math.ceil(linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8) + 4 * embeddings + 16 * adapter
 
 
-def options(shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int) -> list[Option]:
+def options(
+    shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int, loss_tile_tokens: int = 0
+) -> list[Option]:
     """Every configuration, fastest first (the order the recommendation scans)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     p, gpn, nodes = shape.params, hw.gpus_per_node, hw.nodes
-    act = activation_bytes(shape, seq_len, micro_batch)
+    act = activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens)
     largest = largest_layer_params(shape)
     # Load-time copy on the CPU without zero.Init: every local rank holds fp32 weights (DeepSpeed's own term).
     load_cpu = int(p * 4 * gpn * 1.5)
@@ -193,14 +221,17 @@ def recommend(opts: list[Option], hw: Hardware) -> Option | None:
     return next((option for option in opts if option.fits(hw)), None)
 
 
-def report(shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int) -> str:
-    opts = options(shape, hw, seq_len, micro_batch, lora_r)
+def report(
+    shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int, loss_tile_tokens: int = 0
+) -> str:
+    opts = options(shape, hw, seq_len, micro_batch, lora_r, loss_tile_tokens)
+    loss = f", tiled loss {loss_tile_tokens} tokens/tile" if loss_tile_tokens > 0 else ""
     lines = [
         f"model: {shape.params / 1e9:.2f}B params ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
         f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPU x {hw.gpu_mem_gb:g} GiB, "
         f"{hw.cpu_mem_gb:g} GiB CPU/node",
-        f"activations (checkpointed, seq {seq_len} x micro {micro_batch}): "
-        f"{activation_bytes(shape, seq_len, micro_batch) / GIB:.1f} GiB/GPU",
+        f"activations (checkpointed, seq {seq_len} x micro {micro_batch}{loss}): "
+        f"{activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens) / GIB:.1f} GiB/GPU",
         f"{'configuration':<52} {'states/GPU':>10} {'+act/GPU':>9} {'GPU/node':>9} {'CPU/node':>9}  fits",
     ]
     for o in opts:
@@ -211,7 +242,8 @@ def report(shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora
         )
     best = recommend(opts, hw)
     if best is None:
-        lines.append("verdict: nothing fits; add GPUs or nodes, shorten sequences, or lower micro_batch_size")
+        hint = "" if loss_tile_tokens > 0 else ", set train.loss_tile_tokens (--loss-tile-tokens)"
+        lines.append(f"verdict: nothing fits; add GPUs or nodes, shorten sequences, or lower micro_batch_size{hint}")
     else:
         used = (best.gpu_bytes + best.activation_bytes) / GIB
         lines.append(f"verdict: {best.name} ({used:.1f} of {hw.gpu_mem_gb:g} GiB per GPU)")
@@ -231,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row")
     parser.add_argument("--micro-batch", type=int, default=1, help="train.micro_batch_size")
     parser.add_argument("--lora-r", type=int, default=16, help="lora.r for the LoRA/QLoRA rows")
+    parser.add_argument(
+        "--loss-tile-tokens", type=int, default=0, help="train.loss_tile_tokens (0: the plain loss over full logits)"
+    )
     args = parser.parse_args(argv)
     shape = shape_from_config(args.model) if args.model is not None else llama_shape(args.params, args.vocab)
     hw = Hardware(
         gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb, nodes=args.nodes, cpu_mem_gb=args.cpu_mem_gb
     )
-    print(report(shape, hw, args.seq_len, args.micro_batch, args.lora_r))
+    print(report(shape, hw, args.seq_len, args.micro_batch, args.lora_r, args.loss_tile_tokens))
     return 0
 
 

@@ -108,8 +108,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ds")
     source = tmp / "belle56.jsonl"
     source.write_text("\n".join(BELLE.read_text(encoding="utf-8").splitlines()[:56]) + "\n", encoding="utf-8")
-    # max_bad_fraction: 6 of the 56 records have prompts longer than 256 tokens and are rejected.
-    data = make_prepared_dir(tmp / "data", max_seq_len=256, source=source, val_fraction=0.15, max_bad_fraction=0.5)
+    # max_dropped_fraction: 6 of the 56 records have prompts longer than 256 tokens and are dropped by length.
+    data = make_prepared_dir(
+        tmp / "data", max_seq_len=256, source=source, val_fraction=0.15, max_bad_fraction=0.5, max_dropped_fraction=0.5
+    )
     zero3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     # Partition every tensor (the shipped threshold keeps small ones whole, i.e. all of a tiny model).
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0

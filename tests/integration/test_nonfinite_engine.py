@@ -43,9 +43,9 @@ def run(tmp: Path, data: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> Pa
     original = loop.forward_loss_sum
     calls = {"n": 0}
 
-    def poisoned(engine: Any, batch: Any) -> torch.Tensor:
+    def poisoned(engine: Any, batch: Any, tile_tokens: int = 0) -> torch.Tensor:
         calls["n"] += 1
-        loss = original(engine, batch)
+        loss = original(engine, batch, tile_tokens)
         return loss * float("nan") if calls["n"] == 5 else loss  # 2 micro-batches per step: step 3
 
     monkeypatch.setattr(loop, "forward_loss_sum", poisoned)

@@ -142,14 +142,16 @@ REAL_SOURCES = {  # path, format, records, max_seq_len
     "alpaca_belle": (BELLE, "alpaca", 1000, 512),
     "alpaca_array": (ALPACA, "alpaca", 999, 512),
     "conversation": (FIREFLY_MOSS_FLAT, "conversation", 33, 1024),
-    "moss": (MOSS_003, "moss", 5, 4096),  # the meta instruction alone is ~1k tiny-BPE tokens
+    "moss": (MOSS_003, "moss", 9, 4096),  # the meta instruction alone is ~1k tiny-BPE tokens
 }
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SOURCES))
 def test_real_samples_prepare(tmp_path: Path, name: str) -> None:
     path, fmt, records, max_seq_len = REAL_SOURCES[name]
-    manifest = run(tmp_path / "out", [path], max_seq_len=max_seq_len, val_fraction=0.1, max_bad_fraction=0.25)
+    # MOSS's plugin conversations need a template with a tool format: MOSS's own.
+    source = SourceSpec(path=str(path), template="moss") if name == "moss" else path
+    manifest = run(tmp_path / "out", [source], max_seq_len=max_seq_len, val_fraction=0.1, max_bad_fraction=0.25)
     check_output(tmp_path / "out")
     assert manifest.sources[0].format == fmt
     assert manifest.sources[0].records == records
@@ -288,7 +290,7 @@ def test_overlong_truncate_or_drop(tmp_path: Path) -> None:
     check_output(tmp_path / "t")
     assert truncated.counts["samples_written"] == 4
     assert max(len(r["input_ids"]) for r in split_rows(tmp_path / "t", "train")) == 32
-    dropped = run(tmp_path / "d", [source], max_seq_len=32, overlong="drop", val_fraction=0.0, max_bad_fraction=0.5)
+    dropped = run(tmp_path / "d", [source], max_seq_len=32, overlong="drop", val_fraction=0.0, max_dropped_fraction=0.5)
     assert dropped.counts["rejected_by_reason"] == {"too_long": 1}
     assert dropped.counts["samples_written"] == 3
 

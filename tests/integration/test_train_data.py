@@ -27,7 +27,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("data")
     source = tmp / "belle56.jsonl"
     source.write_text("\n".join(BELLE.read_text(encoding="utf-8").splitlines()[:56]) + "\n", encoding="utf-8")
-    kw = {"max_seq_len": 256, "source": source, "val_fraction": 0.15, "max_bad_fraction": 0.5}
+    kw = {
+        "max_seq_len": 256,
+        "source": source,
+        "val_fraction": 0.15,
+        "max_bad_fraction": 0.5,
+        "max_dropped_fraction": 0.5,
+    }
     return {
         "unpacked": make_prepared_dir(tmp / "unpacked", pack=False, **kw),
         "packed": make_prepared_dir(tmp / "packed", pack=True, **kw),

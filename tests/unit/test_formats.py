@@ -7,11 +7,11 @@ import re
 import tracemalloc
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text
+from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import (
     FORMATS,
     RAW_LIMIT,
@@ -34,6 +34,13 @@ MOSS_PLAIN = {  # file -> number of chat turns, all without plugins
     "honest_conversation_1.json": 2,
 }
 MOSS_PLUGIN = "calculator_plugin_conversation_1.json"
+MOSS_PLUGINS = {  # file -> commands per turn (None: the turn calls no plugin)
+    MOSS_PLUGIN: [None, "Calculate"],
+    "mix_plugin_conversation_1.json": ["Search", "Search", "Calculate"],
+    "search_plugin_conversation_1.json": ["Search", "Search", "Search"],
+    "solver_plugin_conversation_1.json": ["Solve"],
+    "text2img_plugin_conversation_1.json": ["Text2Image"],
+}
 MOSS_MARKERS = ("<|Human|>", "<|MOSS|>", "<eoh>", "<eom>", "<|Inner Thoughts|>", "<|Commands|>", "<|Results|>")
 
 # The seed's chain-of-thought example, as its ```csv block has it.
@@ -138,37 +145,53 @@ def test_moss_harmless_exact_text() -> None:
     assert messages[2][1].endswith("并为你提供机会与其他女性技术人员建立联系。")
 
 
-def test_moss_plugin_file_is_rejected_because_its_first_turn_uses_plugins() -> None:
-    reject = only_reject(read(MOSS_DIR / MOSS_PLUGIN))
-    assert reject.reason == "moss_plugin_turn"
-    assert reject.index == 0
-    assert "turn_1" in reject.detail and "Inner Thoughts" in reject.detail
-    assert reject.raw.startswith("{\n") and len(reject.raw) <= RAW_LIMIT + 40
+@pytest.mark.parametrize("name", sorted(MOSS_PLUGINS))
+def test_moss_plugin_turns_are_tool_calls(name: str) -> None:
+    """Every plugin turn: the Inner Thoughts and Commands become an assistant tool call, the Tool Responses its
+    result, then the reply; no turn is cut."""
+    original = json.loads((MOSS_DIR / name).read_text(encoding="utf-8"))
+    (record,) = read(MOSS_DIR / name)
+    assert isinstance(record, Conversation) and record.tools == ()
+    messages = list(record.messages[1:])
+    assert record.messages[0] == Message(role="system", content=original["meta_instruction"])
+    for number, command in enumerate(MOSS_PLUGINS[name], start=1):
+        turn = original["chat"][f"turn_{number}"]
+        assert messages.pop(0) == Message(role="user", content=turn["Human"][len("<|Human|>: ") : -len("<eoh>\n")])
+        if command is not None:
+            call_message, result = messages.pop(0), messages.pop(0)
+            assert turn["Inner Thoughts"] == f"<|Inner Thoughts|>: {call_message.content}<eot>\n"
+            (call,) = call_message.tool_calls
+            assert call.name == command
+            assert turn["Commands"] == f"<|Commands|>: {command}({call.arguments})<eoc>\n"
+            assert result.role == "tool" and result.content.strip() == result.content and result.content
+            assert result.content in turn["Tool Responses"]
+        reply = messages.pop(0)
+        assert reply.role == "assistant" and not reply.tool_calls
+        assert turn["MOSS"] in (f"<|MOSS|>: {reply.content}<eom>\n", f"<|MOSS|>:{reply.content}<eom>\n")
+    assert messages == []
 
 
 def test_moss_directory_reads_files_sorted_with_their_index() -> None:
     assert detect_format(MOSS_DIR) == "moss"
     records = read(MOSS_DIR)
-    names = sorted([MOSS_PLUGIN, *MOSS_PLAIN])
-    assert [r.index for r in records] == list(range(5))
+    names = sorted([*MOSS_PLUGINS, *MOSS_PLAIN])
+    assert [r.index for r in records] == list(range(9))  # 4 plain + 5 plugin conversations, none rejected
     assert all(r.source == str(MOSS_DIR) for r in records)
     for record, name in zip(records, names, strict=True):
-        if name == MOSS_PLUGIN:
-            assert isinstance(record, Reject) and record.reason == "moss_plugin_turn"
-            assert record.detail.startswith(f"{name}: ")
-        else:
+        assert isinstance(record, Conversation)
+        assert record.messages == cast(Conversation, read(MOSS_DIR / name)[0]).messages
+        if name in MOSS_PLAIN:
             assert len(pairs(record)) == 1 + 2 * MOSS_PLAIN[name]
-            assert pairs(record) == pairs(read(MOSS_DIR / name)[0])
 
 
 def test_moss_json_lines_of_objects(tmp_path: Path) -> None:
-    names = sorted([MOSS_PLUGIN, *MOSS_PLAIN])
+    names = sorted([*MOSS_PLUGINS, *MOSS_PLAIN])
     objects = [json.loads((MOSS_DIR / name).read_text(encoding="utf-8")) for name in names]
     path = write_lines(tmp_path / "moss.jsonl", objects)
     assert detect_format(path) == "moss"
     records = read(path)
-    assert [type(r) for r in records] == [Reject, Conversation, Conversation, Conversation, Conversation]
-    assert [pairs(r) for r in records[1:]] == [pairs(r) for r in read(MOSS_DIR)[1:]]
+    assert [type(r) for r in records] == [Conversation] * 9
+    assert [cast(Conversation, r).messages for r in records] == [cast(Conversation, r).messages for r in read(MOSS_DIR)]
 
 
 def moss_turn(human: str, moss: str, *, thoughts: str = "None", commands: str = "None", results: str = "None") -> dict:
@@ -181,7 +204,7 @@ def moss_turn(human: str, moss: str, *, thoughts: str = "None", commands: str = 
     }
 
 
-def test_moss_conversation_is_cut_before_its_first_plugin_turn(tmp_path: Path) -> None:
+def test_moss_conversation_keeps_its_plugin_turns(tmp_path: Path) -> None:
     record = {
         "conversation_id": 7,
         "meta_instruction": "You are MOSS.\n",
@@ -194,7 +217,20 @@ def test_moss_conversation_is_cut_before_its_first_plugin_turn(tmp_path: Path) -
     }
     path = tmp_path / "plugin.json"
     path.write_text(json.dumps(record, indent=4), encoding="utf-8")
-    assert pairs(read(path)[0]) == [("system", "You are MOSS.\n"), ("user", "1+1?"), ("assistant", "2")]
+    (conv,) = read(path)
+    assert isinstance(conv, Conversation)
+    assert conv.messages == (
+        Message(role="system", content="You are MOSS.\n"),
+        Message(role="user", content="1+1?"),
+        Message(role="assistant", content="2"),
+        Message(role="user", content="sqrt(2)?"),
+        # thoughts "None" is MOSS's "no thought": the call message has no text
+        Message(role="assistant", content="", tool_calls=(ToolCall(name="Calculate", arguments='"sqrt(2)"'),)),
+        Message(role="tool", content="1.414"),
+        Message(role="assistant", content="about 1.414"),
+        Message(role="user", content="thanks"),
+        Message(role="assistant", content="you're welcome"),
+    )
 
 
 def test_moss_turns_follow_their_number_and_keep_inner_whitespace(tmp_path: Path) -> None:
@@ -486,6 +522,18 @@ REJECT_CASES: list[tuple[str, str, Any]] = [
                 {"role": "user", "content": "q"},
                 {"role": "assistant", "content": "a"},
                 {"role": "user", "content": "dangling"},
+                {"role": "user", "content": "twice"},
+            ]
+        },
+    ),
+    (
+        "wrong_role_order",
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "weather?"},
+                {"from": "function_call", "value": '{"name": "weather", "arguments": {}}'},
+                {"from": "gpt", "value": "no result came back"},
             ]
         },
     ),
@@ -501,8 +549,7 @@ REJECT_CASES: list[tuple[str, str, Any]] = [
         {
             "conversations": [
                 {"from": "human", "value": "weather?"},
-                {"from": "function_call", "value": '{"name": "weather"}'},
-                {"from": "observation", "value": "sunny"},
+                {"from": "tool_call", "value": '{"name": "weather"}'},
                 {"from": "gpt", "value": "Sunny."},
             ]
         },
@@ -510,10 +557,10 @@ REJECT_CASES: list[tuple[str, str, Any]] = [
     (
         "unsupported_role",
         "messages",
-        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool_response", "content": "r"}]},
     ),
     (
-        "unsupported_content",
+        "multimodal",
         "messages",
         {
             "messages": [
@@ -533,15 +580,60 @@ REJECT_CASES: list[tuple[str, str, Any]] = [
         "messages",
         {
             "messages": [
-                {"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "w"}}]},
+                {"role": "user", "content": [{"type": "refusal", "refusal": "no"}]},
+                {"role": "assistant", "content": "a"},
             ]
         },
     ),
     (
-        "moss_plugin_turn",
+        "malformed_tool_call",
+        "messages",
+        {
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"arguments": "{}"}}]},
+                {"role": "tool", "content": "sunny"},
+                {"role": "assistant", "content": "Sunny."},
+            ]
+        },
+    ),
+    (
+        "malformed_tool_call",
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "weather?"},
+                {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": '},
+                {"from": "observation", "value": "sunny"},
+                {"from": "gpt", "value": "Sunny."},
+            ]
+        },
+    ),
+    (
+        "malformed_tool_call",
         "moss",
-        {"meta_instruction": "m", "chat": {"turn_1": moss_turn("search x", "found", commands='Search("x")')}},
+        {"meta_instruction": "m", "chat": {"turn_1": moss_turn("search x", "found", commands="Search x")}},
+    ),
+    (
+        "malformed_tools",
+        "sharegpt",
+        {
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            "tools": '[{"description": "a tool without a name"}]',
+        },
+    ),
+    (
+        "multimodal",
+        "sharegpt",
+        {
+            "conversations": [{"from": "human", "value": "<image>What is this?"}, {"from": "gpt", "value": "A cat."}],
+            "images": ["cat.png"],
+        },
+    ),
+    (
+        "multimodal",
+        "messages",
+        {"messages": [{"role": "user", "content": "Describe <video> briefly"}, {"role": "assistant", "content": "A"}]},
     ),
 ]
 

@@ -33,11 +33,10 @@ def test_family_registry_targets_and_lookup() -> None:
     ]  # fmt: skip
     assert resolve_family("auto", "qwen2").name == "qwen2"
     assert resolve_family("auto", "gpt_bigcode").name == "starcoder"
-    assert lora_target_modules("auto", FAMILIES["baichuan"])[0] == "W_pack"
-    assert lora_target_modules("auto", FAMILIES["chatglm"]) == [
-        "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",
+    assert lora_target_modules("auto", resolve_family("auto", "glm")) == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj",
     ]  # fmt: skip
-    assert lora_target_modules("auto", FAMILIES["moss"]) == ["qkv_proj", "out_proj", "fc_in", "fc_out"]
+    assert lora_target_modules("auto", resolve_family("auto", "codegen")) == ["qkv_proj", "out_proj", "fc_in", "fc_out"]
     assert lora_target_modules("auto", FAMILIES["gpt2"]) == ["c_attn", "c_proj", "c_fc"]
     assert lora_target_modules("all-linear", GENERIC) == "all-linear"
     assert lora_target_modules(" q_proj, v_proj ", GENERIC) == ["q_proj", "v_proj"]
@@ -58,6 +57,15 @@ SMALL = {
               "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100},
     "mistral": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "vocab_size": 100},
+    "baichuan_alibi": {"hidden_size": 40, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 5,
+                       "vocab_size": 100},
+    "chatglm_v1": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "vocab_size": 100, "mask_token_id": 96, "gmask_token_id": 97, "bos_token_id": 98,
+                   "eos_token_id": 99, "pad_token_id": 0},
+    "glm": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "pad_token_id": 0, "eos_token_id": 2},
+    "codegen": {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "vocab_size": 100, "bos_token_id": 0,
+                "eos_token_id": 0},
     "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0},
     "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 100, "bos_token_id": 0,
                     "eos_token_id": 0},
@@ -148,7 +156,7 @@ def test_method_combinations_refused_in_one_line(tmp_path: Path) -> None:
 def test_remote_code_needs_the_allow_list(tmp_path: Path) -> None:
     model_dir = tmp_path / "moss-moon"
     model_dir.mkdir()
-    raw = {"model_type": "moss", "auto_map": {"AutoModelForCausalLM": "modeling_moss.MossForCausalLM"}}
+    raw = {"model_type": "qwen", "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}}
     (model_dir / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=r"model\.trust_remote_code_paths") as caught:
         load_model(run_config(tmp_path, model_path=model_dir), {})

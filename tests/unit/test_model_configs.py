@@ -21,6 +21,8 @@ PLANNED = {
     "moss_16b_full_2nodes.yaml": ("full", "zero2.json", 16),
     "llama2_7b_lora_zero2.yaml": ("lora", "zero2.json", 4),
     "llama2_7b_qlora_1gpu.yaml": ("qlora", "zero2.json", 1),
+    "chatglm3_6b_lora_1gpu.yaml": ("lora", "zero2.json", 1),
+    "baichuan2_7b_full_zero3.yaml": ("full", "zero3.json", 8),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,3 +89,60 @@ def test_cli_prints_a_verdict(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--params", "13e9", "--gpus-per-node", "8", "--gpu-mem-gb", "24", "--cpu-mem-gb", "768"]) == 0
     out = capsys.readouterr().out
     assert "verdict: full ds_configs/zero3_offload.json" in out
+
+
+BAICHUAN2_13B = {  # our converted class (trainer.convert); the real Baichuan2-13B-Chat shape
+    "model_type": "baichuan_alibi",
+    "hidden_size": 5120,
+    "intermediate_size": 13696,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "vocab_size": 125696,
+    "tie_word_embeddings": False,
+}
+CHATGLM_6B = {  # the original ChatGLM-6B config.json (the planner reads originals too)
+    "model_type": "chatglm",
+    "position_encoding_2d": True,
+    "hidden_size": 4096,
+    "inner_hidden_size": 16384,
+    "num_layers": 28,
+    "num_attention_heads": 32,
+    "vocab_size": 130528,
+}
+
+
+def test_own_classes_shapes_and_their_dense_mask(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(BAICHUAN2_13B))
+    baichuan = shape_from_config(tmp_path)
+    # 40 x (4 x 5120^2 + 3 x 5120 x 13696) + 2 x 125696 x 5120 = 13.9e9 (Baichuan2-13B: 13.9B)
+    assert baichuan.params == 40 * (4 * 5120**2 + 3 * 5120 * 13696) + 2 * 125696 * 5120
+    assert baichuan.gated_mlp and baichuan.mask_heads == 40
+    (tmp_path / "config.json").write_text(json.dumps(CHATGLM_6B))
+    glm = shape_from_config(tmp_path)
+    # 28 x (4 x 4096^2 + 2 x 4096 x 16384) + 2 x 130528 x 4096 = 6.7e9 (ChatGLM-6B: 6.2B + the untied head)
+    assert glm.params == 28 * (4 * 4096**2 + 2 * 4096 * 16384) + 2 * 130528 * 4096
+    assert not glm.gated_mlp and glm.mask_heads == 1 and glm.intermediate == 16384
+    # LoRA on query_key_value (h -> 3h), dense (h -> h), dense_h_to_4h, dense_4h_to_h
+    assert lora_params(glm, 8) == 28 * 8 * ((4096 + 3 * 4096) + 2 * 4096 + 2 * (4096 + 16384))
+    # the ALiBi mask at seq 4096, micro 1: 40 heads x 4096^2 x 2 B = 1.25 GiB on top of the usual estimate
+    plain = dataclasses.replace(baichuan, mask_heads=0)
+    assert activation_bytes(baichuan, 4096, 1) - activation_bytes(plain, 4096, 1) == 40 * 4096**2 * 2
+
+
+def test_tiled_loss_shrinks_the_logits_term_and_changes_the_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    # Qwen2-7B-like vocabulary at 32k tokens: fp32 logits and their gradient are 2 x 32768 x 152064 x 4 B = 37 GiB.
+    shape = llama_shape(7e9, vocab=152064)
+    tokens = 32768
+    rest = shape.layers * tokens * shape.hidden * 2 + 34 * tokens * shape.hidden
+    assert activation_bytes(shape, tokens, 1) == rest + 2 * tokens * 152064 * 4
+    assert activation_bytes(shape, tokens, 1, loss_tile_tokens=4096) == rest + 2 * 4096 * 152064 * 4
+    assert activation_bytes(shape, 1024, 1, loss_tile_tokens=4096) == activation_bytes(shape, 1024, 1)
+    node = Hardware(gpus_per_node=8, gpu_mem_gb=80, nodes=1, cpu_mem_gb=1024)
+    plain = recommend(options(shape, node, seq_len=tokens, micro_batch=1, lora_r=16), node)
+    tiled = recommend(options(shape, node, seq_len=tokens, micro_batch=1, lora_r=16, loss_tile_tokens=4096), node)
+    assert plain is not None and plain.name == "full ds_configs/zero3.json"
+    assert tiled is not None and tiled.name == "full ds_configs/zero1.json"  # the fastest option fits again
+    args = ["--params", "7e9", "--vocab", "152064", "--seq-len", "32768", "--loss-tile-tokens", "4096"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tiled loss 4096 tokens/tile" in out and "verdict: full ds_configs/zero1.json" in out

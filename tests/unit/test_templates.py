@@ -45,9 +45,10 @@ TWO_TURNS = conversation(
 
 @pytest.fixture(scope="module")
 def tiny() -> PreTrainedTokenizerBase:
-    """tiny_bpe plus Baichuan-13B's <reserved_102>/<reserved_103> (ids 2000/2001), which the fixture lacks."""
+    """tiny_bpe plus Baichuan-13B's <reserved_102>/<reserved_103> (ids 2000/2001) and ChatGLM-6B's <sop>/<eop>
+    (2002/2003), which the fixture lacks."""
     tokenizer = AutoTokenizer.from_pretrained(TINY_BPE)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<reserved_102>", "<reserved_103>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<reserved_102>", "<reserved_103>", "<sop>", "<eop>"]})
     return tokenizer
 
 
@@ -90,9 +91,10 @@ def supervised_runs(enc: Encoded) -> list[list[int]]:
 #           <|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n[Hello!<|eot_id|>]...
 # qwen      <|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
 #           [Hello!<|im_end|>]\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[4<|im_end|>]
-# baichuan  Be brief.<reserved_102>Hi<reserved_103>[Hello!</s>]<reserved_102>2+2?<reserved_103>[4</s>]
-# baichuan2 Be brief.<reserved_106>Hi<reserved_107>[Hello!</s>]<reserved_106>2+2?<reserved_107>[4</s>]
-# chatglm2  [gMASK]sopBe brief.\n\n[Round 1]\n\n问：Hi\n\n答：[Hello!</s>]\n\n[Round 2]\n\n问：2+2?\n\n答：[4</s>]
+# baichuan  Be brief.<reserved_102>Hi<reserved_103>[Hello!]<reserved_102>2+2?<reserved_103>[4</s>]
+# baichuan2 Be brief.<reserved_106>Hi<reserved_107>[Hello!]<reserved_106>2+2?<reserved_107>[4</s>]
+# chatglm   Be brief.\n[Round 0]\n问：Hi\n答：Hello!\n[Round 1]\n问：2+2?\n答：[gMASK]<sop>[4<eop>]
+# chatglm2  [gMASK]sopBe brief.\n\n[Round 1]\n\n问：Hi\n\n答：[Hello!]\n\n[Round 2]\n\n问：2+2?\n\n答：[4</s>]
 # chatglm3  [gMASK]sop<|system|>\nBe brief.<|user|>\nHi<|assistant|>[\nHello!<|user|>]\n2+2?<|assistant|>[\n4</s>]
 # moss      Be brief.<|Human|>: Hi<eoh>\n<|MOSS|>:[ Hello!<eom>]\n<|Human|>: 2+2?<eoh>\n<|MOSS|>:[ 4<eom>]
 GOLDEN: dict[str, tuple[list[int], list[int]]] = {
@@ -124,18 +126,23 @@ GOLDEN: dict[str, tuple[list[int], list[int]]] = {
         [X] * 26 + [66, 795, 105, 27, 5] + [X] * 16 + [46, 5],
     ),
     "baichuan": (
-        [60, 95, 315, 457, 1148, 40, 2000, 66, 99, 2001, 66, 795, 105, 27, 2, 2000, 44, 37, 44, 57, 2001, 46, 2],
-        [X] * 10 + [66, 795, 105, 27, 2] + [X] * 6 + [46, 2],
+        [60, 95, 315, 457, 1148, 40, 2000, 66, 99, 2001, 66, 795, 105, 27, 2000, 44, 37, 44, 57, 2001, 46, 2],
+        [X] * 10 + [66, 795, 105, 27] + [X] * 6 + [46, 2],
     ),
     "baichuan2": (
-        [60, 95, 315, 457, 1148, 40, 11, 66, 99, 12, 66, 795, 105, 27, 2, 11, 44, 37, 44, 57, 12, 46, 2],
-        [X] * 10 + [66, 795, 105, 27, 2] + [X] * 6 + [46, 2],
+        [60, 95, 315, 457, 1148, 40, 11, 66, 99, 12, 66, 795, 105, 27, 11, 44, 37, 44, 57, 12, 46, 2],
+        [X] * 10 + [66, 795, 105, 27] + [X] * 6 + [46, 2],
+    ),
+    "chatglm": (
+        [60, 95, 315, 457, 1148, 40, 225, 85, 76, 1256, 1839, 87, 225, 725, 377, 66, 99, 225, 1418, 377, 66, 795, 105,
+         27, 225, 85, 76, 1256, 510, 87, 225, 725, 377, 44, 37, 44, 57, 225, 1418, 377, 13, 2002, 46, 2003],
+        [X] * 42 + [46, 2003],
     ),
     "chatglm2": (
         [13, 14, 60, 95, 315, 457, 1148, 40, 225, 225, 85, 76, 1256, 510, 87, 225, 225, 725, 377, 66, 99, 225, 225,
-         1418, 377, 66, 795, 105, 27, 2, 225, 225, 85, 76, 1256, 684, 87, 225, 225, 725, 377, 44, 37, 44, 57, 225, 225,
+         1418, 377, 66, 795, 105, 27, 225, 225, 85, 76, 1256, 684, 87, 225, 225, 725, 377, 44, 37, 44, 57, 225, 225,
          1418, 377, 46, 2],
-        [X] * 25 + [66, 795, 105, 27, 2] + [X] * 19 + [46, 2],
+        [X] * 25 + [66, 795, 105, 27] + [X] * 19 + [46, 2],
     ),
     "chatglm3": (
         [13, 14, 15, 225, 60, 95, 315, 457, 1148, 40, 16, 225, 66, 99, 17, 225, 66, 795, 105, 27, 16, 225, 44, 37, 44,
@@ -290,6 +297,8 @@ THREE_TURNS = conversation(
     ("assistant", "不客气！"),
 )
 ANSWERS = [m.content for m in THREE_TURNS.messages if m.role == "assistant"]
+CLOSES_ONLY_LAST_ANSWER = ("baichuan", "baichuan2", "chatglm2")
+"""Vendor formats (build_chat_input, build_prompt) with nothing between rounds: eos closes the last answer only."""
 
 
 @pytest.mark.parametrize("name", (*FAMILIES, "tokenizer"))
@@ -300,8 +309,15 @@ def test_only_assistant_turns_and_their_closing_token_are_trained(tiny: PreTrain
     enc = encode_one(template, THREE_TURNS)
     assert len(enc.input_ids) == len(enc.labels)
     runs = supervised_runs(enc)
+    if name in CLOSES_ONLY_LAST_ANSWER:
+        # The vendor's format has no token between rounds: earlier answers are trained as text only.
+        assert [tiny.decode(run).strip() for run in runs[:-1]] == ANSWERS[:-1]
+        assert tiny.decode(runs[-1][:-1]).strip() == ANSWERS[-1]
+        assert runs[-1][-1] in template.stop_token_ids
+        return
     # One trained run per assistant turn: its text (Chinese round-trips through decode), then a stop token.
-    assert [tiny.decode(run[:-1]).strip() for run in runs] == ANSWERS
+    # ChatGLM-6B v1: earlier answers sit in the bidirectional prefix, so only the last one is trained.
+    assert [tiny.decode(run[:-1]).strip() for run in runs] == (ANSWERS[-1:] if name == "chatglm" else ANSWERS)
     assert all(run[-1] in template.stop_token_ids for run in runs)
 
 
@@ -440,6 +456,7 @@ def test_unknown_template_lists_valid_names(tiny: PreTrainedTokenizerBase) -> No
         ("qwen", "<|im_start|>"),
         ("baichuan", "<reserved_102>"),
         ("baichuan2", "<reserved_106>"),
+        ("chatglm", "[gMASK]"),
         ("chatglm2", "[gMASK]"),
         ("chatglm3", "[gMASK]"),
         ("moss", "<eoh>"),
@@ -479,6 +496,7 @@ def test_stop_tokens(tiny: PreTrainedTokenizerBase) -> None:
         "qwen": (5, 2),  # <|im_end|>
         "baichuan": (2,),
         "baichuan2": (2,),
+        "chatglm": (2003, 2),  # <eop>
         "chatglm2": (2,),
         "chatglm3": (16, 2),  # <|user|>
         "moss": (21, 2),  # <eom>
