@@ -21,8 +21,8 @@ demo: venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check launcher trainer data_pipeline tests benchmarks
-	$(VENV)/bin/ruff format --check launcher trainer data_pipeline tests benchmarks
+	$(VENV)/bin/ruff check launcher trainer data_pipeline demo tests benchmarks
+	$(VENV)/bin/ruff format --check launcher trainer data_pipeline demo tests benchmarks
 	$(VENV)/bin/mypy
 
 test: venv lint

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation, localcontext
 
 # CJK ideographs (base + extension A + compatibility), kana, hangul, and CJK punctuation.
 _CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -57,10 +57,12 @@ def canonical_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    # normalize() drops trailing zeros; the quantize keeps integers out of exponent form ("1E+2").
-    normal = value.normalize()
-    if normal == normal.to_integral_value():
-        normal = normal.quantize(Decimal(1))
+    # normalize() drops trailing zeros; the quantize keeps integers out of exponent form ("1E+2"). Both round to
+    # the context's precision: one as wide as the text keeps a model's run-on digit string (past 28 digits) exact.
+    with localcontext(Context(prec=max(28, len(text)))):
+        normal = value.normalize()
+        if normal == normal.to_integral_value():
+            normal = normal.quantize(Decimal(1))
     text = format(normal, "f")
     return "0" if text == "-0" else text
 

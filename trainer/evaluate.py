@@ -4,6 +4,7 @@
     python -m trainer.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
     python -m trainer.evaluate --predictions gen.jsonl --out eval.json            # score `generate --out` rows
     python -m trainer.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
+    python -m trainer.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
 
 Loss is token-weighted: summed next-token cross-entropy over every label that is not IGNORE_INDEX, divided
 by the number of such labels (not a mean of per-batch means), exactly as the training loop's val loss.
@@ -158,10 +159,13 @@ def log_to_mlflow(
     tracking_uri: str | None,
     run_id: str | None,
     experiment: str,
+    prefix: str = "eval",
 ) -> str:
-    """Log eval/* metrics, the results JSON and the generations table to MLflow; returns the run id.
+    """Log prefix/* metrics (eval/* by default), the results JSON and the generations table to MLflow under
+    ``prefix/``; returns the run id.
 
     With ``run_id`` the metrics land in that run (e.g. the training run), else in a new run of ``experiment``.
+    Distinct prefixes keep several evaluations of one run apart (before and after training, a subset).
     """
     import mlflow
 
@@ -173,19 +177,19 @@ def log_to_mlflow(
     generations = redact(generations) if generations else generations
     metrics: dict[str, float] = {}
     if "loss" in results:
-        metrics |= {"eval/loss": results["loss"]["loss"], "eval/perplexity": results["loss"]["perplexity"]}
+        metrics |= {f"{prefix}/loss": results["loss"]["loss"], f"{prefix}/perplexity": results["loss"]["perplexity"]}
     if "generation" in results:
         gen = results["generation"]
-        metrics |= {f"eval/{k}": gen[k] for k in ("exact_match", "bleu", "rouge_l", "stopped_fraction") if k in gen}
+        metrics |= {f"{prefix}/{k}": gen[k] for k in ("exact_match", "bleu", "rouge_l", "stopped_fraction") if k in gen}
     if run_id is None:
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
-        mlflow.log_dict(results, "eval/results.json")
+        mlflow.log_dict(results, f"{prefix}/results.json")
         if generations:
             mlflow.log_table(
                 {key: [str(row.get(key, "")) for row in generations] for key in _table_columns(generations)},
-                artifact_file="eval/generations.json",
+                artifact_file=f"{prefix}/generations.json",
             )
         return str(run.info.run_id)
 
@@ -214,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="log to MLflow at this URI (else $MLFLOW_TRACKING_URI with --run-id)")
     parser.add_argument("--run-id", help="MLflow run to add the eval metrics to (e.g. the training run)")
     parser.add_argument("--experiment", default="sft-eval", help="MLflow experiment for a new run (no --run-id)")
+    parser.add_argument("--metric-prefix", default="eval", help="MLflow metric and artifact prefix (default eval)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 as QLoRA training did")
@@ -304,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}", file=sys.stderr)
     if args.tracking_uri or args.run_id:
         run_id = log_to_mlflow(
-            results, rows, tracking_uri=args.tracking_uri, run_id=args.run_id, experiment=args.experiment
+            results,
+            rows,
+            tracking_uri=args.tracking_uri,
+            run_id=args.run_id,
+            experiment=args.experiment,
+            prefix=args.metric_prefix,
         )
         print(f"logged to MLflow run {run_id}", file=sys.stderr)
     return 0

@@ -243,6 +243,15 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     )
 
 
+def build_random_model(cfg: RunConfig) -> Any:
+    """The full model exactly as a ``random_init`` run starts it (same config, seed and dtype), outside any run:
+    for measuring the untrained model (the demo's "before" evaluation)."""
+    raw_config = read_hf_config(Path(cfg.model.path))
+    trust = check_remote_code(cfg, raw_config)
+    model_type = str(raw_config.get("model_type", ""))
+    return _build_random(cfg, attention_implementation(cfg.model.attn_implementation, trust, model_type), trust)
+
+
 def use_norm_head(model: nn.Module) -> None:
     """Make ``model``'s lm_head a NormHead in place (config.json ``norm_head: true``, full-parameter training).
 

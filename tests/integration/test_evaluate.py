@@ -170,6 +170,29 @@ def test_results_are_logged_to_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
     assert client.get_run(run_id).data.metrics["eval/exact_match"] == 1.0
 
 
+def test_metric_prefix_keeps_two_evaluations_of_one_run_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    before.write_text(json.dumps({"output": "Answer: 3.", "reference": "答案：4。"}) + "\n")
+    after.write_text(json.dumps({"output": "Answer: 4.", "reference": "答案：4。"}) + "\n")
+    assert main(["--predictions", str(before), "--out", str(tmp_path / "b.json"), "--tracking-uri", uri,
+                 "--experiment", "prefix-test", "--metric-prefix", "before"]) == 0  # fmt: skip
+    run_id = (
+        MlflowClient(tracking_uri=uri)
+        .search_runs([MlflowClient(tracking_uri=uri).get_experiment_by_name("prefix-test").experiment_id])[0]
+        .info.run_id
+    )
+    assert main(["--predictions", str(after), "--out", str(tmp_path / "a.json"), "--tracking-uri", uri,
+                 "--run-id", run_id]) == 0  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert (metrics["before/exact_match"], metrics["eval/exact_match"]) == (0.0, 1.0)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"before", "eval"}
+
+
 def test_template_comes_from_the_manifest_when_the_export_has_none(
     data_dirs: dict[str, Path], tok: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:

@@ -47,6 +47,13 @@ def test_canonical_number(raw: str, canonical: str | None) -> None:
     assert canonical_number(raw) == canonical
 
 
+def test_canonical_number_of_a_run_on_digit_string() -> None:
+    # A half-trained model can write hundreds of digits; more than Decimal's default 28-digit context.
+    digits = "1234567890" * 40
+    assert canonical_number(digits) == digits
+    assert final_answer("Answer: " + digits + "0.0") == digits + "0"
+
+
 def test_normalize_answer_strips_markup_case_space_and_trailing_punctuation() -> None:
     assert normalize_answer("  **New   York**. ") == "new york"
     assert normalize_answer("「是」。") == "是"

@@ -1,0 +1,7 @@
+import sys
+
+from demo.run import main
+
+# Guarded: prepare's worker processes re-import the main module, and must not start another demo.
+if __name__ == "__main__":
+    sys.exit(main())
