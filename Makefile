@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # CPU-only machine (no nvidia-smi): the local CPU wheel of torch; elsewhere the normal (CUDA) one.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-fast test-faults lint dashboard clean
+.PHONY: venv demo demo-cot test test-fast test-faults lint dashboard clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	bash scripts/demo.sh
+
+# The chain-of-thought arithmetic demo (work in progress: README).
+demo-cot: venv
+	bash scripts/demo_cot.sh
 
 lint: venv
 	$(VENV)/bin/ruff check launcher trainer data_pipeline demo tests benchmarks
@@ -45,4 +49,4 @@ dashboard: venv
 	$(PY) -m trainer.tracking dashboard --store $(STORE) --host $(HOST) --port $(PORT)
 
 clean:
-	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo_out demo_cot_out .pytest_cache .mypy_cache .ruff_cache

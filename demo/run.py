@@ -1,6 +1,6 @@
 """The demo, top to bottom: a model learns chain-of-thought arithmetic from scratch, and we measure it.
 
-    python -m demo                      # what `make demo` runs; --help for the knobs
+    python -m demo                      # what `make demo-cot` runs; --help for the knobs
 
 1. data:      generated zh/en column-addition word problems (demo/arithmetic.py) as prompt,output CSV, a
               held-out set with unseen names/objects and unseen operand pairs, and the answer-only variant
@@ -435,7 +435,7 @@ def _length_ratio(short: Path, long: Path) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--out", type=Path, default=Path("demo_cot_out"), help="output folder (default demo_cot_out)")
     p.add_argument("--seed", type=int, default=0, help="problems, init, data order, sampling (default 0)")
     p.add_argument("--train-size", type=int, default=6000, help="training problems (default 6000)")
     p.add_argument("--heldout-size", type=int, default=400, help="held-out problems scored (default 400)")
