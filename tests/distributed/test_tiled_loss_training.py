@@ -37,7 +37,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("tiled")
     source = tmp / "belle56.jsonl"
     source.write_text("\n".join(BELLE.read_text(encoding="utf-8").splitlines()[:56]) + "\n", encoding="utf-8")
-    data = make_prepared_dir(tmp / "data", max_seq_len=256, source=source, val_fraction=0.15, max_bad_fraction=0.5)
+    data = make_prepared_dir(
+        tmp / "data", max_seq_len=256, source=source, val_fraction=0.15, max_bad_fraction=0.5, max_dropped_fraction=0.5
+    )
     zero3 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp / "zero3_partition_all.json").write_text(json.dumps(zero3))
