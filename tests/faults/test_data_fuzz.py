@@ -28,7 +28,7 @@ pytestmark = pytest.mark.faults
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny_llama"
 FUZZ = settings(derandomize=True, max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-KNOWN_REASONS = {*REJECT_REASONS, "too_long", "no_supervised_tokens", "unrenderable"}
+KNOWN_REASONS = {*REJECT_REASONS, "too_long", "no_supervised_tokens", "unrenderable", "no_tool_format"}
 """The readers' reasons (formats.REJECT_REASONS) and the template/length policy's."""
 
 text = st.one_of(
@@ -156,6 +156,7 @@ def test_prepare_never_crashes_and_counts_reconcile(fmt: str) -> None:
                 max_seq_len=64,
                 val_fraction=0.2,
                 max_bad_fraction=1.0,
+                max_dropped_fraction=1.0,
                 block_size=8,
                 progress=False,
             )
