@@ -183,6 +183,8 @@ def log_to_mlflow(
         metrics |= {f"{prefix}/{k}": gen[k] for k in ("exact_match", "bleu", "rouge_l", "stopped_fraction") if k in gen}
     if run_id is None:
         mlflow.set_experiment(experiment)
+    else:  # the fluent API refuses a run outside the active experiment, which an earlier call may have set
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
         mlflow.log_dict(results, f"{prefix}/results.json")

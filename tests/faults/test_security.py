@@ -107,8 +107,12 @@ def test_config_artifact_has_no_url_password() -> None:
     assert "SECRET5" not in json.dumps(tracking.redact(to_dict(cfg)))
 
 
-def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path) -> None:
+def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
+
+    # mlflow.set_tracking_uri (inside log_to_mlflow) also exports MLFLOW_TRACKING_URI; registered here so
+    # teardown removes it and later tests' subprocesses (the demo's training runs) do not inherit this store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     from trainer.evaluate import log_to_mlflow
 

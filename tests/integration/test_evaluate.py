@@ -231,3 +231,27 @@ def test_cli_refusals_are_one_line(
     bad.write_text('{"output": "x"}\n')
     code, err = run_main(["--predictions", str(bad)], capsys)
     assert code == 2 and err == [f"error: {bad}:1: expected an object with string 'output' and 'reference'"]
+
+
+def test_logging_into_a_run_of_another_store_after_a_new_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two evaluations in one process: a new run in one store, then a given run of another experiment elsewhere.
+    The fluent API keeps the first call's active experiment; the second must still land in its run."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it; teardown removes it
+
+    from trainer.evaluate import log_to_mlflow
+
+    first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    log_to_mlflow({"generation": {"exact_match": 1.0}}, None, tracking_uri=first, run_id=None, experiment="eval")
+    client = mlflow.MlflowClient(second)
+    for name in ("x", "y"):  # experiment ids in the second store differ from the first's active one
+        client.create_experiment(name)
+    run = client.create_run(client.create_experiment("train"))
+    client.set_terminated(run.info.run_id)
+    results = {"generation": {"exact_match": 0.5}}
+    logged = log_to_mlflow(
+        results, None, tracking_uri=second, run_id=run.info.run_id, experiment="eval", prefix="after"
+    )
+    assert logged == run.info.run_id
+    assert client.get_run(logged).data.metrics == {"after/exact_match": 0.5}
