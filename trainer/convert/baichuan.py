@@ -94,11 +94,12 @@ def source_shapes(raw: RawConfig, *, rotary_buffer: bool) -> dict[str, tuple[int
     return shapes
 
 
-def _convert_tensor(
+def convert_tensor(
     key: str, tensor: torch.Tensor, raw: RawConfig, *, norm_head: bool
 ) -> list[tuple[str, torch.Tensor]]:
+    """One original Baichuan tensor (7B or 13B) to its native tensors: W_pack split, NormHead rows normalized."""
     if key.endswith("rotary_emb.inv_freq"):
-        return []  # recomputed by Llama's rotary embedding
+        return []  # 7B only: recomputed by Llama's rotary embedding
     if key.endswith("self_attn.W_pack.weight"):
         prefix = key.removesuffix("W_pack.weight")
         q, k, v = torch.chunk(tensor, 3, dim=0)  # [q | k | v], hidden rows each
@@ -151,7 +152,7 @@ BAICHUAN_7B = SourceFamily(
     is_source=is_baichuan_7b,
     native_config=lambda raw: _native_config(raw, norm_head=False),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=True),
-    convert_tensor=lambda key, tensor, raw: _convert_tensor(key, tensor, raw, norm_head=False),
+    convert_tensor=lambda key, tensor, raw: convert_tensor(key, tensor, raw, norm_head=False),
     build_tokenizer=build_tokenizer_7b,
     chat_template=chat_template_7b,
     generation_config=generation_config,
@@ -163,7 +164,7 @@ BAICHUAN2_7B = SourceFamily(
     is_source=is_baichuan2_7b,
     native_config=lambda raw: _native_config(raw, norm_head=True),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=False),
-    convert_tensor=lambda key, tensor, raw: _convert_tensor(key, tensor, raw, norm_head=True),
+    convert_tensor=lambda key, tensor, raw: convert_tensor(key, tensor, raw, norm_head=True),
     build_tokenizer=build_tokenizer_2,
     chat_template=chat_template_2,
     generation_config=generation_config,

@@ -13,12 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import trainer.models  # noqa: F401  registers model_type baichuan_alibi for the CLI's CONFIG_MAPPING lookup
 from trainer.convert import ConvertError, RawConfig, SourceFamily, field
-from trainer.convert.baichuan import build_tokenizer_2, generation_config, source_shapes
-from trainer.models.norm_head import normalized_lm_head
+from trainer.convert.baichuan import build_tokenizer_2, convert_tensor, generation_config, source_shapes
 
 BAICHUAN2_VOCAB = 125696
 TURN_TOKENS = {"baichuan": ("<reserved_102>", "<reserved_103>"), "baichuan2": ("<reserved_106>", "<reserved_107>")}
@@ -66,18 +63,6 @@ def native_config(raw: RawConfig, *, norm_head: bool) -> dict[str, Any]:
         "bos_token_id": int(raw.get("bos_token_id", 1)),
         "eos_token_id": int(raw.get("eos_token_id", 2)),
     }
-
-
-def convert_tensor(
-    key: str, tensor: torch.Tensor, raw: RawConfig, *, norm_head: bool
-) -> list[tuple[str, torch.Tensor]]:
-    if key.endswith("self_attn.W_pack.weight"):
-        prefix = key.removesuffix("W_pack.weight")
-        q, k, v = torch.chunk(tensor, 3, dim=0)  # [q | k | v], hidden rows each
-        return [(f"{prefix}{name}_proj.weight", part) for name, part in (("q", q), ("k", k), ("v", v))]
-    if key == "lm_head.weight" and norm_head:
-        return [(key, normalized_lm_head(tensor))]
-    return [(key, tensor)]
 
 
 def build_tokenizer(src: Path, raw: RawConfig, template: str) -> Any:
