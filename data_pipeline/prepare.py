@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from common.atomic import write_json_atomic
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import Line, convert_line, read_lines, read_records
 from data_pipeline.pack import pack_bins
@@ -579,7 +580,7 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[st
         "histogram": dict(sorted(histogram.items())),
         "splits": splits,
     }
-    _write_json_atomic(state.out / BLOCKS_DIR / f"{block:05d}.json", result)
+    write_json_atomic(state.out / BLOCKS_DIR / f"{block:05d}.json", result)
     return result
 
 
@@ -603,12 +604,6 @@ def _check_limits(out: Path, plan: Plan, read: int, rejected_by_reason: dict[str
                 f"{top}; see {out / REJECTS_FILE}. To go on, {hint} rerun the same command with {option} {accept}: "
                 "the rerun reuses the finished work (blocks already written are not redone)"
             )
-
-
-def _write_json_atomic(path: Path, body: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def completed_block(out: Path, block: int, plan: Plan) -> dict[str, Any] | None:
@@ -648,7 +643,7 @@ def _open_out(out: Path, plan: Plan) -> None:
     for sub in (BLOCKS_DIR, *SPLITS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-    _write_json_atomic(plan_path, plan.to_dict())
+    write_json_atomic(plan_path, plan.to_dict())
 
 
 def _sum_counters(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -869,7 +864,7 @@ def _prepare(options: PrepareOptions) -> Manifest:
     finally:
         progress.close()
     partial = (options.num_tasks, options.task_index) if options.num_tasks > 1 else None
-    _write_json_atomic(
+    write_json_atomic(
         out / BLOCKS_DIR / "done.json",
         {"blocks": total, "num_tasks": options.num_tasks, "task_index": options.task_index},
     )
@@ -927,6 +922,6 @@ def merge(
             for name in (f"{block:05d}.rejects.jsonl", f"{block:05d}.json"):
                 link_or_copy(part / BLOCKS_DIR / name, out / BLOCKS_DIR / name)
             results.append(result)
-    _write_json_atomic(out / BLOCKS_DIR / "done.json", {"blocks": blocks, "num_tasks": 1, "task_index": 0})
+    write_json_atomic(out / BLOCKS_DIR / "done.json", {"blocks": blocks, "num_tasks": 1, "task_index": 0})
     timings = {"total_s": round(time.perf_counter() - start, 3)}
     return assemble(out, plan, results, partial=None, timings=timings, check_rejects=True)

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from common.atomic import write_text_atomic
 from trainer import progress
 from trainer.config import RunConfig
 from trainer.data import DataCursor
@@ -138,16 +139,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, fsync, then rename over ``path``: readers see the old or the new text."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save(
     engine: Any,
     output_dir: str | Path,
@@ -202,7 +193,7 @@ def save(
     files = hash_files(ckpt, sorted(_checkpoint_files(ckpt)))
     if rank == 0:
         write_marker(ckpt, files, step=state.step, world_size=state.world_size, run_id=state.run_id)
-        _write_atomic(root / LATEST, tag + "\n")
+        write_text_atomic(root / LATEST, tag + "\n")
         prune(root, keep_last)
     dist.barrier()
     return ckpt
@@ -210,7 +201,7 @@ def save(
 
 def write_marker(ckpt: Path, files: dict[str, str], **fields: Any) -> None:
     """Write ``ckpt/COMPLETE``: our format tag, ``fields`` (step, world size, run id) and the file hashes."""
-    _write_atomic(ckpt / COMPLETE, json.dumps({"format": MARKER_FORMAT, **fields, "files": files}, indent=1) + "\n")
+    write_text_atomic(ckpt / COMPLETE, json.dumps({"format": MARKER_FORMAT, **fields, "files": files}, indent=1) + "\n")
 
 
 def _checkpoint_files(ckpt: Path) -> list[str]:
@@ -400,7 +391,7 @@ def make_universal(output_dir: str | Path, tag: str) -> Path:
                 f"({' | '.join(tail)}); run `{' '.join(command)}` by hand, or resume on the saved world size"
             )
         else:
-            _write_atomic(universal_root / "latest_universal", tag + "\n")
+            write_text_atomic(universal_root / "latest_universal", tag + "\n")
             files = hash_files(universal_root / tag, sorted(_checkpoint_files(universal_root / tag)), local=True)
             write_marker(universal_root / tag, files, step=step_of(tag), universal_of=tag)
     dist.broadcast_object_list(error, src=0)

@@ -51,6 +51,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.atomic import write_json_atomic
+
 if TYPE_CHECKING:
     from data_pipeline.schema import Manifest
     from trainer.config import RunConfig
@@ -343,7 +345,7 @@ class Spool:
         self._handle.flush()
 
     def mark_sent(self, seq: int) -> None:
-        _write_json_atomic(self.cursor, {"seq": seq})
+        write_json_atomic(self.cursor, {"seq": seq})
 
     def copy_in(self, path: Path, seq_hint: int) -> Path:
         """Copy a file or directory into the spool so a later replay uploads these bytes."""
@@ -364,12 +366,6 @@ class Spool:
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None
-
-
-def _write_json_atomic(path: Path, body: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _path_size(path: Path) -> int:
@@ -503,7 +499,7 @@ class Sender:
         self._save_state()
 
     def _save_state(self) -> None:
-        _write_json_atomic(
+        write_json_atomic(
             self.output_dir / RUN_FILE,
             {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.tracking_uri},
         )
