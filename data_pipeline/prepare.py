@@ -29,13 +29,15 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.atomic import write_json_atomic
+from common.atomic import write_json_atomic, write_text_atomic
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import Line, convert_line, read_lines, read_records
+from data_pipeline.options import PrepareOptions as PrepareOptions  # re-exported: the API takes it from here
+from data_pipeline.options import SourceSpec as SourceSpec
 from data_pipeline.pack import pack_bins
 from data_pipeline.schema import (
     IGNORE_INDEX,
@@ -72,92 +74,6 @@ LENGTH_REASONS = ("too_long", "no_supervised_tokens")
 class TooManyRejects(Exception):
     """The malformed fraction exceeded ``max_bad_fraction``, or the fraction dropped by the length policy exceeded
     ``max_dropped_fraction``; rejects.jsonl is written, the manifest is not."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SourceSpec:
-    path: str
-    """A corpus file (JSON lines, a JSON array or object, CSV or text; see formats.FORMATS)."""
-    format: str = "auto"
-    """Format name, or "auto" to detect it from the first records."""
-    template: str | None = None
-    """Chat template for this source only (None: PrepareOptions.template)."""
-    samples: int | None = None
-    """Take only the first this many records of the source (None: all). Exclusive with weight."""
-    weight: float | None = None
-    """Up/down-sample: each record is used floor(weight) times plus once more with probability frac(weight),
-    decided by a hash of (seed, source position, record index), so it is deterministic. Exclusive with samples."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrepareOptions:
-    sources: tuple[SourceSpec, ...]
-    """Input corpora, read in this order."""
-    tokenizer: str
-    """A tokenizer directory (tokenizer.json, or a SentencePiece tokenizer.model converted to a fast tokenizer)."""
-    out: str
-    """Output directory: train/, val/, manifest.json, rejects.jsonl. Re-running into it resumes."""
-    template: str = "auto"
-    """Chat template name (templates.TEMPLATE_NAMES) or "auto" (by tokenizer family, else its chat_template)."""
-    max_seq_len: int = 2048
-    """Upper bound on tokens per row; longer samples are handled by `overlong`."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """Samples over max_seq_len: truncate (keeping at least one trained token) or drop with reason too_long."""
-    last_turn_only: bool = False
-    """Train only the last assistant turn of each conversation (earlier turns become context)."""
-    pack: bool = False
-    """Bin samples into rows of max_seq_len (best-fit decreasing per block); position_ids restart per sample."""
-    val_fraction: float = 0.01
-    """Fraction of records sent to val/, decided by a hash of (seed, the record's token ids): identical records
-    land in the same split and the choice does not depend on order, block size, workers or tasks."""
-    max_bad_fraction: float = 0.01
-    """Fail (after writing rejects.jsonl, without a manifest) when malformed / read exceeds this. Malformed: every
-    reject except the length policy's (LENGTH_REASONS), e.g. malformed_json, empty_user, multimodal,
-    no_tool_format. A trailing unanswered user turn is dropped without rejecting its record, and is not counted."""
-    max_dropped_fraction: float = 0.1
-    """Fail (like max_bad_fraction) when the records dropped by the length policy (too_long: over max_seq_len
-    with overlong=drop; no_supervised_tokens: truncation left no assistant token) exceed this fraction of those
-    read. They are not bad data but a max_seq_len too small for it: real corpora at usual lengths drop well under
-    1%, so 10% stops a run whose max_seq_len is badly off without failing one that merely has a few long
-    records."""
-    seed: int = 0
-    """Seeds the val split and the weight sampling."""
-    block_size: int = 8192
-    """Samples per block: the unit of work, resume and tasks, the packing window, and at most one shard per
-    split. A shard holds at most block_size x max_seq_len tokens per column."""
-    workers: int = 1
-    """Processes that tokenize blocks (1: in this process). Output is byte-identical for any value."""
-    num_tasks: int = 1
-    """Split the work into this many tasks (e.g. a SLURM array); each writes a partial OUT for `merge`."""
-    task_index: int = 0
-    """Which task this is, 0..num_tasks-1: it processes blocks whose index % num_tasks == task_index."""
-    progress: bool = True
-    """Show a progress bar (records/s, tokens/s) on stderr."""
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise InputError("prepare: no sources; pass --source PATH (or `sources:` in the --config YAML)")
-        checks = [
-            (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
-            (self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
-            (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]"),
-            (0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]"),
-            (self.block_size >= 1, "block_size", "must be >= 1"),
-            (self.workers >= 1, "workers", "must be >= 1"),
-            (self.num_tasks >= 1, "num_tasks", "must be >= 1"),
-            (0 <= self.task_index < self.num_tasks, "task_index", "must be in 0..num_tasks-1"),
-        ]
-        for ok, key, what in checks:
-            if not ok:
-                raise InputError(f"prepare option {key}={getattr(self, key)!r} {what}")
-        for spec in self.sources:
-            if spec.samples is not None and spec.weight is not None:
-                raise InputError(f"source {spec.path}: give samples or weight, not both")
-            if spec.samples is not None and spec.samples < 0:
-                raise InputError(f"source {spec.path}: samples must be >= 0")
-            if spec.weight is not None and spec.weight < 0:
-                raise InputError(f"source {spec.path}: weight must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -350,6 +266,88 @@ def _blocks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SplitOutput:
+    """One split's share of one block's output."""
+
+    shard: ShardInfo | None
+    """The block's shard of this split; None when none of the block's samples landed in it."""
+    samples: int
+    """Records that landed in this split."""
+    sequences: int
+    """Sequences written: one per conversation, one per max_seq_len chunk of a text record."""
+    tokens: int
+    """Real tokens of those sequences."""
+    loss_tokens: int
+    """Tokens whose label is not IGNORE_INDEX."""
+    slots: int
+    """Token slots of the rows: rows x max_seq_len when packed, else tokens (packing efficiency = tokens / slots)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SplitOutput:
+        shard = raw["shard"]
+        counts = {key: int(raw[key]) for key in ("samples", "sequences", "tokens", "loss_tokens", "slots")}
+        return cls(shard=None if shard is None else ShardInfo(**shard), **counts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockResult:
+    """What one block produced. On disk it is the block's completion record, OUT/.blocks/NNNNN.json, written after
+    its shards and rejects: what resume reuses and merge assembles."""
+
+    block: int
+    """The block's index in the whole input (all tasks)."""
+    plan: str
+    """Fingerprint of the plan it was made under; a record of another plan is never reused."""
+    read: int
+    """Samples of the block (records after samples/weight, rejects included)."""
+    written: int
+    """Samples written to a split (read minus rejected)."""
+    rejected_by_reason: dict[str, int]
+    """Rejected samples by reason, sorted by reason."""
+    unanswered_turns_dropped: int = 0
+    """Trailing user turns nobody answered, dropped without rejecting their record. Absent (0) in completion
+    records written before it was counted; those are still reused."""
+    source_records: tuple[int, ...]
+    """Samples of the block per source, in source order."""
+    histogram: dict[str, int]
+    """Sequence lengths by power of two ("<=64": n, ...)."""
+    splits: dict[str, SplitOutput]
+    """Output per split (train, val)."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(part.tokens for part in self.splits.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        body["source_records"] = list(self.source_records)
+        return body
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BlockResult:
+        """Read a completion record back; KeyError/TypeError/ValueError when it is not one."""
+        return cls(
+            block=int(raw["block"]),
+            plan=str(raw["plan"]),
+            read=int(raw["read"]),
+            written=int(raw["written"]),
+            rejected_by_reason={str(k): int(n) for k, n in raw["rejected_by_reason"].items()},
+            unanswered_turns_dropped=int(raw.get("unanswered_turns_dropped", 0)),
+            source_records=tuple(int(n) for n in raw["source_records"]),
+            histogram={str(k): int(n) for k, n in raw["histogram"].items()},
+            splits={split: SplitOutput.from_dict(raw["splits"][split]) for split in SPLITS},
+        )
+
+
+def block_file(out: Path, block: int, suffix: str = ".json") -> Path:
+    """A block's file under OUT/.blocks: its completion record (.json) or its rejects (.rejects.jsonl)."""
+    return out / BLOCKS_DIR / f"{block:05d}{suffix}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerState:
     """What processing a block needs; built once per process."""
 
@@ -415,7 +413,7 @@ def _from_wire(wire: list[Wire]) -> list[Sample]:
     return records
 
 
-def _process_in_worker(job: tuple[int, list[Wire]]) -> dict[str, Any]:
+def _process_in_worker(job: tuple[int, list[Wire]]) -> BlockResult:
     assert _STATE is not None, "worker not initialized"
     return process_block(_STATE, job[0], _from_wire(job[1]))
 
@@ -524,7 +522,7 @@ def _write_split(
     return shard, slots
 
 
-def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[str, Any]:
+def process_block(state: WorkerState, block: int, read: list[Sample]) -> BlockResult:
     """Turn one block of records into shards, a rejects file and a completion record; return the record."""
     records = [(position, convert_line(r) if isinstance(r, Line) else r) for position, r in read]
     options = state.plan.options
@@ -538,8 +536,7 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[st
     rejected: Counter[str] = Counter()
     histogram: Counter[str] = Counter()
     source_records = [0] * len(state.plan.sources)
-    turns_dropped = sum(r.dropped_turns for _, r in records if isinstance(r, Conversation))
-    rejects_path = state.out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl"
+    rejects_path = block_file(state.out, block, ".rejects.jsonl")
     with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
         for (position, _record), outcome in zip(records, encoded, strict=True):
             source_records[position] += 1
@@ -556,31 +553,31 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> dict[st
             histogram.update(_length_bucket(len(ids)) for ids, _ in outcome)
     os.replace(rejects_path.with_name(rejects_path.name + ".tmp"), rejects_path)
 
-    splits: dict[str, dict[str, Any]] = {}
+    splits: dict[str, SplitOutput] = {}
     for split, sequences in per_split.items():
         shard, slots = _write_split(
             state.out / split / f"data-{block:05d}.arrow", sequences, bool(options["pack"]), max_len
         )
-        splits[split] = {
-            "shard": None if shard is None else dataclasses.asdict(shard),
-            "samples": samples[split],
-            "sequences": len(sequences),
-            "tokens": sum(len(ids) for ids, _ in sequences),
-            "loss_tokens": sum(int(np.count_nonzero(labels != IGNORE_INDEX)) for _, labels in sequences),
-            "slots": slots,
-        }
-    result = {
-        "block": block,
-        "plan": state.plan.fingerprint,
-        "read": len(records),
-        "written": sum(samples.values()),
-        "rejected_by_reason": dict(sorted(rejected.items())),
-        "unanswered_turns_dropped": turns_dropped,
-        "source_records": source_records,
-        "histogram": dict(sorted(histogram.items())),
-        "splits": splits,
-    }
-    write_json_atomic(state.out / BLOCKS_DIR / f"{block:05d}.json", result)
+        splits[split] = SplitOutput(
+            shard=shard,
+            samples=samples[split],
+            sequences=len(sequences),
+            tokens=sum(len(ids) for ids, _ in sequences),
+            loss_tokens=sum(int(np.count_nonzero(labels != IGNORE_INDEX)) for _, labels in sequences),
+            slots=slots,
+        )
+    result = BlockResult(
+        block=block,
+        plan=state.plan.fingerprint,
+        read=len(records),
+        written=sum(samples.values()),
+        rejected_by_reason=dict(sorted(rejected.items())),
+        unanswered_turns_dropped=sum(r.dropped_turns for _, r in records if isinstance(r, Conversation)),
+        source_records=tuple(source_records),
+        histogram=dict(sorted(histogram.items())),
+        splits=splits,
+    )
+    write_json_atomic(block_file(state.out, block), result.to_dict())
     return result
 
 
@@ -606,22 +603,21 @@ def _check_limits(out: Path, plan: Plan, read: int, rejected_by_reason: dict[str
             )
 
 
-def completed_block(out: Path, block: int, plan: Plan) -> dict[str, Any] | None:
+def completed_block(out: Path, block: int, plan: Plan) -> BlockResult | None:
     """The completion record of a finished block whose files all verify, else None (the block is redone)."""
-    path = out / BLOCKS_DIR / f"{block:05d}.json"
-    if not path.is_file() or not (out / BLOCKS_DIR / f"{block:05d}.rejects.jsonl").is_file():
+    path = block_file(out, block)
+    if not path.is_file() or not block_file(out, block, ".rejects.jsonl").is_file():
         return None
     try:
-        result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        result = BlockResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # torn or foreign: redo the block rather than trust it
+    if result.plan != plan.fingerprint:
         return None
-    if result.get("plan") != plan.fingerprint:
-        return None
-    for split, info in result["splits"].items():
-        shard = info["shard"]
-        if shard is not None:
-            file = out / split / shard["file"]
-            if not file.is_file() or sha256_file(file) != shard["sha256"]:
+    for split, info in result.splits.items():
+        if info.shard is not None:
+            file = out / split / info.shard.file
+            if not file.is_file() or sha256_file(file) != info.shard.sha256:
                 return None
     return result
 
@@ -657,35 +653,21 @@ def _histogram_sorted(histogram: dict[str, int]) -> dict[str, int]:
     return dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:])))
 
 
-def assemble(
-    out: Path,
-    plan: Plan,
-    results: Sequence[dict[str, Any]],
-    *,
-    partial: tuple[int, int] | None,
-    timings: dict[str, float],
-    check_rejects: bool,
-) -> Manifest:
-    """Write rejects.jsonl, the split metadata and manifest.json from block results (in block order)."""
-    results = sorted(results, key=lambda r: r["block"])
+def _join_rejects(out: Path, results: Sequence[BlockResult]) -> None:
+    """OUT/rejects.jsonl: the blocks' rejects files, in block order."""
     with open(out / (REJECTS_FILE + ".tmp"), "wb") as rejects:
         for result in results:
-            with open(out / BLOCKS_DIR / f"{result['block']:05d}.rejects.jsonl", "rb") as part:
+            with open(block_file(out, result.block, ".rejects.jsonl"), "rb") as part:
                 rejects.write(part.read())
     os.replace(out / (REJECTS_FILE + ".tmp"), out / REJECTS_FILE)
 
-    read = sum(r["read"] for r in results)
-    written = sum(r["written"] for r in results)
-    rejected_by_reason = _sum_counters(r["rejected_by_reason"] for r in results)
-    rejected = sum(rejected_by_reason.values())
-    dropped = sum(n for reason, n in rejected_by_reason.items() if reason in LENGTH_REASONS)
-    if check_rejects:
-        _check_limits(out, plan, read, rejected_by_reason)
 
+def _assemble_splits(out: Path, results: Sequence[BlockResult]) -> dict[str, SplitInfo]:
+    """Each split's metadata and totals over the blocks' shards."""
     splits: dict[str, SplitInfo] = {}
     for split in SPLITS:
-        parts = [r["splits"][split] for r in results]
-        shards = tuple(ShardInfo(**p["shard"]) for p in parts if p["shard"] is not None)
+        parts = [r.splits[split] for r in results]
+        shards = tuple(p.shard for p in parts if p.shard is not None)
         if not shards:
             # load_from_disk needs at least one file: an empty split is one shard of zero rows.
             empty = np.zeros(0, dtype=np.int32)
@@ -694,13 +676,51 @@ def assemble(
         splits[split] = SplitInfo(
             shards=shards,
             rows=sum(s.rows for s in shards),
-            samples=sum(p["samples"] for p in parts),
-            tokens=sum(p["tokens"] for p in parts),
-            loss_tokens=sum(p["loss_tokens"] for p in parts),
+            samples=sum(p.samples for p in parts),
+            tokens=sum(p.tokens for p in parts),
+            loss_tokens=sum(p.loss_tokens for p in parts),
         )
-    tokens = sum(s.tokens for s in splits.values())
-    slots = sum(p["slots"] for r in results for p in r["splits"].values())
-    source_records = [sum(r["source_records"][i] for r in results) for i in range(len(plan.sources))]
+    return splits
+
+
+def _counts(results: Sequence[BlockResult], splits: dict[str, SplitInfo]) -> dict[str, Any]:
+    """The manifest's counts over all blocks."""
+    rejected_by_reason = _sum_counters(r.rejected_by_reason for r in results)
+    rejected = sum(rejected_by_reason.values())
+    dropped = sum(n for reason, n in rejected_by_reason.items() if reason in LENGTH_REASONS)
+    return {
+        "samples_read": sum(r.read for r in results),
+        "samples_written": sum(r.written for r in results),
+        "samples_rejected": rejected,
+        "rejected_by_reason": rejected_by_reason,
+        "samples_malformed": rejected - dropped,
+        "samples_dropped_by_length": dropped,
+        "unanswered_turns_dropped": sum(r.unanswered_turns_dropped for r in results),
+        "sequences": sum(p.sequences for r in results for p in r.splits.values()),
+        "rows": sum(s.rows for s in splits.values()),
+        "tokens": sum(s.tokens for s in splits.values()),
+        "loss_tokens": sum(s.loss_tokens for s in splits.values()),
+    }
+
+
+def assemble(
+    out: Path,
+    plan: Plan,
+    results: Sequence[BlockResult],
+    *,
+    partial: tuple[int, int] | None,
+    timings: dict[str, float],
+    check_rejects: bool,
+) -> Manifest:
+    """Write rejects.jsonl, the split metadata and manifest.json from block results (in block order)."""
+    results = sorted(results, key=lambda r: r.block)
+    _join_rejects(out, results)
+    if check_rejects:
+        _check_limits(out, plan, sum(r.read for r in results), _sum_counters(r.rejected_by_reason for r in results))
+    splits = _assemble_splits(out, results)
+    counts = _counts(results, splits)
+    slots = sum(p.slots for r in results for p in r.splits.values())
+    source_records = [sum(r.source_records[i] for r in results) for i in range(len(plan.sources))]
     options = dict(plan.options)
     if partial is not None:
         options["num_tasks"], options["task_index"] = partial
@@ -713,28 +733,13 @@ def assemble(
         packed=bool(plan.options["pack"]),
         max_seq_len=int(plan.options["max_seq_len"]),
         options=options,
-        counts={
-            "samples_read": read,
-            "samples_written": written,
-            "samples_rejected": rejected,
-            "rejected_by_reason": rejected_by_reason,
-            "samples_malformed": rejected - dropped,
-            "samples_dropped_by_length": dropped,
-            # .get: completion records written before this count existed are still reused
-            "unanswered_turns_dropped": sum(r.get("unanswered_turns_dropped", 0) for r in results),
-            "sequences": sum(p["sequences"] for r in results for p in r["splits"].values()),
-            "rows": sum(s.rows for s in splits.values()),
-            "tokens": tokens,
-            "loss_tokens": sum(s.loss_tokens for s in splits.values()),
-        },
-        length_histogram=_histogram_sorted(_sum_counters(r["histogram"] for r in results)),
-        packing_efficiency=round(tokens / slots, 6) if slots else 1.0,
+        counts=counts,
+        length_histogram=_histogram_sorted(_sum_counters(r.histogram for r in results)),
+        packing_efficiency=round(counts["tokens"] / slots, 6) if slots else 1.0,
         splits=splits,
         timings=timings,
     )
-    tmp = out / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_FILE)
+    write_text_atomic(out / MANIFEST_FILE, manifest.to_json())
     return manifest
 
 
@@ -769,10 +774,10 @@ class _Progress:
 
         self.bar = tqdm(unit="rec", unit_scale=True, file=sys.stderr, disable=not self.enabled, desc="prepare")
 
-    def update(self, result: dict[str, Any]) -> None:
-        self.records += result["read"]
-        self.tokens += sum(p["tokens"] for p in result["splits"].values())
-        self.bar.update(result["read"])
+    def update(self, result: BlockResult) -> None:
+        self.records += result.read
+        self.tokens += result.tokens
+        self.bar.update(result.read)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
 
@@ -780,9 +785,9 @@ class _Progress:
         self.bar.close()
 
 
-def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress) -> tuple[list[dict[str, Any]], int]:
+def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress) -> tuple[list[BlockResult], int]:
     """Process this task's blocks (reusing verified ones); return their results and the total block count."""
-    results: list[dict[str, Any]] = []
+    results: list[BlockResult] = []
     seen = [0]  # blocks in the whole input, this task's or not: merge checks it has them all
 
     def own_blocks() -> Iterator[tuple[int, list[Sample]]]:
@@ -793,7 +798,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
 
     jobs = own_blocks()
 
-    def reuse_or_none(index: int) -> dict[str, Any] | None:
+    def reuse_or_none(index: int) -> BlockResult | None:
         done = completed_block(state.out, index, state.plan)
         if done is not None:
             progress.update(done)
@@ -809,7 +814,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
         threads = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="prepare-block")
 
-        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[dict[str, Any]]:
+        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[BlockResult]:
             return executor.submit(process_block, state, index, block)
 
     else:
@@ -818,10 +823,10 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
             options.workers, mp_context=context, initializer=_init_worker, initargs=(state,)
         )
 
-        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[dict[str, Any]]:
+        def submit(index: int, block: list[Sample]) -> concurrent.futures.Future[BlockResult]:
             return executor.submit(_process_in_worker, (index, _to_wire(block)))
 
-    pending: deque[concurrent.futures.Future[dict[str, Any]]] = deque()
+    pending: deque[concurrent.futures.Future[BlockResult]] = deque()
     with executor:
         for index, block in jobs:
             done = reuse_or_none(index)
@@ -916,11 +921,11 @@ def merge(
             result = completed_block(part, block, plan)
             if result is None:
                 raise InputError(f"merge: {part}: block {block} is missing or fails verification; re-run that task")
-            for split, info in result["splits"].items():
-                if info["shard"] is not None:
-                    link_or_copy(part / split / info["shard"]["file"], out / split / info["shard"]["file"])
-            for name in (f"{block:05d}.rejects.jsonl", f"{block:05d}.json"):
-                link_or_copy(part / BLOCKS_DIR / name, out / BLOCKS_DIR / name)
+            for split, info in result.splits.items():
+                if info.shard is not None:
+                    link_or_copy(part / split / info.shard.file, out / split / info.shard.file)
+            for suffix in (".rejects.jsonl", ".json"):
+                link_or_copy(block_file(part, block, suffix), block_file(out, block, suffix))
             results.append(result)
     write_json_atomic(out / BLOCKS_DIR / "done.json", {"blocks": blocks, "num_tasks": 1, "task_index": 0})
     timings = {"total_s": round(time.perf_counter() - start, 3)}

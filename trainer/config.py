@@ -2,24 +2,24 @@
 
 A run file is flat YAML with one mapping per section (``model:``, ``train:``, ...). Overrides are dotted
 ``section.key=value`` strings whose value is parsed as YAML. Unknown sections or keys, and values of the
-wrong type, fail at start-up with a message that names the key and lists the valid ones.
+wrong type, fail at start-up with a message that names the key and lists the valid ones. The machinery (type
+coercion, unknown keys, overrides) is common/strict_config.py, shared with prepare's options; this module holds
+the run's sections and their cross-field checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(Exception):
-    """A configuration the user must fix; the message names the key and what to do."""
+from common import strict_config
+from common.strict_config import ConfigError as ConfigError  # re-exported: the trainer's error type
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,92 +224,9 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a field annotation, converting only lossless cases (int->float, list->tuple)."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
-    if origin is Literal:
-        choices = get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices))}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        (item_type, _ellipsis) = get_args(annotation)
-        return tuple(_coerce(v, item_type, key) for v in value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return str(value)
-    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
-
-
-def _build_section(cls: type, raw: dict[str, Any], section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise ConfigError(f"unknown key {section}.{key}; valid keys of {section}: {', '.join(valid)}")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"missing required key(s) {', '.join(f'{section}.{m}' for m in missing)}")
-    return cls(**kwargs)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (value parsed as YAML) to a nested dict, strictly."""
-    sections = _section_types()
-    merged = {name: dict(body) if isinstance(body, dict) else body for name, body in raw.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, _, text = item.partition("=")
-        section, _, key = dotted.strip().partition(".")
-        if section not in sections or not key:
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(sections)}")
-        if not isinstance(merged.get(section, {}), dict):
-            raise ConfigError(f"section {section}: expected a mapping of key: value, got {merged[section]!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"override {dotted.strip()}={text!r}: not a YAML value ({str(exc).splitlines()[0]})"
-            ) from None
-        merged.setdefault(section, {})[key] = value
-    return merged
+    return strict_config.apply_overrides(raw, overrides, list(_section_types()))
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
@@ -321,7 +238,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     for name, body in raw.items():
         if body is not None and not isinstance(body, dict):
             raise ConfigError(f"section {name}: expected a mapping of key: value, got {body!r}")
-    built = {name: _build_section(sections[name], raw[name] or {}, name) for name in raw}
+    built: dict[str, Any] = {name: strict_config.build_dataclass(sections[name], raw[name] or {}, name) for name in raw}
     for name in ("model", "data", "train"):
         if name not in built:
             raise ConfigError(f"missing section {name!r}")
@@ -333,12 +250,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        loaded = strict_config.read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
         raw = loaded
@@ -351,15 +263,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """Nested plain dict (tuples as lists), for YAML/JSON dumps."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
+    plain: dict[str, Any] = strict_config.to_plain(config)
+    return plain
 
 
 def flatten(config: RunConfig) -> dict[str, Any]:

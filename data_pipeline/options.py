@@ -1,0 +1,158 @@
+"""Prepare's options: their one typed definition (``PrepareOptions``, ``SourceSpec``) and how they are built.
+
+A prepare config is flat YAML whose keys are the ``PrepareOptions`` fields (see configs/data/). It is loaded by
+the same strict machinery as the run config (common/strict_config.py): an unknown key, a value of the wrong type
+(a quoted ``"512"`` is not an integer) or a contradiction fails in one line that names the key, before any work.
+The command-line flags of ``python -m data_pipeline prepare`` are generated from these fields (data_pipeline/cli.py),
+so a new option is a new field here and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from common import strict_config
+from common.strict_config import ConfigError, WrongTypeError
+from data_pipeline.conversation import InputError
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    path: str
+    """A corpus file (JSON lines, a JSON array or object, CSV or text; see formats.FORMATS)."""
+    format: str = "auto"
+    """Format name, or "auto" to detect it from the first records."""
+    template: str | None = None
+    """Chat template for this source only (None: PrepareOptions.template)."""
+    samples: int | None = None
+    """Take only the first this many records of the source (None: all). Exclusive with weight."""
+    weight: float | None = None
+    """Up/down-sample: each record is used floor(weight) times plus once more with probability frac(weight),
+    decided by a hash of (seed, source position, record index), so it is deterministic. Exclusive with samples."""
+
+    def __post_init__(self) -> None:
+        if self.samples is not None and self.weight is not None:
+            raise InputError(f"source {self.path}: give samples or weight, not both")
+        if self.samples is not None and self.samples < 0:
+            raise InputError(f"source {self.path}: samples must be >= 0")
+        if self.weight is not None and self.weight < 0:
+            raise InputError(f"source {self.path}: weight must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    sources: tuple[SourceSpec, ...]
+    """Input corpora, read in this order."""
+    tokenizer: str
+    """A tokenizer directory (tokenizer.json, or a SentencePiece tokenizer.model converted to a fast tokenizer)."""
+    out: str
+    """Output directory: train/, val/, manifest.json, rejects.jsonl. Re-running into it resumes."""
+    template: str = "auto"
+    """Chat template name (templates.TEMPLATE_NAMES) or "auto" (by tokenizer family, else its chat_template)."""
+    max_seq_len: int = 2048
+    """Upper bound on tokens per row; longer samples are handled by `overlong`."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Samples over max_seq_len: truncate (keeping at least one trained token) or drop with reason too_long."""
+    last_turn_only: bool = False
+    """Train only the last assistant turn of each conversation (earlier turns become context)."""
+    pack: bool = False
+    """Bin samples into rows of max_seq_len (best-fit decreasing per block); position_ids restart per sample."""
+    val_fraction: float = 0.01
+    """Fraction of records sent to val/, decided by a hash of (seed, the record's token ids): identical records
+    land in the same split and the choice does not depend on order, block size, workers or tasks."""
+    max_bad_fraction: float = 0.01
+    """Fail (after writing rejects.jsonl, without a manifest) when malformed / read exceeds this. Malformed: every
+    reject except the length policy's (LENGTH_REASONS), e.g. malformed_json, empty_user, multimodal,
+    no_tool_format. A trailing unanswered user turn is dropped without rejecting its record, and is not counted."""
+    max_dropped_fraction: float = 0.1
+    """Fail (like max_bad_fraction) when the records dropped by the length policy (too_long: over max_seq_len
+    with overlong=drop; no_supervised_tokens: truncation left no assistant token) exceed this fraction of those
+    read. They are not bad data but a max_seq_len too small for it: real corpora at usual lengths drop well under
+    1%, so 10% stops a run whose max_seq_len is badly off without failing one that merely has a few long
+    records."""
+    seed: int = 0
+    """Seeds the val split and the weight sampling."""
+    block_size: int = 8192
+    """Samples per block: the unit of work, resume and tasks, the packing window, and at most one shard per
+    split. A shard holds at most block_size x max_seq_len tokens per column."""
+    workers: int = 1
+    """Processes that tokenize blocks (1: in this process). Output is byte-identical for any value."""
+    num_tasks: int = 1
+    """Split the work into this many tasks (e.g. a SLURM array); each writes a partial OUT for `merge`."""
+    task_index: int = 0
+    """Which task this is, 0..num_tasks-1: it processes blocks whose index % num_tasks == task_index."""
+    progress: bool = True
+    """Show a progress bar (records/s, tokens/s) on stderr."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise InputError("prepare: no sources; pass --source PATH (or `sources:` in the --config YAML)")
+        checks = [
+            (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
+            (self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
+            (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]"),
+            (0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]"),
+            (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.workers >= 1, "workers", "must be >= 1"),
+            (self.num_tasks >= 1, "num_tasks", "must be >= 1"),
+            (0 <= self.task_index < self.num_tasks, "task_index", "must be in 0..num_tasks-1"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise InputError(f"prepare option {key}={getattr(self, key)!r} {what}")
+
+
+OPTION_KEYS = tuple(PrepareOptions.__dataclass_fields__)
+"""The keys of a prepare config, in definition order."""
+_SOURCE_KEYS = tuple(SourceSpec.__dataclass_fields__)
+
+
+def read_config(path: Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw mapping of a prepare YAML (or {}) with ``key=value`` overrides applied; types are checked later,
+    by ``build_options``. InputError in one line for a missing file, bad YAML, or a top level that is no mapping."""
+    where = f"--config {path}" if path is not None else "prepare"
+    raw: Any = {}
+    try:
+        if path is not None:
+            raw = strict_config.read_yaml(path) or {}
+            if not isinstance(raw, dict):
+                raise InputError(f"{where}: the top level must be a mapping of option: value")
+        return strict_config.apply_flat_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise InputError(f"{where}: {exc}" if path is None else f"--config {exc}") from None
+
+
+def _source_entries(sources: Any, where: str) -> list[Any]:
+    """A config's ``sources``: a list whose items are paths (a path alone is a source with default options)."""
+    if sources is None:
+        return []
+    if not isinstance(sources, list | tuple):
+        raise InputError(f"{where}: sources must be a list of paths or mappings")
+    entries: list[Any] = []
+    for entry in sources:
+        if isinstance(entry, str | Path):
+            entries.append({"path": str(entry)})
+        elif isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            raise InputError(
+                f"{where}: sources: each source is a path or a mapping with path: (and {', '.join(_SOURCE_KEYS[1:])})"
+            )
+    return entries
+
+
+def build_options(raw: Mapping[str, Any], where: str) -> PrepareOptions:
+    """PrepareOptions from a flat mapping (the YAML, overrides and flags merged), strictly: an unknown key or a
+    wrong type is an InputError of one line naming the key, prefixed by ``where`` (e.g. ``--config prep.yaml``)."""
+    body = {**raw, "sources": _source_entries(raw.get("sources"), where)}
+    try:
+        return strict_config.build_dataclass(PrepareOptions, body)
+    except WrongTypeError as exc:
+        # prepare's phrasing since before the shared loader: `key=value must be ...`
+        raise InputError(f"{where}: {exc.key}={exc.value!r} must be {exc.expected}") from None
+    except ConfigError as exc:
+        raise InputError(f"{where}: {exc}") from None
