@@ -90,7 +90,7 @@ def test_every_option_has_its_flag_typed_and_documented() -> None:
     hints = typing.get_type_hints(PrepareOptions)
     docs = field_docs(PrepareOptions)
     for spec in dataclasses.fields(PrepareOptions):
-        assert spec.name in docs and docs[spec.name], f"PrepareOptions.{spec.name} has no docstring"
+        assert docs.get(spec.name), f"PrepareOptions.{spec.name} has no docstring"
         if spec.name == "sources":
             continue
         action = actions[spec.name]
