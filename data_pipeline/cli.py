@@ -18,7 +18,7 @@ from data_pipeline import tracking
 from data_pipeline.conversation import InputError
 from data_pipeline.inspect import rejects_summary
 from data_pipeline.options import OPTION_KEYS, PrepareOptions, build_options, read_config
-from data_pipeline.prepare import TooManyRejects, merge, prepare
+from data_pipeline.prepare import LIMIT_OPTIONS, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
 
 _CONFIG_KEYS = OPTION_KEYS
@@ -34,17 +34,20 @@ def _flag_help(doc: str, default: Any) -> str:
     return (first + shown).replace("%", "%%")
 
 
-def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per PrepareOptions field (``max_seq_len`` -> ``--max-seq-len``), typed by its annotation and
-    documented by its docstring: the flags cannot drift from the options. Booleans get ``--x/--no-x``. Every
-    default is None, so only the flags given override the --config YAML."""
+def add_option_flags(
+    parser: argparse.ArgumentParser, only: Sequence[str] | None = None, default_text: str | None = None
+) -> None:
+    """One flag per PrepareOptions field (``max_seq_len`` -> ``--max-seq-len``; ``only``: these fields), typed by
+    its annotation and documented by its docstring: the flags cannot drift from the options. Booleans get
+    ``--x/--no-x``. Every default is None, so only the flags given override the --config YAML (``default_text``:
+    what the help says instead of the field's default)."""
     docs = field_docs(PrepareOptions)
     hints = typing.get_type_hints(PrepareOptions)
     for spec in dataclasses.fields(PrepareOptions):
-        if spec.name in _FLAGLESS:
+        if spec.name in _FLAGLESS or (only is not None and spec.name not in only):
             continue
         flag, hint = "--" + spec.name.replace("_", "-"), hints[spec.name]
-        kw: dict[str, Any] = {"default": None, "help": _flag_help(docs[spec.name], spec.default)}
+        kw: dict[str, Any] = {"default": None, "help": _flag_help(docs[spec.name], default_text or spec.default)}
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is typing.Literal:
@@ -89,8 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     m = commands.add_parser("merge", help="assemble the partial outputs of --num-tasks runs")
     m.add_argument("partials", type=Path, nargs="+", help="the tasks' output directories")
     m.add_argument("--out", type=Path, required=True, help="the merged output directory")
-    m.add_argument("--max-bad-fraction", type=float, help="override the tasks' threshold")
-    m.add_argument("--max-dropped-fraction", type=float, help="override the tasks' threshold")
+    add_option_flags(m, only=LIMIT_OPTIONS, default_text="the tasks' value")
     m.add_argument(
         "--track",
         action=argparse.BooleanOptionalAction,
