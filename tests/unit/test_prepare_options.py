@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import typing
 from pathlib import Path
@@ -15,7 +16,7 @@ from common.strict_config import field_docs
 from data_pipeline.cli import _parser, options_from_args
 from data_pipeline.conversation import InputError
 from data_pipeline.options import PrepareOptions, SourceSpec
-from data_pipeline.prepare import BlockResult, SplitOutput
+from data_pipeline.prepare import BLOCKS_DIR, BlockResult, Plan, SplitOutput, block_file, completed_block
 from data_pipeline.schema import ShardInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,9 @@ def test_source_entries_are_checked_like_options(tmp_path: Path, source: str, ne
 
 
 def test_precedence_yaml_then_overrides_then_flags(tmp_path: Path) -> None:
-    yaml_text = BASE + "pack: true\nmax_seq_len: 256\nseed: 3\nsources: [{path: " + str(ALPACA) + ", samples: 9}]\n"
+    yaml_text = (
+        f"sources: [{{path: {ALPACA}, samples: 9}}]\ntokenizer: tok\nout: o\npack: true\nmax_seq_len: 256\nseed: 3\n"
+    )
     got = options(tmp_path, yaml_text, "max_seq_len=1024", "seed=5", "--seed", "7", "--no-pack", "--source", "b.json")
     assert (got.max_seq_len, got.seed, got.pack) == (1024, 7, False)
     assert got.sources == (SourceSpec(path=str(ALPACA), samples=9), SourceSpec(path="b.json"))
@@ -145,3 +148,29 @@ def test_block_result_round_trips_through_its_json_record() -> None:
     assert result.tokens == 700
     del body["unanswered_turns_dropped"]  # a record written before the count existed is still read
     assert BlockResult.from_dict(body).unanswered_turns_dropped == 0
+
+
+def test_a_torn_or_foreign_completion_record_is_redone_not_trusted(tmp_path: Path) -> None:
+    plan = Plan(
+        sources=(), specs=(), templates=(), template="t", tokenizer_path="", tokenizer_fingerprint="", options={}
+    )
+    plan = dataclasses.replace(plan, fingerprint="f" * 64)
+    (tmp_path / BLOCKS_DIR).mkdir()
+    block_file(tmp_path, 3, ".rejects.jsonl").write_text("")
+    record = _result().to_dict()
+    for body in ("{not json", json.dumps({"plan": "f" * 64, "block": 3}), json.dumps({**record, "plan": "e" * 64})):
+        block_file(tmp_path, 3).write_text(body)
+        assert completed_block(tmp_path, 3, plan) is None
+    block_file(tmp_path, 3).write_text(json.dumps(record))
+    assert completed_block(tmp_path, 3, plan) is None  # its train shard is not on disk
+    (tmp_path / "train").mkdir()
+    shard = tmp_path / "train" / "data-00003.arrow"
+    shard.write_bytes(b"rows")
+    verified = {**record, "splits": {**record["splits"], "train": {**record["splits"]["train"]}}}
+    verified["splits"]["train"]["shard"] = {
+        "file": shard.name,
+        "rows": 4,
+        "sha256": hashlib.sha256(b"rows").hexdigest(),
+    }
+    block_file(tmp_path, 3).write_text(json.dumps(verified))
+    assert completed_block(tmp_path, 3, plan) == BlockResult.from_dict(verified)
