@@ -114,16 +114,18 @@ _SOURCE_KEYS = tuple(SourceSpec.__dataclass_fields__)
 def read_config(path: Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The raw mapping of a prepare YAML (or {}) with ``key=value`` overrides applied; types are checked later,
     by ``build_options``. InputError in one line for a missing file, bad YAML, or a top level that is no mapping."""
-    where = f"--config {path}" if path is not None else "prepare"
     raw: Any = {}
-    try:
-        if path is not None:
+    if path is not None:
+        try:
             raw = strict_config.read_yaml(path) or {}
-            if not isinstance(raw, dict):
-                raise InputError(f"{where}: the top level must be a mapping of option: value")
+        except ConfigError as exc:
+            raise InputError(f"--config {exc}") from None  # the message starts with the path
+        if not isinstance(raw, dict):
+            raise InputError(f"--config {path}: the top level must be a mapping of option: value")
+    try:
         return strict_config.apply_flat_overrides(raw, overrides)
     except ConfigError as exc:
-        raise InputError(f"{where}: {exc}" if path is None else f"--config {exc}") from None
+        raise InputError(f"prepare: {exc}") from None
 
 
 def _source_entries(sources: Any, where: str) -> list[Any]:

@@ -48,8 +48,8 @@ def one_line_error(tmp_path: Path, yaml_text: str, *args: str) -> str:
         ("last_turn_only: 1\n", (), ("last_turn_only=1 must be true or false",)),
         ("", ("overlong=cut",), ("overlong='cut' must be one of truncate, drop",)),
         ("", ("seed=[1, 2]",), ("seed=[1, 2] must be an integer",)),
-        ("", ("val_fraction=[oops",), ("val_fraction", "not a YAML value")),
-        ("", ("max_seq_len",), ("override 'max_seq_len': expected key=value",)),
+        ("", ("val_fraction=[oops",), ("prepare: override val_fraction='[oops': not a YAML value",)),
+        ("", ("max_seq_len",), ("prepare: override 'max_seq_len': expected key=value",)),
         ("", ("task_index=3",), ("task_index=3 must be in 0..num_tasks-1",)),
     ],
 )
@@ -174,3 +174,11 @@ def test_a_torn_or_foreign_completion_record_is_redone_not_trusted(tmp_path: Pat
     }
     block_file(tmp_path, 3).write_text(json.dumps(verified))
     assert completed_block(tmp_path, 3, plan) == BlockResult.from_dict(verified)
+
+
+def test_config_file_problems_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(InputError, match=f"^--config {missing}: config file not found$"):
+        options_from_args(_parser().parse_args(["prepare", "--config", str(missing)]))
+    assert one_line_error(tmp_path, "sources: [a\n").startswith(f"--config {tmp_path / 'prep.yaml'}: invalid YAML (")
+    assert "the top level must be a mapping of option: value" in one_line_error(tmp_path, "- a\n- b\n")
