@@ -3,7 +3,7 @@
 The unit of work is a *block*: ``block_size`` consecutive samples of the input stream (all sources in order).
 The main process reads records in order and cuts them into blocks; each block is processed independently,
 in this process or in a worker, into at most one train shard and one val shard, a rejects file and a small
-completion record (``OUT/.blocks/NNNNN.json``) written last. Because a block's output depends only on its
+completion record (``OUT/.blocks/NNNNN.json``, a ``blocks.BlockResult``) written last. Because a block's output depends only on its
 samples and the options:
 
 - any worker count gives byte-identical shards (results are assembled in block order);
@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.atomic import write_json_atomic, write_text_atomic
+from data_pipeline.blocks import BLOCKS_DIR as BLOCKS_DIR  # re-exported: tests and tools name it from here
+from data_pipeline.blocks import BlockResult, SplitOutput, block_file, completed_block
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import Line, convert_line, read_lines, read_records
 from data_pipeline.options import PrepareOptions as PrepareOptions  # re-exported: the API takes it from here
@@ -59,8 +61,6 @@ if TYPE_CHECKING:
 
     from data_pipeline.templates import ChatTemplate
 
-BLOCKS_DIR = ".blocks"
-"""Per-block completion records, rejects and the plan, inside OUT. What resume and merge read."""
 RAW_CHARS = 500
 """Raw record text kept per line of rejects.jsonl."""
 # Options that change nothing in the output; they are not part of the manifest or the plan fingerprint.
@@ -263,88 +263,6 @@ def _blocks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
 
 
 # -------------------------------------------------------------------------------------- one block's work
-
-
-@dataclass(frozen=True, kw_only=True)
-class SplitOutput:
-    """One split's share of one block's output."""
-
-    shard: ShardInfo | None
-    """The block's shard of this split; None when none of the block's samples landed in it."""
-    samples: int
-    """Records that landed in this split."""
-    sequences: int
-    """Sequences written: one per conversation, one per max_seq_len chunk of a text record."""
-    tokens: int
-    """Real tokens of those sequences."""
-    loss_tokens: int
-    """Tokens whose label is not IGNORE_INDEX."""
-    slots: int
-    """Token slots of the rows: rows x max_seq_len when packed, else tokens (packing efficiency = tokens / slots)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> SplitOutput:
-        shard = raw["shard"]
-        counts = {key: int(raw[key]) for key in ("samples", "sequences", "tokens", "loss_tokens", "slots")}
-        return cls(shard=None if shard is None else ShardInfo(**shard), **counts)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BlockResult:
-    """What one block produced. On disk it is the block's completion record, OUT/.blocks/NNNNN.json, written after
-    its shards and rejects: what resume reuses and merge assembles."""
-
-    block: int
-    """The block's index in the whole input (all tasks)."""
-    plan: str
-    """Fingerprint of the plan it was made under; a record of another plan is never reused."""
-    read: int
-    """Samples of the block (records after samples/weight, rejects included)."""
-    written: int
-    """Samples written to a split (read minus rejected)."""
-    rejected_by_reason: dict[str, int]
-    """Rejected samples by reason, sorted by reason."""
-    unanswered_turns_dropped: int = 0
-    """Trailing user turns nobody answered, dropped without rejecting their record. Absent (0) in completion
-    records written before it was counted; those are still reused."""
-    source_records: tuple[int, ...]
-    """Samples of the block per source, in source order."""
-    histogram: dict[str, int]
-    """Sequence lengths by power of two ("<=64": n, ...)."""
-    splits: dict[str, SplitOutput]
-    """Output per split (train, val)."""
-
-    @property
-    def tokens(self) -> int:
-        return sum(part.tokens for part in self.splits.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        body = dataclasses.asdict(self)
-        body["source_records"] = list(self.source_records)
-        return body
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> BlockResult:
-        """Read a completion record back; KeyError/TypeError/ValueError when it is not one."""
-        return cls(
-            block=int(raw["block"]),
-            plan=str(raw["plan"]),
-            read=int(raw["read"]),
-            written=int(raw["written"]),
-            rejected_by_reason={str(k): int(n) for k, n in raw["rejected_by_reason"].items()},
-            unanswered_turns_dropped=int(raw.get("unanswered_turns_dropped", 0)),
-            source_records=tuple(int(n) for n in raw["source_records"]),
-            histogram={str(k): int(n) for k, n in raw["histogram"].items()},
-            splits={split: SplitOutput.from_dict(raw["splits"][split]) for split in SPLITS},
-        )
-
-
-def block_file(out: Path, block: int, suffix: str = ".json") -> Path:
-    """A block's file under OUT/.blocks: its completion record (.json) or its rejects (.rejects.jsonl)."""
-    return out / BLOCKS_DIR / f"{block:05d}{suffix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -603,25 +521,6 @@ def _check_limits(out: Path, plan: Plan, read: int, rejected_by_reason: dict[str
             )
 
 
-def completed_block(out: Path, block: int, plan: Plan) -> BlockResult | None:
-    """The completion record of a finished block whose files all verify, else None (the block is redone)."""
-    path = block_file(out, block)
-    if not path.is_file() or not block_file(out, block, ".rejects.jsonl").is_file():
-        return None
-    try:
-        result = BlockResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None  # torn or foreign: redo the block rather than trust it
-    if result.plan != plan.fingerprint:
-        return None
-    for split, info in result.splits.items():
-        if info.shard is not None:
-            file = out / split / info.shard.file
-            if not file.is_file() or sha256_file(file) != info.shard.sha256:
-                return None
-    return result
-
-
 # ------------------------------------------------------------------------------------------- the output
 
 
@@ -799,7 +698,7 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
     jobs = own_blocks()
 
     def reuse_or_none(index: int) -> BlockResult | None:
-        done = completed_block(state.out, index, state.plan)
+        done = completed_block(state.out, index, state.plan.fingerprint)
         if done is not None:
             progress.update(done)
         return done
@@ -918,7 +817,7 @@ def merge(
     results = []
     for part, done in zip(partials, dones, strict=True):
         for block in range(done["task_index"], blocks, num_tasks):
-            result = completed_block(part, block, plan)
+            result = completed_block(part, block, plan.fingerprint)
             if result is None:
                 raise InputError(f"merge: {part}: block {block} is missing or fails verification; re-run that task")
             for split, info in result.splits.items():

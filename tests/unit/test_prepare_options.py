@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from common.strict_config import field_docs
+from data_pipeline.blocks import BLOCKS_DIR, BlockResult, SplitOutput, block_file, completed_block
 from data_pipeline.cli import _parser, options_from_args
 from data_pipeline.conversation import InputError
 from data_pipeline.options import PrepareOptions, SourceSpec
-from data_pipeline.prepare import BLOCKS_DIR, BlockResult, Plan, SplitOutput, block_file, completed_block
 from data_pipeline.schema import ShardInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,10 +151,7 @@ def test_block_result_round_trips_through_its_json_record() -> None:
 
 
 def test_a_torn_or_foreign_completion_record_is_redone_not_trusted(tmp_path: Path) -> None:
-    plan = Plan(
-        sources=(), specs=(), templates=(), template="t", tokenizer_path="", tokenizer_fingerprint="", options={}
-    )
-    plan = dataclasses.replace(plan, fingerprint="f" * 64)
+    plan = "f" * 64  # the fingerprint of the plan the block must belong to
     (tmp_path / BLOCKS_DIR).mkdir()
     block_file(tmp_path, 3, ".rejects.jsonl").write_text("")
     record = _result().to_dict()
