@@ -34,20 +34,13 @@ from torch import nn
 
 from trainer import progress
 from trainer.config import ConfigError, RunConfig, load_config
+from trainer.dist import barrier, is_rank0, rank
 from trainer.model import DTYPES, LoadedModel, load_model
+from trainer.run_dir import LATEST_FILE, RUN_CONFIG_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
 EXPORT_INFO_FILE = "sft_export.json"
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> dict[str, torch.Tensor]:
@@ -57,21 +50,21 @@ def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bo
     """
     import deepspeed
 
-    is_rank0 = _rank() == 0
+    rank0 = is_rank0()
     params = dict(model.named_parameters(remove_duplicate=False))
     keep_all = all(keep(name, param) for name, param in params.items())
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         param = params.get(name)
         if param is None:
-            if keep_all and is_rank0 and isinstance(tensor, torch.Tensor):
+            if keep_all and rank0 and isinstance(tensor, torch.Tensor):
                 out[name] = tensor.detach().to("cpu", copy=True)
             continue
         if not keep(name, param):
             continue
         # A no-op for parameters that ZeRO-3 does not partition.
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if is_rank0:
+            if rank0:
                 out[name] = param.detach().to("cpu", copy=True)
     return out
 
@@ -193,10 +186,10 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
     else:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
         writer = write_adapter
-    progress.fault_hook("export", cfg.train.max_steps, _rank())  # drills: a rank dies between gather and write
+    progress.fault_hook("export", cfg.train.max_steps, rank())  # drills: a rank dies between gather and write
     error = [""]
     failure: Exception | None = None
-    if _rank() == 0:
+    if is_rank0():
         try:
             writer(model, state_dict, loaded.tokenizer, info, out_dir)
         except Exception as exc:  # any failure (refused adapter, full disk) must reach the other ranks
@@ -207,7 +200,7 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
         raise failure
     if error[0]:
         raise RuntimeError(error[0])
-    _barrier()
+    barrier()
     return out_dir
 
 
@@ -247,12 +240,12 @@ def resolve_checkpoint(path: Path) -> Path:
     The directory must carry our COMPLETE marker and match its hashes (trainer.checkpoint.verify) before
     anything in it is unpickled: DeepSpeed's files are loaded with ``torch.load(weights_only=False)``.
     """
-    from trainer.checkpoint import CHECKPOINTS, COMPLETE, LATEST, CheckpointError, verify
+    from trainer.checkpoint import COMPLETE, CheckpointError, verify
 
-    if (path / CHECKPOINTS).is_dir():
-        path = path / CHECKPOINTS
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text(encoding="utf-8").strip()
+    if RunDir.of(path).checkpoints.is_dir():
+        path = RunDir.of(path).checkpoints
+    if (path / LATEST_FILE).is_file():
+        path = path / (path / LATEST_FILE).read_text(encoding="utf-8").strip()
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker); pick another tag")
     try:
@@ -321,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merged {args.adapter} -> {args.out}")
             return 0
         tag_dir = resolve_checkpoint(args.checkpoint)
-        cfg = load_config(args.config if args.config is not None else tag_dir / "run_config.yaml")
+        cfg = load_config(args.config if args.config is not None else tag_dir / RUN_CONFIG_FILE)
         adapter_out = args.out / "adapter" if args.merge and cfg.model.method != "full" else args.out
         export_checkpoint(tag_dir, cfg, adapter_out)
         if args.merge and cfg.model.method != "full":

@@ -20,7 +20,6 @@ import torch
 from tests.faults.conftest import ROOT
 from trainer.checkpoint import (
     COMPLETE,
-    LATEST,
     CheckpointError,
     hash_files,
     latest_complete,
@@ -29,6 +28,7 @@ from trainer.checkpoint import (
     write_marker,
 )
 from trainer.export import main as export_main
+from trainer.run_dir import LATEST_FILE as LATEST
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
