@@ -11,20 +11,14 @@ Under ZeRO-3 the weights live in partitions; ``gathered_state_dict`` is the one 
 parameter at a time so a 16B model is never whole on any accelerator. An adapter that is empty (no tensors,
 zero-size tensors, or every lora_B still zero) is refused instead of written.
 
-CLI::
-
-    python -m trainer.export --adapter OUT/final --merge --out OUT/merged
-    python -m trainer.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
-    python -m trainer.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
+The command a person runs to export a checkpoint or merge an adapter is ``python -m cli.export``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,14 +27,12 @@ import torch
 from torch import nn
 
 from trainer import progress
-from trainer.config import ConfigError, RunConfig, load_config
+from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, rank
 from trainer.model import DTYPES, LoadedModel, load_model
-from trainer.run_dir import LATEST_FILE, RUN_CONFIG_FILE, RunDir
+from trainer.run_dir import EXPORT_INFO_FILE, LATEST_FILE, RunDir
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO_FILE = "sft_export.json"
 
 
 def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> dict[str, torch.Tensor]:
@@ -292,39 +284,3 @@ def export_checkpoint(checkpoint_dir: Path, cfg: RunConfig, out_dir: Path) -> Pa
             if name in params and params[name].requires_grad:
                 params[name].copy_(value.to(params[name].dtype))
     return export_model(model, loaded, cfg, out_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
-    source.add_argument(
-        "--checkpoint", "--run", type=Path, help="a run directory (its latest complete checkpoint) or a tag directory"
-    )
-    parser.add_argument("--config", type=Path, help="the run's resolved config (default: TAG/run_config.yaml)")
-    parser.add_argument("--merge", action="store_true", help="lora/qlora: also write a merged full model")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.adapter is not None:
-            if not args.merge:
-                raise ConfigError("--adapter without --merge has nothing to do; add --merge")
-            merge_adapter(args.adapter, args.out)
-            print(f"merged {args.adapter} -> {args.out}")
-            return 0
-        tag_dir = resolve_checkpoint(args.checkpoint)
-        cfg = load_config(args.config if args.config is not None else tag_dir / RUN_CONFIG_FILE)
-        adapter_out = args.out / "adapter" if args.merge and cfg.model.method != "full" else args.out
-        export_checkpoint(tag_dir, cfg, adapter_out)
-        if args.merge and cfg.model.method != "full":
-            merge_adapter(adapter_out, args.out / "merged")
-        print(f"exported {tag_dir} -> {args.out}")
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
+from common.tokenizer import TokenizerError, load_tokenizer
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, local_device, zero_stage
 from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
@@ -177,7 +178,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     """Build the model, tokenizer and (for lora/qlora) the PEFT wrapper that the run trains."""
-    from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
     validate_method(cfg, ds_config)
@@ -187,7 +187,10 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
     attn = attention_implementation(cfg.model.attn_implementation, trust, str(raw_config.get("model_type", "")))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust)
+    except TokenizerError as exc:
+        raise ConfigError(f"model.path={exc}") from exc
     base_path = path
     if cfg.model.random_init and cfg.model.method in ("lora", "qlora"):
         base_path = write_random_base(cfg, tokenizer, trust)

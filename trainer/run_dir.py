@@ -7,7 +7,8 @@
         checkpoints/            DeepSpeed tag directories step_XXXXXXXX/ (trainer.checkpoint describes one)
             latest_complete     the tag of the newest complete checkpoint
             universal/          checkpoints converted for a resume on another world size
-        final/                  the export at the end of the run (trainer.export): model or adapter + sft_export.json
+        final/                  the export at the end of the run (trainer.export): model or adapter, tokenizer
+            sft_export.json     how to load the export and render its prompts (template, method, base model)
         random_init_base/       the seeded random base of a model.random_init LoRA run
         mlflow_run.json         the tracking run this folder logs into (written by the tracking sender)
         mlflow_spool/           tracking operations not yet sent (the tracking journal)
@@ -33,6 +34,9 @@ LATEST_FILE = "latest_complete"
 """Under checkpoints/: DeepSpeed's own ``latest`` is never written (it can name an incomplete checkpoint)."""
 UNIVERSAL_DIR = "universal"
 FINAL_DIR = "final"
+EXPORT_INFO_FILE = "sft_export.json"
+"""Inside an export (final/, or any directory trainer.export writes): template, method, base_model_path, ...; how
+generation loads the export and renders its prompts."""
 METRICS_FILE = "metrics.jsonl"
 RANDOM_BASE_DIR = "random_init_base"
 """The randomly initialized base written once for random_init LoRA/QLoRA runs, so the adapter has a base on disk
