@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.atomic import write_text_atomic
 from data_pipeline.schema import Manifest
 from trainer import checkpoint, preemption, progress
 from trainer.config import RunConfig, dump_yaml
@@ -245,8 +246,8 @@ def write_run_configs(cfg: RunConfig, ds_config: dict[str, Any], out: RunDir, ra
     """The resolved run config and merged DeepSpeed config as text, written into the output folder by rank 0."""
     run_config_yaml, ds_config_json = dump_yaml(cfg), dump_ds_config(ds_config)
     if rank == 0:
-        out.run_config.write_text(run_config_yaml, encoding="utf-8")
-        out.ds_config.write_text(ds_config_json, encoding="utf-8")
+        write_text_atomic(out.run_config, run_config_yaml)
+        write_text_atomic(out.ds_config, ds_config_json)
     return run_config_yaml, ds_config_json
 
 
