@@ -19,11 +19,6 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
-    """Ranks in the process group; 1 when none is initialized."""
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def is_rank0() -> bool:
     """Whether this process writes what only one rank writes (metrics, configs, exports)."""
     return rank() == 0
