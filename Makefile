@@ -25,8 +25,8 @@ demo-cot: venv
 	bash scripts/demo_cot.sh
 
 lint: venv
-	$(VENV)/bin/ruff check launcher trainer data_pipeline demo common tests benchmarks
-	$(VENV)/bin/ruff format --check launcher trainer data_pipeline demo common tests benchmarks
+	$(VENV)/bin/ruff check launcher trainer data_pipeline demo common cli tests benchmarks
+	$(VENV)/bin/ruff format --check launcher trainer data_pipeline demo common cli tests benchmarks
 	$(VENV)/bin/mypy
 
 test: venv lint

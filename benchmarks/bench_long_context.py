@@ -32,7 +32,7 @@ def measure(seq: int, tile: int, layers: int, hidden: int, vocab: int) -> dict[s
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from trainer.loop import loss_sum
+    from trainer.loss import loss_sum
     from trainer.tiled_loss import forward_tiled_loss_sum
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import common.tokenizer
 from common.atomic import write_json_atomic, write_text_atomic
 from data_pipeline.blocks import BLOCKS_DIR as BLOCKS_DIR  # re-exported: tests and tools name it from here
 from data_pipeline.blocks import BlockResult, SplitOutput, block_file, completed_block
@@ -114,42 +115,12 @@ class Plan:
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """Load a fast tokenizer from a directory; raise InputError (one line) when it does not load."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise InputError(f"--tokenizer {path}: not a directory; pass the model or tokenizer directory")
-    from transformers import AutoTokenizer, LlamaTokenizerFast
-
-    refuse_vendor_tokenizer(directory)
+    """The ``--tokenizer`` directory's tokenizer (common.tokenizer, the one loader); InputError (one line) when it
+    does not load."""
     try:
-        if not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file():
-            # A bare SentencePiece model (e.g. Llama 2): transformers converts it to a fast tokenizer.
-            return LlamaTokenizerFast.from_pretrained(path)
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers raises many types here; the user needs one line either way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"--tokenizer {path}: does not load ({first}); pass a directory with tokenizer.json or tokenizer.model"
-        ) from exc
-
-
-def refuse_vendor_tokenizer(directory: Path) -> None:
-    """A tokenizer whose class is vendor code (``auto_map``: ChatGLM, Baichuan, MOSS originals) would be loaded
-    as something else or not at all, and tokenize silently wrong: refuse it in one line naming the converter."""
-    config_file = directory / "tokenizer_config.json"
-    if not config_file.is_file() or (directory / "tokenizer.json").is_file():
-        return
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{config_file}: not valid JSON ({exc})") from None
-    if isinstance(config, dict) and "auto_map" in config:
-        vendor = config.get("tokenizer_class", "a vendor tokenizer")
-        raise InputError(
-            f"--tokenizer {directory}: {vendor} is vendor code (auto_map in tokenizer_config.json) that is not run; "
-            f"convert the model once with `python -m trainer.convert {directory} {str(directory).rstrip('/')}-native` "
-            "and pass the output"
-        )
+        return common.tokenizer.load_tokenizer(path)
+    except common.tokenizer.TokenizerError as exc:
+        raise InputError(f"--tokenizer {exc}") from exc
 
 
 def _digest(path: Path) -> dict[str, Any]:

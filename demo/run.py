@@ -7,10 +7,10 @@
 2. tokenizer: a character-level tokenizer trained on the training corpus (demo/tokenizer.py), saved with the
               model's config.json as OUT/model, the directory that training starts from (random init)
 3. prepare:   ``python -m data_pipeline prepare`` (CSV source, packing) for both variants
-4. before:    ``trainer.evaluate`` exact match of the random-init model on the held-out problems
+4. before:    ``cli.evaluate`` exact match of the random-init model on the held-out problems
 5. train:     ``deepspeed --num_gpus 2 launcher/run.py --config configs/demo_arithmetic.yaml`` (2 CPU ranks,
               gloo), tracked in the embedded MLflow store; then the answer-only control with the same budget
-6. after:     ``trainer.evaluate`` of both models; every number is logged to the chain-of-thought run
+6. after:     ``cli.evaluate`` of both models; every number is logged to the chain-of-thought run
 7. show:      a few held-out problems side by side: greedy and the seed notes' sampling preset
 8. summary:   how to open the dashboard, and one JSON line
 
@@ -197,8 +197,8 @@ def write_init_model(opts: DemoOptions, out: Path) -> Path:
 
 
 def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    """``python -m trainer.evaluate`` on held-out prompts (greedy, batched); returns its results JSON."""
-    from trainer.evaluate import main as evaluate_main
+    """``python -m cli.evaluate`` on held-out prompts (greedy, batched); returns its results JSON."""
+    from cli.evaluate import main as evaluate_main
 
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts)),
@@ -211,8 +211,8 @@ def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed
 
 
 def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str) -> float:
-    """Score ``generate``/``evaluate`` rows with ``trainer.evaluate --predictions`` into the run as prefix/*."""
-    from trainer.evaluate import main as evaluate_main
+    """Score ``generate``/``evaluate`` rows with ``cli.evaluate --predictions`` into the run as prefix/*."""
+    from cli.evaluate import main as evaluate_main
 
     argv = [
         *("--predictions", str(predictions), "--out", str(out), "--metric-prefix", prefix),
@@ -258,8 +258,8 @@ def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, ext
 
 
 def generate(model: Path, prompts: Path, out: Path, *, preset: str, max_new_tokens: int, seed: int) -> list[dict]:
-    """``python -m trainer.generate --prompts-file`` with one preset; returns its rows."""
-    from trainer.generate import main as generate_main
+    """``python -m cli.generate --prompts-file`` with one preset; returns its rows."""
+    from cli.generate import main as generate_main
 
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts), "--preset", preset),

@@ -2,7 +2,7 @@
 # The chain-of-thought demo (work in progress, see README "The chain-of-thought demo"): a model trained from
 # scratch on generated zh/en column-addition problems on 2 CPU cores, measured before and after.
 # Everything it does is in demo/run.py (python -m demo --help): generated problems -> char tokenizer ->
-# data_pipeline prepare -> 2-rank deepspeed training (and an answer-only control) -> trainer.evaluate ->
+# data_pipeline prepare -> 2-rank deepspeed training (and an answer-only control) -> cli.evaluate ->
 # side-by-side generations -> one JSON line. A second run reuses the data, tokenizer and prepared shards.
 set -euo pipefail
 cd "$(dirname "$0")/.."

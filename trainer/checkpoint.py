@@ -49,9 +49,8 @@ from common.atomic import write_text_atomic
 from trainer import progress
 from trainer.config import RunConfig
 from trainer.data import DataCursor
+from trainer.run_dir import DS_CONFIG_FILE, LATEST_FILE, RUN_CONFIG_FILE, UNIVERSAL_DIR, RunDir
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest_complete"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 KILL_HOOK_ENV = "SFT_TEST_SIGKILL_IN_SAVE_AT_STEP"
@@ -92,7 +91,7 @@ def batch_change_note(output_dir: str | Path, tag: str, state: TrainState, cfg: 
     The run continues correctly either way (data cursor and LR schedule are in steps and rows), but a different
     global batch changes the optimization; the note says which grad_accum_steps keeps it.
     """
-    saved = yaml.safe_load((checkpoints_dir(output_dir) / tag / "run_config.yaml").read_text(encoding="utf-8"))
+    saved = yaml.safe_load((RunDir.of(output_dir).checkpoint(tag) / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     before = saved["train"]["micro_batch_size"] * saved["train"]["grad_accum_steps"] * state.world_size
     after = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
     if before == after:
@@ -114,7 +113,7 @@ def step_of(tag: str) -> int:
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
+    return RunDir.of(output_dir).checkpoints
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,8 +172,8 @@ def save(
         torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
         if rank == 0:
             (ckpt / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n", encoding="utf-8")
-            (ckpt / "run_config.yaml").write_text(run_config_yaml, encoding="utf-8")
-            (ckpt / "ds_config.json").write_text(ds_config_json, encoding="utf-8")
+            (ckpt / RUN_CONFIG_FILE).write_text(run_config_yaml, encoding="utf-8")
+            (ckpt / DS_CONFIG_FILE).write_text(ds_config_json, encoding="utf-8")
     except OSError as exc:  # ENOSPC, EDQUOT, EIO: the same on every rank that shares the file system
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         failure = f"rank {rank}: {reason} writing {exc.filename or ckpt}"
@@ -187,13 +186,13 @@ def save(
         previous = latest_tag_text(root)
         raise CheckpointError(
             f"saving {ckpt} failed ({'; '.join(f for f in failures if f)}); "
-            f"{LATEST} still points at {previous or 'nothing (no earlier checkpoint)'}, which is intact: "
+            f"{LATEST_FILE} still points at {previous or 'nothing (no earlier checkpoint)'}, which is intact: "
             "free space (or set train.output_dir elsewhere) and rerun the same command to resume from it"
         )
     files = hash_files(ckpt, sorted(_checkpoint_files(ckpt)))
     if rank == 0:
         write_marker(ckpt, files, step=state.step, world_size=state.world_size, run_id=state.run_id)
-        write_text_atomic(root / LATEST, tag + "\n")
+        write_text_atomic(root / LATEST_FILE, tag + "\n")
         prune(root, keep_last)
     dist.barrier()
     return ckpt
@@ -287,12 +286,12 @@ def prune(root: Path, keep_last: int) -> None:
     doomed |= {p.name for p in root.glob("step_*") if not (p / COMPLETE).is_file() and step_of(p.name) < newest}
     for name in sorted(doomed):
         shutil.rmtree(root / name, ignore_errors=True)
-        shutil.rmtree(root / "universal" / name, ignore_errors=True)
+        shutil.rmtree(root / UNIVERSAL_DIR / name, ignore_errors=True)
 
 
 def latest_tag_text(root: Path) -> str | None:
     """What ``latest_complete`` says (stripped), or None without the file."""
-    pointer = root / LATEST
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
     return pointer.read_bytes().decode("utf-8", errors="replace").strip()
@@ -313,7 +312,7 @@ def latest_complete(output_dir: str | Path) -> str | None:
         return None
     problems: list[str] = []
     if pointed is not None and pointed not in candidates:
-        problems.append(f"{root / LATEST}: points at {pointed[:80]!r}, which is not a complete checkpoint")
+        problems.append(f"{root / LATEST_FILE}: points at {pointed[:80]!r}, which is not a complete checkpoint")
     elif pointed is not None:
         # Newer complete tags than the pointer are from a save that died between COMPLETE and the pointer.
         candidates = candidates[candidates.index(pointed) :]
@@ -363,7 +362,7 @@ def universal_command(output_dir: str | Path, tag: str) -> list[str]:
         "--input_folder",
         str(root / tag),
         "--output_folder",
-        str(root / "universal" / tag),
+        str(root / UNIVERSAL_DIR / tag),
     ]
 
 
@@ -372,7 +371,7 @@ def make_universal(output_dir: str | Path, tag: str) -> Path:
 
     Called on every rank; the others wait at the barrier.
     """
-    universal_root = checkpoints_dir(output_dir) / "universal"
+    universal_root = RunDir.of(output_dir).universal
     try:  # on every rank: verify splits the hashing over ranks
         verify(universal_root / tag)
         reusable = True

@@ -79,13 +79,7 @@ def check_data(data_dir: str | Path, tokenizer: Any, model_path: str, *, verify_
     """
     manifest = load_manifest(data_dir)
     manifest_path = Path(data_dir) / MANIFEST_FILE
-    ours = tokenizer_fingerprint(tokenizer)
-    if manifest.tokenizer_fingerprint != ours:
-        raise DataError(
-            f"{manifest_path}: tokenizer fingerprint {manifest.tokenizer_fingerprint[:12]}… (prepared with "
-            f"{manifest.tokenizer_path}) != {ours[:12]}… of the model's tokenizer in {model_path}; "
-            "re-run prepare with the model's tokenizer"
-        )
+    check_tokenizer(manifest, manifest_path, tokenizer, model_path)
     if "train" not in manifest.splits or not manifest.splits["train"].shards:
         raise DataError(f"{manifest_path}: no train shards; re-run prepare")
     if verify_shards:
@@ -93,6 +87,46 @@ def check_data(data_dir: str | Path, tokenizer: Any, model_path: str, *, verify_
         if problems:
             raise DataError("; ".join(problems))
     return manifest
+
+
+def check_tokenizer(manifest: Manifest, manifest_path: Path, tokenizer: Any, model_path: str | Path) -> None:
+    """Refuse data tokenized by another tokenizer than the model's: its token ids would mean other text."""
+    ours = tokenizer_fingerprint(tokenizer)
+    if manifest.tokenizer_fingerprint != ours:
+        raise DataError(
+            f"{manifest_path}: tokenizer fingerprint {manifest.tokenizer_fingerprint[:12]}… (prepared with another "
+            f"tokenizer, {manifest.tokenizer_path}) != {ours[:12]}… of the model's tokenizer in {model_path}; "
+            "re-run prepare with the model's tokenizer"
+        )
+
+
+def open_checked_split(
+    data_dir: str | Path, split: str, tokenizer: Any, model_path: str | Path, *, verify: bool = True
+) -> tuple[datasets.Dataset, bool]:
+    """(rows, packed) of one prepared split for a single-process evaluation, refusing a tokenizer mismatch,
+    a missing split or a damaged shard in one line."""
+    manifest = load_manifest(data_dir)
+    where = Path(data_dir) / MANIFEST_FILE
+    check_tokenizer(manifest, where, tokenizer, model_path)
+    if split not in manifest.splits or not manifest.splits[split].shards:
+        raise DataError(f"{where}: no {split!r} split (has {', '.join(manifest.splits)}); prepare with --val-fraction")
+    if verify:
+        problems = verify_split(data_dir, split, manifest)
+        if problems:
+            raise DataError("; ".join(problems))
+    return load_split(data_dir, split, manifest), manifest.packed
+
+
+def pad_id_for(tokenizer: Any) -> int:
+    """The id that pads training and validation batches: the tokenizer's pad token, else its eos.
+
+    Padding is masked out of attention and labels, so any id gives the same loss; this one fallback is
+    shared by the loop and evaluate so their batches are identical.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; set one")
+    return int(pad_id)
 
 
 def check_data_on_rank0(data_dir: str | Path, tokenizer: Any, model_path: str, *, verify_shards: bool) -> Manifest:

@@ -63,10 +63,6 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config["zero_optimization"]["stage"])
-
-
 def offload_device(ds_config: dict[str, Any], what: str) -> str:
     """Device ("none", "cpu", "nvme") that ``what`` ("offload_optimizer" / "offload_param") is offloaded to."""
     section = ds_config["zero_optimization"].get(what) or {}

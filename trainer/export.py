@@ -11,20 +11,14 @@ Under ZeRO-3 the weights live in partitions; ``gathered_state_dict`` is the one 
 parameter at a time so a 16B model is never whole on any accelerator. An adapter that is empty (no tensors,
 zero-size tensors, or every lora_B still zero) is refused instead of written.
 
-CLI::
-
-    python -m trainer.export --adapter OUT/final --merge --out OUT/merged
-    python -m trainer.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
-    python -m trainer.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
+The command a person runs to export a checkpoint or merge an adapter is ``python -m cli.export``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,21 +27,12 @@ import torch
 from torch import nn
 
 from trainer import progress
-from trainer.config import ConfigError, RunConfig, load_config
+from trainer.config import ConfigError, RunConfig
+from trainer.dist import barrier, is_rank0, rank
 from trainer.model import DTYPES, LoadedModel, load_model
+from trainer.run_dir import EXPORT_INFO_FILE, LATEST_FILE, RunDir
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO_FILE = "sft_export.json"
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> dict[str, torch.Tensor]:
@@ -57,21 +42,21 @@ def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bo
     """
     import deepspeed
 
-    is_rank0 = _rank() == 0
+    rank0 = is_rank0()
     params = dict(model.named_parameters(remove_duplicate=False))
     keep_all = all(keep(name, param) for name, param in params.items())
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         param = params.get(name)
         if param is None:
-            if keep_all and is_rank0 and isinstance(tensor, torch.Tensor):
+            if keep_all and rank0 and isinstance(tensor, torch.Tensor):
                 out[name] = tensor.detach().to("cpu", copy=True)
             continue
         if not keep(name, param):
             continue
         # A no-op for parameters that ZeRO-3 does not partition.
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if is_rank0:
+            if rank0:
                 out[name] = param.detach().to("cpu", copy=True)
     return out
 
@@ -193,10 +178,10 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
     else:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
         writer = write_adapter
-    progress.fault_hook("export", cfg.train.max_steps, _rank())  # drills: a rank dies between gather and write
+    progress.fault_hook("export", cfg.train.max_steps, rank())  # drills: a rank dies between gather and write
     error = [""]
     failure: Exception | None = None
-    if _rank() == 0:
+    if is_rank0():
         try:
             writer(model, state_dict, loaded.tokenizer, info, out_dir)
         except Exception as exc:  # any failure (refused adapter, full disk) must reach the other ranks
@@ -207,7 +192,7 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
         raise failure
     if error[0]:
         raise RuntimeError(error[0])
-    _barrier()
+    barrier()
     return out_dir
 
 
@@ -247,12 +232,12 @@ def resolve_checkpoint(path: Path) -> Path:
     The directory must carry our COMPLETE marker and match its hashes (trainer.checkpoint.verify) before
     anything in it is unpickled: DeepSpeed's files are loaded with ``torch.load(weights_only=False)``.
     """
-    from trainer.checkpoint import CHECKPOINTS, COMPLETE, LATEST, CheckpointError, verify
+    from trainer.checkpoint import COMPLETE, CheckpointError, verify
 
-    if (path / CHECKPOINTS).is_dir():
-        path = path / CHECKPOINTS
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text(encoding="utf-8").strip()
+    if RunDir.of(path).checkpoints.is_dir():
+        path = RunDir.of(path).checkpoints
+    if (path / LATEST_FILE).is_file():
+        path = path / (path / LATEST_FILE).read_text(encoding="utf-8").strip()
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker); pick another tag")
     try:
@@ -299,39 +284,3 @@ def export_checkpoint(checkpoint_dir: Path, cfg: RunConfig, out_dir: Path) -> Pa
             if name in params and params[name].requires_grad:
                 params[name].copy_(value.to(params[name].dtype))
     return export_model(model, loaded, cfg, out_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
-    source.add_argument(
-        "--checkpoint", "--run", type=Path, help="a run directory (its latest complete checkpoint) or a tag directory"
-    )
-    parser.add_argument("--config", type=Path, help="the run's resolved config (default: TAG/run_config.yaml)")
-    parser.add_argument("--merge", action="store_true", help="lora/qlora: also write a merged full model")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.adapter is not None:
-            if not args.merge:
-                raise ConfigError("--adapter without --merge has nothing to do; add --merge")
-            merge_adapter(args.adapter, args.out)
-            print(f"merged {args.adapter} -> {args.out}")
-            return 0
-        tag_dir = resolve_checkpoint(args.checkpoint)
-        cfg = load_config(args.config if args.config is not None else tag_dir / "run_config.yaml")
-        adapter_out = args.out / "adapter" if args.merge and cfg.model.method != "full" else args.out
-        export_checkpoint(tag_dir, cfg, adapter_out)
-        if args.merge and cfg.model.method != "full":
-            merge_adapter(adapter_out, args.out / "merged")
-        print(f"exported {tag_dir} -> {args.out}")
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,16 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data_pipeline.schema import IGNORE_INDEX, Manifest
+from common.atomic import write_text_atomic
+from data_pipeline.schema import Manifest
 from trainer import checkpoint, preemption, progress
 from trainer.config import RunConfig, dump_yaml
-from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, val_batches
+from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, pad_id_for, val_batches
+from trainer.dist import device_name
 from trainer.ds_config import dump_ds_config, with_universal_load
+from trainer.loss import forward_loss_sum, validation_totals
 from trainer.metrics import MetricsLog, eta_s, mfu, peak_flops, perplexity, train_flops
 from trainer.optim import build_optimizer, choose_adam, lr_at, set_lr
-from trainer.tiled_loss import forward_tiled_loss_sum
+from trainer.run_dir import RunDir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,17 +62,7 @@ def should_stop(step: int, cfg: RunConfig) -> bool:
     return step >= stop_step(cfg)
 
 
-# -- loss --
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+# -- loss (loss_sum, forward_loss_sum and the validation loss live in trainer/loss.py) --
 
 
 def scale_for_backward(
@@ -81,14 +73,6 @@ def scale_for_backward(
     # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over ranks;
     # multiplying by both undoes those means, leaving one token-weighted mean per optimizer step.
     return micro_loss_sum * (grad_accum_steps * world_size) / global_loss_tokens
-
-
-def forward_loss_sum(engine: Any, batch: Batch, tile_tokens: int = 0) -> torch.Tensor:
-    """The micro-batch's summed loss; with tile_tokens > 0 the full logits never exist (trainer/tiled_loss)."""
-    if tile_tokens > 0:
-        return forward_tiled_loss_sum(engine, batch.model_inputs(engine.device), batch.labels, tile_tokens)
-    outputs = engine(**batch.model_inputs(engine.device), use_cache=False)
-    return loss_sum(outputs.logits, batch.labels.to(engine.device))
 
 
 def global_loss_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -160,7 +144,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 meter = log_step(run, cfg, state, meter, lr_at(state.step - 1, t), session_start, session_steps)
             if should_eval(state.step, cfg):
                 evaluate(run, cfg, state.step)
-            preempted = preemption.should_stop()  # SIGUSR1/SIGTERM on any rank (slurm time limit, scancel)
+            preempted = preemption.is_preemption_requested()  # SIGUSR1/SIGTERM on any rank (slurm time limit, scancel)
             if should_save(state.step, cfg) or preempted:
                 save(run, cfg, state)
             if preempted:
@@ -178,66 +162,31 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
         raise
     finally:
         preemption.uninstall()
-        run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and exported else None)
+        run.tracker.close(status, RunDir.of(t.output_dir).final if status == "FINISHED" and exported else None)
 
 
 # -- set-up --
 
 
 def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.TrainState]:
+    """Everything the loop needs, in order: the resume point, the configs on disk, model, data, engine, tracker."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from trainer.tracking import open_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir.of(cfg.train.output_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     preemption.install()
 
-    tag = checkpoint.latest_complete(out) if cfg.train.resume == "auto" else None
-    state = (
-        checkpoint.read_state(out, tag)
-        if tag
-        else checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world)
-    )
-    if tag and state.world_size != world:
-        ds_config = with_universal_load(ds_config)
-        note = checkpoint.batch_change_note(out, tag, state, cfg, world)
-        if note and rank == 0:
-            warnings.warn(note, stacklevel=1)
-    run_config_yaml, ds_config_json = dump_yaml(cfg), dump_ds_config(ds_config)
-    if rank == 0:
-        (out / "run_config.yaml").write_text(run_config_yaml, encoding="utf-8")
-        (out / "ds_config.json").write_text(ds_config_json, encoding="utf-8")
-
+    tag, state, ds_config = resume_point(cfg, ds_config, out, rank, world)
+    run_config_yaml, ds_config_json = write_run_configs(cfg, ds_config, out, rank)
     model_lib = _model_lib()
     model_lib.validate_method(cfg, ds_config)
     loaded = model_lib.load_model(cfg, ds_config)
-    manifest = check_data_on_rank0(
-        cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
-    )
-    if manifest.packed and not loaded.supports_packed_positions and rank == 0:
-        warnings.warn(
-            f"{cfg.data.path}: packed rows, but family {loaded.family!r} cannot isolate samples with position_ids; "
-            "training on the rows split back into samples (unpacked)",
-            stacklevel=1,
-        )
-    pad_id = loaded.tokenizer.pad_token_id
-    pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
-    data = TrainData(
-        open_split(cfg.data.path, "train", manifest),
-        packed=manifest.packed,
-        isolate=loaded.supports_packed_positions,
-        pad_id=pad_id,
-        seed=cfg.train.seed,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        rank=rank,
-        world_size=world,
-        source=str(Path(cfg.data.path) / "train"),
-    )
+    manifest, data = open_train_data(cfg, loaded, rank, world)
     optimizer = build_optimizer(
         model_lib.param_groups(loaded.model, cfg.train.weight_decay),
         cfg.train,
@@ -245,17 +194,12 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     )
     engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config)
     if tag:
-        load_dir = checkpoint.make_universal(out, tag) if state.world_size != world else checkpoint.checkpoints_dir(out)
-        load_checkpoint(engine, load_dir, tag)
-        if not checkpoint.restore_rng(out, tag, rank):
-            seed_everything(cfg.train.seed + 1000 * state.step + rank)
-        if rank == 0:
-            print(f"resumed from {checkpoint.checkpoints_dir(out) / tag} at step {state.step}", flush=True)
+        restore(engine, cfg, out, tag, state, rank, world)
 
     tracker = open_tracker(
         cfg=cfg,
         ds_config=ds_config,
-        output_dir=out,
+        output_dir=out.root,
         rank=rank,
         world_size=world,
         manifest=manifest,
@@ -270,13 +214,79 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         manifest=manifest,
         val=open_split(cfg.data.path, "val", manifest),
         tracker=tracker,
-        log=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
+        log=MetricsLog(out.metrics, enabled=rank == 0),
         rank=rank,
         world_size=world,
         run_config_yaml=run_config_yaml,
         ds_config_json=ds_config_json,
     )
     return run, state
+
+
+def resume_point(
+    cfg: RunConfig, ds_config: dict[str, Any], out: RunDir, rank: int, world: int
+) -> tuple[str | None, checkpoint.TrainState, dict[str, Any]]:
+    """(tag to resume from or None, the state to start at, the DeepSpeed config to use).
+
+    Resuming on another world size loads a universal checkpoint, which the DeepSpeed config must say.
+    """
+    tag = checkpoint.latest_complete(out.root) if cfg.train.resume == "auto" else None
+    if not tag:
+        return None, checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world), ds_config
+    state = checkpoint.read_state(out.root, tag)
+    if state.world_size != world:
+        ds_config = with_universal_load(ds_config)
+        note = checkpoint.batch_change_note(out.root, tag, state, cfg, world)
+        if note and rank == 0:
+            warnings.warn(note, stacklevel=1)
+    return tag, state, ds_config
+
+
+def write_run_configs(cfg: RunConfig, ds_config: dict[str, Any], out: RunDir, rank: int) -> tuple[str, str]:
+    """The resolved run config and merged DeepSpeed config as text, written into the output folder by rank 0."""
+    run_config_yaml, ds_config_json = dump_yaml(cfg), dump_ds_config(ds_config)
+    if rank == 0:
+        write_text_atomic(out.run_config, run_config_yaml)
+        write_text_atomic(out.ds_config, ds_config_json)
+    return run_config_yaml, ds_config_json
+
+
+def open_train_data(cfg: RunConfig, loaded: Any, rank: int, world: int) -> tuple[Manifest, TrainData]:
+    """The checked manifest (rank 0 hashes, every rank agrees) and this rank's training data."""
+    manifest = check_data_on_rank0(
+        cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
+    )
+    if manifest.packed and not loaded.supports_packed_positions and rank == 0:
+        warnings.warn(
+            f"{cfg.data.path}: packed rows, but family {loaded.family!r} cannot isolate samples with position_ids; "
+            "training on the rows split back into samples (unpacked)",
+            stacklevel=1,
+        )
+    data = TrainData(
+        open_split(cfg.data.path, "train", manifest),
+        packed=manifest.packed,
+        isolate=loaded.supports_packed_positions,
+        pad_id=pad_id_for(loaded.tokenizer),
+        seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        rank=rank,
+        world_size=world,
+        source=str(Path(cfg.data.path) / "train"),
+    )
+    return manifest, data
+
+
+def restore(
+    engine: Any, cfg: RunConfig, out: RunDir, tag: str, state: checkpoint.TrainState, rank: int, world: int
+) -> None:
+    """Load checkpoint ``tag`` into the engine (via a universal checkpoint on another world size) and the RNGs."""
+    load_dir = checkpoint.make_universal(out.root, tag) if state.world_size != world else out.checkpoints
+    load_checkpoint(engine, load_dir, tag)
+    if not checkpoint.restore_rng(out.root, tag, rank):
+        seed_everything(cfg.train.seed + 1000 * state.step + rank)
+    if rank == 0:
+        print(f"resumed from {out.checkpoint(tag)} at step {state.step}", flush=True)
 
 
 def load_checkpoint(engine: Any, load_dir: Path, tag: str) -> None:
@@ -403,10 +413,6 @@ def log_step(
     return Meter()
 
 
-def device_name() -> str | None:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-
-
 def memory_gb() -> float:
     """Peak accelerator memory of this rank (GiB); on CPU the peak resident set size."""
     if torch.cuda.is_available():
@@ -433,13 +439,7 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
             world_size=run.world_size,
             max_batches=cfg.eval.max_batches,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
-        engine.eval()
-        with torch.no_grad():
-            for batch in batches:
-                totals[0] += forward_loss_sum(engine, batch, cfg.train.loss_tile_tokens).double()
-                totals[1] += batch.loss_tokens
-        engine.train()
+        totals = validation_totals(engine, batches, engine.device, cfg.train.loss_tile_tokens)
         dist.all_reduce(totals)
         val_loss = (totals[0] / totals[1].clamp(min=1)).item()
         row = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_loss_tokens": int(totals[1])}
@@ -452,7 +452,7 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
 def generate(run: Run, cfg: RunConfig, step: int) -> None:
     """Sample generations on every rank (ZeRO-3 forwards are collective); rank 0 records them."""
     from data_pipeline.templates import resolve_template
-    from trainer.generate import generate_samples, read_prompts
+    from trainer.generation import generate_samples, read_prompts
 
     assert cfg.eval.prompts_file is not None
     samples = generate_samples(
@@ -484,6 +484,6 @@ def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> None:
 def export(run: Run, cfg: RunConfig) -> None:
     from trainer.export import export_final
 
-    path = export_final(run.engine, run.loaded, cfg, Path(cfg.train.output_dir) / "final")
+    path = export_final(run.engine, run.loaded, cfg, RunDir.of(cfg.train.output_dir).final)
     if run.rank == 0:
         print(f"exported {path}", flush=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,15 +20,14 @@ import torch
 from torch import nn
 
 import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
+from common.tokenizer import TokenizerError, load_tokenizer
 from trainer.config import ConfigError, RunConfig
+from trainer.dist import barrier, is_rank0, local_device, zero_stage
 from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
 from trainer.models.norm_head import NormHead
+from trainer.run_dir import RunDir
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-RANDOM_BASE_DIR = "random_init_base"
-"""Under train.output_dir: the randomly initialized base written once for random_init LoRA/QLoRA runs, so the
-adapter has a base on disk to load onto (export, PeftModel.from_pretrained, --merge)."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,6 @@ class LoadedModel:
     hf_deepspeed_config: Any | None = None
     """The HfDeepSpeedConfig under ZeRO-3, else None. transformers holds only a weak reference to it, so the
     LoadedModel must stay alive for the whole run."""
-
-
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def offloaded(ds_config: dict[str, Any]) -> list[str]:
@@ -153,21 +147,6 @@ def check_remote_code(cfg: RunConfig, raw_config: dict[str, Any]) -> bool:
     return True
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _local_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) element counts; ZeRO-3 partitions count whole, 4-bit weights count unpacked."""
     trainable = total = 0
@@ -199,7 +178,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     """Build the model, tokenizer and (for lora/qlora) the PEFT wrapper that the run trains."""
-    from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
     validate_method(cfg, ds_config)
@@ -209,7 +187,10 @@ def load_model(cfg: RunConfig, ds_config: dict[str, Any]) -> LoadedModel:
     trust = check_remote_code(cfg, raw_config)
     family = resolve_family(cfg.model.family, str(raw_config.get("model_type", "")))
     attn = attention_implementation(cfg.model.attn_implementation, trust, str(raw_config.get("model_type", "")))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust)
+    except TokenizerError as exc:
+        raise ConfigError(f"model.path={exc}") from exc
     base_path = path
     if cfg.model.random_init and cfg.model.method in ("lora", "qlora"):
         base_path = write_random_base(cfg, tokenizer, trust)
@@ -303,7 +284,7 @@ def _load_quantized(path: Path, cfg: RunConfig, attn: str | None, trust: bool) -
         "trust_remote_code": trust,
         "quantization_config": quantization_config(),
         # Each data-parallel rank holds the whole 4-bit model on its own device.
-        "device_map": {"": _local_device()},
+        "device_map": {"": local_device()},
     }
     if attn is not None:
         kwargs["attn_implementation"] = attn
@@ -333,8 +314,8 @@ def write_random_base(cfg: RunConfig, tokenizer: Any, trust: bool) -> Path:
     """Rank 0 writes the seeded random base once under the output directory; every rank then loads it from disk."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    base = Path(cfg.train.output_dir) / RANDOM_BASE_DIR
-    if _rank() == 0 and not (base / "config.json").is_file():
+    base = RunDir.of(cfg.train.output_dir).random_base
+    if is_rank0() and not (base / "config.json").is_file():
         hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=trust)
         dtype = torch.bfloat16 if cfg.model.method == "qlora" else DTYPES[cfg.model.dtype]
         torch.manual_seed(cfg.train.seed)
@@ -346,7 +327,7 @@ def write_random_base(cfg: RunConfig, tokenizer: Any, trust: bool) -> Path:
         tokenizer.save_pretrained(partial)
         partial.rename(base)  # a crash mid-write never leaves a half base that a resume would trust
         del model
-    _barrier()
+    barrier()
     return base
 
 

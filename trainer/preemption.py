@@ -1,7 +1,7 @@
 """Preemption: SIGUSR1/SIGTERM become a clean stop after the current optimizer step.
 
 slurm/train.sbatch signals the training step ahead of a time limit or a preemption. The loop asks
-``should_stop()`` once per optimizer step on every rank; when it says yes, every rank saves a complete
+``is_preemption_requested()`` once per optimizer step on every rank; when it says yes, every rank saves a complete
 checkpoint at that step and the process exits 0. The batch script, which knows it forwarded a signal, then
 runs ``scontrol requeue``; the rerun resumes from the latest complete checkpoint (train.resume=auto).
 
@@ -59,7 +59,7 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
         _received = signum
 
 
-def should_stop() -> bool:
+def is_preemption_requested() -> bool:
     """True on every rank as soon as any rank has received a stop signal.
 
     A collective: call it on all ranks at the same point, once per optimizer step. Ranks get the signal at
@@ -75,5 +75,5 @@ def should_stop() -> bool:
 
 
 def is_stopping() -> bool:
-    """Whether should_stop() has said yes on this rank (for the exit message)."""
+    """Whether is_preemption_requested() has said yes on this rank (for the exit message)."""
     return _stopping

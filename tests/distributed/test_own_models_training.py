@@ -4,7 +4,7 @@ One launch of tests/distributed/scenarios.py on 2 gloo ranks runs, for each clas
 partitioned inside zero.Init, random init), then LoRA ZeRO-2 on top of that run's export (loaded from disk by
 ``from_pretrained``), on packed rows of the arithmetic conversations rendered by the family's template
 (baichuan2, chatglm). The tests read what the runs wrote: the loss falls, the exports reload with plain
-transformers (our classes registered by ``import trainer.models``) and PEFT, and ``trainer.generate`` on
+transformers (our classes registered by ``import trainer.models``) and PEFT, and ``trainer.generation`` on
 training prompts (a left-padded batch) stops at the template's end of turn.
 
 The tiny models use the committed tiny BPE tokenizer (vocab 2000; ChatGLM's <sop>/<eop> added), so their
@@ -115,7 +115,8 @@ def test_trains_exports_and_stops_at_end_of_turn(runs: Path, model_type: str, me
 
     import trainer.models  # noqa: F401  registers our classes with the Auto classes
     from data_pipeline.templates import resolve_template
-    from trainer.generate import decoding_for, generate_rows, load_for_inference
+    from trainer.generation import decoding_for, generate_rows
+    from trainer.inference import load_for_inference
 
     out = runs / f"{model_type}_{method}"
     curve = losses(out)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli.export import main as export_main
 from tests.faults.conftest import ROOT
 from trainer.checkpoint import (
     COMPLETE,
-    LATEST,
     CheckpointError,
     hash_files,
     latest_complete,
@@ -28,7 +28,7 @@ from trainer.checkpoint import (
     verify,
     write_marker,
 )
-from trainer.export import main as export_main
+from trainer.run_dir import LATEST_FILE as LATEST
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -170,7 +170,7 @@ def test_export_of_a_verified_checkpoint_works(run: Path, tmp_path: Path) -> Non
 
 
 def test_malicious_weights_in_a_model_directory_are_refused(tmp_path: Path) -> None:
-    from trainer.generate import load_for_inference
+    from trainer.inference import load_for_inference
 
     target = tmp_path / "ran"
     model_dir = tmp_path / "model"

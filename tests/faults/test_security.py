@@ -1,5 +1,5 @@
 """Security checks: unsafe unpickling only on verified directories, loopback dashboard, no remote code by default,
-secrets never reach MLflow (trainer.evaluate included).
+secrets never reach MLflow (cli.evaluate included).
 
 The drills with planted pickles are in test_checkpoint_faults.py; control-token injection for every template is
 tests/unit/test_templates.py::test_control_strings_in_content_stay_text (all templates, parametrized).
@@ -72,8 +72,8 @@ def test_dashboard_binds_loopback_unless_told(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_remote_code_is_off_by_default() -> None:
-    from trainer.evaluate import build_parser as evaluate_parser
-    from trainer.generate import build_parser as generate_parser
+    from cli.evaluate import build_parser as evaluate_parser
+    from cli.generate import build_parser as generate_parser
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
     assert cfg.model.trust_remote_code_paths == ()  # the allow-list (test_model.py: refused unless listed)
@@ -114,7 +114,7 @@ def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path, monkeypatch: py
     # teardown removes it and later tests' subprocesses (the demo's training runs) do not inherit this store.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    from trainer.evaluate import log_to_mlflow
+    from cli.evaluate import log_to_mlflow
 
     results = {
         "loss": {"loss": 1.5, "perplexity": 4.48, "data": "https://carol:SECRET6@data.example.com/v1", **SECRETS},

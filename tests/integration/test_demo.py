@@ -1,4 +1,4 @@
-"""A shortened `make demo`: the real prepare, two real 2-rank `deepspeed` runs, trainer.evaluate and generate.
+"""A shortened `make demo`: the real prepare, two real 2-rank `deepspeed` runs, cli.evaluate and generate.
 
 Two-digit problems and 80 steps instead of the demo's three digits and hundreds of steps. That is enough for
 the model to learn the form of the worked answer (it writes every step and stops at its end of turn), not yet

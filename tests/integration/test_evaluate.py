@@ -1,4 +1,4 @@
-"""trainer.evaluate: loss/perplexity on a prepared split vs a direct torch computation, generation metrics
+"""cli.evaluate: loss/perplexity on a prepared split vs a direct torch computation, generation metrics
 vs hand-computed values, MLflow logging, and the CLI's one-line refusals."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from tiny_chat import PAIRS, TEMPLATE, TINY_LLAMA, memorized_model, one_thread, random_model, save_model_dir, tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from cli.evaluate import log_to_mlflow, main
 from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
 from data_pipeline.schema import IGNORE_INDEX, MANIFEST_FILE, load_split
-from trainer.evaluate import evaluate_loss, log_to_mlflow, main
-from trainer.generate import resolve_run_template
+from trainer.inference import resolve_run_template
+from trainer.loss import evaluate_loss
 
 REPO = Path(__file__).resolve().parents[2]
 ALPACA = REPO / "tests" / "fixtures" / "real" / "alpaca" / "alpaca_en_demo.json"
@@ -240,7 +241,7 @@ def test_logging_into_a_run_of_another_store_after_a_new_run(tmp_path: Path, mon
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it; teardown removes it
 
-    from trainer.evaluate import log_to_mlflow
+    from cli.evaluate import log_to_mlflow
 
     first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     log_to_mlflow({"generation": {"exact_match": 1.0}}, None, tracking_uri=first, run_id=None, experiment="eval")

@@ -177,14 +177,14 @@ def test_qlora_trains_under_deepspeed_exports_and_reloads(tmp_path: Path) -> Non
 
 
 def test_export_cli_from_a_lora_checkpoint_with_merge(tmp_path: Path) -> None:
-    """`python -m trainer.export --run OUT --merge`: the latest complete checkpoint, rebuilt in one process."""
+    """`python -m cli.export --run OUT --merge`: the latest complete checkpoint, rebuilt in one process."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from cli.export import main as export_main
     from trainer import checkpoint
     from trainer.config import dump_yaml
     from trainer.data import DataCursor
-    from trainer.export import main as export_main
 
     cfg = run_config(tmp_path, "lora", "fp32")
     config = ds_config("fp32")

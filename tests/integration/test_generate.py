@@ -1,4 +1,4 @@
-"""trainer.generate on tiny Llama models built or trained in the test (no hub, no downloads)."""
+"""cli.generate and trainer.generation/inference on tiny Llama models built or trained in the test (no hub, no downloads)."""
 
 from __future__ import annotations
 
@@ -25,23 +25,22 @@ from tiny_chat import (
 )
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from cli.generate import chat, main
 from data_pipeline.conversation import Conversation, Message
 from data_pipeline.schema import IGNORE_INDEX
 from data_pipeline.templates import ChatTemplate
-from trainer import generate
-from trainer.generate import (
+from trainer import inference
+from trainer.generation import (
     Completion,
     GenerateError,
-    chat,
     decoding_for,
     generate_ids,
     generate_rows,
     generate_samples,
     generation_config,
-    load_for_inference,
-    main,
     read_prompts,
 )
+from trainer.inference import load_for_inference
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -282,7 +281,7 @@ def test_long_prompt_is_left_truncated_with_a_warning(
     model = random_model(seed=0, max_position_embeddings=64)
     long_prompt = "word " * 200
     full = prompt_ids(tpl, long_prompt)
-    with caplog.at_level(logging.WARNING, logger="trainer.generate"):
+    with caplog.at_level(logging.WARNING, logger="trainer.generation"):
         (row,) = generate_rows(model, tok, tpl, [{"prompt": long_prompt}], decoding_for("greedy", max_new_tokens=8),
                                seed=0)  # fmt: skip
     assert len(full) > 64 and row["prompt_tokens"] == 64 - 8
@@ -308,7 +307,7 @@ def test_chat_keeps_history_and_drops_oldest_turns_over_the_context(
     two_turns = tpl.encode_prompt([Message(role=r, content=c) for r, c in (("user", u1), ("assistant", a1),
                                                                            ("user", u2))])  # fmt: skip
     loaded.model.config.max_position_embeddings = len(two_turns) + 16
-    with caplog.at_level(logging.WARNING, logger="trainer.generate"):
+    with caplog.at_level(logging.WARNING, logger="cli.generate"):
         history = chat(loaded, tpl, decoding, system=None, seed=0, lines=[u1, u2, u1])
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "history over the context: dropped the oldest 1 turn pair(s)"
@@ -417,18 +416,18 @@ def test_cli_refuses_an_adapter_of_another_base(tmp_path: Path, tok: PreTrainedT
 def test_template_resolution_order(tmp_path: Path, tok: PreTrainedTokenizerBase, memorized_dir: Path) -> None:
     from data_pipeline.schema import MANIFEST_FILE
 
-    with_export = generate.resolve_run_template(tok, model_dir=memorized_dir)
+    with_export = inference.resolve_run_template(tok, model_dir=memorized_dir)
     assert with_export.template.name == TEMPLATE and with_export.source == str(memorized_dir / "sft_export.json")
-    assert generate.resolve_run_template(tok, model_dir=memorized_dir, name="llama2").template.name == "llama2"
+    assert inference.resolve_run_template(tok, model_dir=memorized_dir, name="llama2").template.name == "llama2"
     bare = tmp_path / "bare"
     bare.mkdir()
-    fallback = generate.resolve_run_template(tok, model_dir=bare)
+    fallback = inference.resolve_run_template(tok, model_dir=bare)
     assert fallback.template.name == "default" and "tokenizer" in fallback.source  # tiny_bpe has no chat_template
     data = tmp_path / "data"
     data.mkdir()
     (data / MANIFEST_FILE).write_text('{"schema_version": 1}')
     with pytest.raises(GenerateError, match="unreadable manifest"):
-        generate.resolve_run_template(tok, model_dir=bare, data_dir=data)
+        inference.resolve_run_template(tok, model_dir=bare, data_dir=data)
 
 
 def test_cli_end_to_end_on_the_seed_csv(tmp_path: Path, memorized_dir: Path) -> None:
@@ -436,7 +435,7 @@ def test_cli_end_to_end_on_the_seed_csv(tmp_path: Path, memorized_dir: Path) -> 
     prompts.write_text("prompt,output\n" + "".join(f'"{p}","{r}"\n' for p, r in PAIRS), encoding="utf-8")
     out = tmp_path / "gen.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "trainer.generate", "--model", str(memorized_dir), "--prompts-file", str(prompts),
+        [sys.executable, "-m", "cli.generate", "--model", str(memorized_dir), "--prompts-file", str(prompts),
          "--preset", "greedy", "--max-new-tokens", "30", "--batch-size", "2", "--out", str(out), "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from data_pipeline.schema import DataError, load_manifest
 from tests.helpers.data import TINY_LLAMA, make_prepared_dir
 from trainer.data import Batch, DataCursor, TrainData, check_data, collate, open_split, val_batches
-from trainer.loop import loss_sum
+from trainer.loss import loss_sum
 
 ROOT = Path(__file__).resolve().parents[2]
 BELLE = ROOT / "tests" / "fixtures" / "real" / "belle" / "Belle_open_source_1k.json"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.ds_config import build_ds_config, find_auto, load_ds_json, offload_device, zero_stage
+from trainer.dist import zero_stage
+from trainer.ds_config import build_ds_config, find_auto, load_ds_json, offload_device
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_JSONS = sorted((ROOT / "ds_configs").glob("*.json"))

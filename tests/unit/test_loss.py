@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data_pipeline.schema import IGNORE_INDEX
-from trainer.loop import loss_sum, scale_for_backward
+from trainer.loop import scale_for_backward
+from trainer.loss import loss_sum
 
 
 def test_loss_sum_matches_a_hand_computation() -> None:

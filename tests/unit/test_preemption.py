@@ -1,4 +1,4 @@
-"""trainer.preemption: a stop signal becomes should_stop() == True on every rank, once, whatever the repeats."""
+"""trainer.preemption: a stop signal becomes is_preemption_requested() == True on every rank, once, whatever the repeats."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def installed() -> Iterator[None]:
 @pytest.mark.usefixtures("installed")
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_requests_a_stop_and_repeats_are_harmless(signum: int) -> None:
-    assert not preemption.should_stop()
+    assert not preemption.is_preemption_requested()
     assert not preemption.is_stopping()
     os.kill(os.getpid(), signum)
     os.kill(os.getpid(), signum)  # scancel --full can deliver the signal twice
-    assert preemption.should_stop()
-    assert preemption.should_stop()  # stays stopped
+    assert preemption.is_preemption_requested()
+    assert preemption.is_preemption_requested()  # stays stopped
     assert preemption.is_stopping()
 
 
@@ -41,16 +41,16 @@ def test_uninstall_restores_the_previous_handlers() -> None:
     assert signal.getsignal(signal.SIGUSR1) is not before
     preemption.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is before
-    assert not preemption.should_stop()
+    assert not preemption.is_preemption_requested()
 
 
 def _rank(rank: int, port: int, results: dict[int, list[bool]]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     preemption.install()
-    seen = [preemption.should_stop()]
+    seen = [preemption.is_preemption_requested()]
     if rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is signalled
-    seen.append(preemption.should_stop())
+    seen.append(preemption.is_preemption_requested())
     results[rank] = seen
     dist.destroy_process_group()
 

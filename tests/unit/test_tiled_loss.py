@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from data_pipeline.schema import IGNORE_INDEX
 from trainer.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
-from trainer.loop import loss_sum
+from trainer.loss import loss_sum
 from trainer.tiled_loss import forward_tiled_loss_sum, tiled_loss_sum
 
 TINY_LLAMA = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_llama"

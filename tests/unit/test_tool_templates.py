@@ -471,7 +471,7 @@ def test_moss_plugin_conversations_train_thoughts_and_commands_as_moss_wrote_the
 
 
 def test_generate_prompt_rows_offer_tools(tiny: PreTrainedTokenizerBase, tmp_path: Path) -> None:
-    from trainer.generate import GenerateError, encode_row, read_prompts
+    from trainer.generation import GenerateError, encode_row, read_prompts
 
     bare = [WEATHER["function"], TIME["function"]]  # glaive's form: no {"type": "function"} wrapper
     path = tmp_path / "prompts.jsonl"

@@ -2,7 +2,7 @@
 
 Importing this package registers them: ``AutoConfig``/``AutoModelForCausalLM.from_pretrained`` then load a
 directory whose config.json says ``model_type: baichuan_alibi`` (Baichuan-13B, Baichuan2-13B) or
-``chatglm_v1`` (ChatGLM-6B), with ``trust_remote_code`` off. trainer.model, trainer.generate and
+``chatglm_v1`` (ChatGLM-6B), with ``trust_remote_code`` off. trainer.model, trainer.inference and
 trainer.convert import it; a plain script does ``import trainer.models`` first. docs/models.md describes them.
 """
 

@@ -1,13 +1,13 @@
 """Evaluate a trained model: loss and perplexity on a prepared split, and generation metrics on references.
 
-    python -m trainer.evaluate --model OUT/final --data DATA --split val --out eval.json
-    python -m trainer.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
-    python -m trainer.evaluate --predictions gen.jsonl --out eval.json            # score `generate --out` rows
-    python -m trainer.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
-    python -m trainer.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
+    python -m cli.evaluate --model OUT/final --data DATA --split val --out eval.json
+    python -m cli.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
+    python -m cli.evaluate --predictions gen.jsonl --out eval.json            # score `cli.generate --out` rows
+    python -m cli.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
+    python -m cli.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
 
-Loss is token-weighted: summed next-token cross-entropy over every label that is not IGNORE_INDEX, divided
-by the number of such labels (not a mean of per-batch means), exactly as the training loop's val loss.
+Loss is the training loop's validation loss (trainer/loss.py: one function for both), token-weighted over
+every label that is not IGNORE_INDEX, on batches built and padded exactly as the loop builds them.
 Generation metrics (trainer/answers.py): exact match of the final answer, sacrebleu corpus BLEU and mean
 ROUGE-L F, CJK scored per character. Results go to a JSON file; generated rows (with a per-row exact-match
 flag) go next to it as ``<out stem>.generations.jsonl``.
@@ -20,103 +20,18 @@ import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from data_pipeline.schema import IGNORE_INDEX, DataError, load_manifest, load_split, tokenizer_fingerprint, verify_split
+from cli.flags import add_decoding_flags, add_model_flags, decoding_from_args, load_from_args, setup_logging
+from data_pipeline.schema import DataError
 from trainer.answers import is_exact_match, score_generations
-from trainer.generate import (
-    PRESETS,
-    GenerateError,
-    decoding_for,
-    generate_rows,
-    json_lines,
-    load_from_args,
-    model_device,
-    read_prompts,
-    resolve_run_template,
-    setup_logging,
-)
-
-if TYPE_CHECKING:
-    import datasets
+from trainer.data import open_checked_split, pad_id_for
+from trainer.generation import GenerateError, generate_rows, json_lines, read_prompts
+from trainer.inference import Loaded, resolve_run_template
+from trainer.loss import evaluate_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossResult:
-    loss: float
-    """Summed cross-entropy / loss_tokens (nats per token)."""
-    perplexity: float
-    """exp(loss); inf when loss >= 50."""
-    loss_tokens: int
-    """Tokens scored: labels that are not IGNORE_INDEX, the first token of each sample excluded."""
-    rows: int
-    """Rows of the split evaluated (packed rows count once)."""
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Any, rows: datasets.Dataset, *, packed: bool, pad_id: int, batch_size: int = 2, max_batches: int = 0
-) -> LossResult:
-    """Token-weighted loss of ``model`` over prepared ``rows``; batches are built like the training loop's."""
-    from trainer.data import val_batches
-    from trainer.families import resolve_family
-    from trainer.metrics import perplexity
-
-    isolate = resolve_family("auto", getattr(model.config, "model_type", "")).supports_packed_positions
-    batches = val_batches(
-        rows,
-        packed=packed,
-        isolate=isolate,
-        pad_id=pad_id,
-        micro_batch_size=batch_size,
-        rank=0,
-        world_size=1,
-        max_batches=max_batches,
-    )
-    device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for batch in batches:
-        logits = model(**batch.model_inputs(device), use_cache=False).logits
-        labels = batch.labels.to(device)
-        # Row by row: fp32 logits of a whole batch (rows x length x vocab) can be gigabytes for big vocabularies.
-        for i in range(logits.shape[0]):
-            total += (
-                F.cross_entropy(logits[i, :-1].float(), labels[i, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
-                .double()
-                .cpu()
-            )
-        tokens += batch.loss_tokens
-    if tokens == 0:
-        raise DataError("the split has no loss tokens (every label is IGNORE_INDEX); nothing to evaluate")
-    loss = float(total) / tokens
-    used = len(rows) if max_batches <= 0 else min(len(rows), max_batches * batch_size)
-    return LossResult(loss=loss, perplexity=perplexity(loss), loss_tokens=tokens, rows=used)
-
-
-def open_eval_split(data_dir: str | Path, split: str, tokenizer: Any, *, verify: bool = True) -> tuple[Any, bool]:
-    """(rows, packed) of a prepared split, refusing a tokenizer or shard mismatch in one line."""
-    manifest = load_manifest(data_dir)
-    where = Path(data_dir) / "manifest.json"
-    if manifest.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
-        raise DataError(
-            f"{where}: prepared with another tokenizer ({manifest.tokenizer_path}); the model's token ids would "
-            "not match. Re-run prepare with the model's tokenizer"
-        )
-    if split not in manifest.splits or not manifest.splits[split].shards:
-        raise DataError(f"{where}: no {split!r} split (has {', '.join(manifest.splits)}); prepare with --val-fraction")
-    if verify:
-        problems = verify_split(data_dir, split, manifest)
-        if problems:
-            raise DataError("; ".join(problems))
-    return load_split(data_dir, split, manifest), manifest.packed
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
@@ -201,10 +116,8 @@ def _table_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="HF model directory, or an exported adapter directory")
-    parser.add_argument("--adapter", help="PEFT adapter directory to load on top of --model")
-    parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights after loading")
+    parser = argparse.ArgumentParser(prog="python -m cli.evaluate", description=__doc__.split("\n\n")[0])
+    add_model_flags(parser, required=False)
     parser.add_argument("--data", help="prepared data directory (python -m data_pipeline prepare) for loss/ppl")
     parser.add_argument("--split", default="val", help="split of --data to score (default val)")
     parser.add_argument("--batch-size", type=int, default=2, help="rows per forward pass (loss) / prompts per batch")
@@ -212,19 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip re-hashing the split's shards")
     parser.add_argument("--prompts-file", help="prompts with references (JSON lines or CSV) to generate and score")
     parser.add_argument("--predictions", help="JSON lines with 'output' and 'reference' to score without a model")
-    parser.add_argument("--template", help="chat template name; overrides what the export/manifest recorded")
-    parser.add_argument("--preset", default="greedy", choices=list(PRESETS))
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=42)
+    add_decoding_flags(parser)
     parser.add_argument("--out", default="eval_results.json", help="results JSON (default eval_results.json)")
     parser.add_argument("--tracking-uri", help="log to MLflow at this URI (else $MLFLOW_TRACKING_URI with --run-id)")
     parser.add_argument("--run-id", help="MLflow run to add the eval metrics to (e.g. the training run)")
     parser.add_argument("--experiment", default="sft-eval", help="MLflow experiment for a new run (no --run-id)")
     parser.add_argument("--metric-prefix", default="eval", help="MLflow metric and artifact prefix (default eval)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 as QLoRA training did")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code")
     return parser
 
 
@@ -234,6 +140,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] 
         raise GenerateError("nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F")
     if (args.data or args.prompts_file) and not args.model:
         raise GenerateError("--data and --prompts-file need --model")
+    if args.prompts_file and args.predictions:
+        raise GenerateError("pass --prompts-file or --predictions, not both")
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     rows: list[dict[str, Any]] | None = None
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
@@ -241,56 +149,68 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] 
         loaded = load_from_args(args)
         results |= {"model": str(loaded.model_dir), "adapter": loaded.adapter_dir and str(loaded.adapter_dir)}
         if args.data:
-            split, packed = open_eval_split(args.data, args.split, loaded.tokenizer, verify=not args.no_verify)
-            pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-            loss = evaluate_loss(
-                loaded.model,
-                split,
-                packed=packed,
-                pad_id=pad_id,
-                batch_size=args.batch_size,
-                max_batches=args.max_batches,
-            )
-            results["loss"] = {"data": str(args.data), "split": args.split, **dataclasses.asdict(loss)}
-            log.info(
-                "%s/%s: loss %.4f, perplexity %.3f over %d tokens",
-                args.data,
-                args.split,
-                loss.loss,
-                loss.perplexity,
-                loss.loss_tokens,
-            )
+            results["loss"] = score_loss(loaded, args)
         if prompts is not None:
-            choice = resolve_run_template(
-                loaded.tokenizer,
-                model_dir=loaded.model_dir,
-                adapter_dir=loaded.adapter_dir,
-                data_dir=args.data,
-                name=args.template,
-            )
-            log.info("template: %s (from %s)", choice.template.name, choice.source)
-            decoding = decoding_for(args.preset, max_new_tokens=args.max_new_tokens)
-            rows = generate_rows(
-                loaded.model,
-                loaded.tokenizer,
-                choice.template,
-                prompts,
-                decoding,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                progress=True,
-            )
-            results["template"] = choice.template.name
-            results["decoding"] = {**dataclasses.asdict(decoding), "preset": args.preset, "seed": args.seed}
+            rows = generate_for_scoring(loaded, prompts, args, results)
     if args.predictions:
-        if rows is not None:
-            raise GenerateError("pass --prompts-file or --predictions, not both")
         rows = read_predictions(args.predictions)
     if rows is not None:
         summary, rows = score_rows(rows)
         results["generation"] = {"file": args.prompts_file or args.predictions, **summary}
         log.info("generation: %s", json.dumps(summary))
     return results, rows
+
+
+def score_loss(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
+    """The split's loss and perplexity, refusing data prepared with another tokenizer."""
+    split, packed = open_checked_split(
+        args.data, args.split, loaded.tokenizer, loaded.model_dir, verify=not args.no_verify
+    )
+    loss = evaluate_loss(
+        loaded.model,
+        split,
+        packed=packed,
+        pad_id=pad_id_for(loaded.tokenizer),
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+    )
+    log.info(
+        "%s/%s: loss %.4f, perplexity %.3f over %d tokens",
+        args.data,
+        args.split,
+        loss.loss,
+        loss.perplexity,
+        loss.loss_tokens,
+    )
+    return {"data": str(args.data), "split": args.split, **dataclasses.asdict(loss)}
+
+
+def generate_for_scoring(
+    loaded: Loaded, prompts: list[dict[str, str]], args: argparse.Namespace, results: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Generate for every prompt with the training template; records template and decoding in ``results``."""
+    choice = resolve_run_template(
+        loaded.tokenizer,
+        model_dir=loaded.model_dir,
+        adapter_dir=loaded.adapter_dir,
+        data_dir=args.data,
+        name=args.template,
+    )
+    log.info("template: %s (from %s)", choice.template.name, choice.source)
+    decoding = decoding_from_args(args)
+    rows = generate_rows(
+        loaded.model,
+        loaded.tokenizer,
+        choice.template,
+        prompts,
+        decoding,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    results["template"] = choice.template.name
+    results["decoding"] = {**dataclasses.asdict(decoding), "preset": args.preset, "seed": args.seed}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

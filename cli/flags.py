@@ -1,0 +1,79 @@
+"""The flags the command-line tools share, defined once: which model to load, which template, how to decode.
+
+``python -m cli.generate`` and ``python -m cli.evaluate`` add these groups to their parsers and turn the parsed
+namespace into the library's objects with ``load_from_args`` and ``decoding_from_args``, so a flag means the
+same and has the same default in every tool. ``--max-new-tokens`` defaults to the preset's own value (256;
+512 for ``seed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.generation import PRESETS, Decoding, decoding_for
+from trainer.inference import Loaded, load_for_inference
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """--model/--adapter/--merge and where and how to load them."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=required, help="HF model directory, or an exported adapter directory")
+    group.add_argument("--adapter", help="PEFT adapter directory to load on top of --model")
+    group.add_argument("--merge", action="store_true", help="merge the adapter into the weights after loading")
+    group.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    group.add_argument("--load-in-4bit", action="store_true", help="load the base in NF4 as QLoRA training did")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modeling code")
+    group.add_argument("--template", help="chat template name; overrides what the export/manifest recorded")
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset plus explicit overrides of its fields, and the sampling seed."""
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--preset", default="greedy", choices=list(PRESETS))
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--no-repeat-ngram-size", type=int)
+    group.add_argument("--max-new-tokens", type=int, help="default: the preset's (256; seed: 512)")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def load_from_args(args: argparse.Namespace) -> Loaded:
+    """The model (and adapter) named by the model flags."""
+    return load_for_inference(
+        args.model,
+        args.adapter,
+        merge=args.merge,
+        device=args.device,
+        dtype=args.dtype,
+        load_in_4bit=args.load_in_4bit,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def decoding_from_args(args: argparse.Namespace) -> Decoding:
+    """The preset with every decoding flag that was given applied over it."""
+    return decoding_for(
+        args.preset,
+        num_beams=args.num_beams,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def setup_logging() -> None:
+    """CLI stderr: our own info/warning lines; transformers only for errors, without loading progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
