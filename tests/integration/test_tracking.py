@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tracking.journal import JOURNAL_FILE, RUN_FILE, SPOOL_DIR
+from tracking.naming import MAX_PARAM_CHARS, REDACTED, clean_params, clean_value, is_secret_name, resolve_tracking_uri
 from trainer.config import load_config
-from trainer.tracking import (
-    JOURNAL_FILE,
-    MAX_PARAM_CHARS,
-    REDACTED,
-    RUN_FILE,
-    SPOOL_DIR,
-    clean_params,
-    clean_value,
-    is_secret_name,
-    open_tracker,
-    resolve_tracking_uri,
-)
+from trainer.run_record import open_tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "tiny_llama"
@@ -86,12 +77,12 @@ DISABLED_SCRIPT = """
 import sys
 from pathlib import Path
 from trainer.config import load_config
-from trainer.tracking import open_tracker
+from trainer.run_record import open_tracker
 out = Path(sys.argv[1])
 for rank, enabled in ((0, "false"), (1, "true")):
     cfg = load_config(None, [f"model.path={sys.argv[2]}", "data.path=d", f"train.output_dir={out}", "train.max_steps=2",
                              f"tracking.enabled={enabled}"])
-    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=rank, world_size=2)
+    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=rank, world_size=2, device="cpu")
     tracker.log_metrics({"loss": 1.0}, 1)
     tracker.log_artifact(sys.argv[2])
     tracker.log_table([{"a": 1}], "t.json")
@@ -128,6 +119,7 @@ def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monk
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     for step in (1, 2, 3):
         first.log_metrics({"loss": 10.0 - step, "step": step, "note": "not a number"}, step)
@@ -142,6 +134,7 @@ def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monk
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     assert second.run_id == run_id
     for step in (3, 4, 5):

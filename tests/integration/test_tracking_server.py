@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.mlflow_server import MlflowServer, free_port
-from trainer import tracking
+from tracking import worker
+from tracking.cli import dashboard_command
+from tracking.journal import RUN_FILE, SPOOL_DIR
 from trainer.config import load_config
-from trainer.tracking import RUN_FILE, SPOOL_DIR, dashboard_command, open_tracker
+from trainer.run_record import open_tracker
 
 pytestmark = pytest.mark.slow
 
@@ -202,8 +204,8 @@ def test_server_killed_mid_run_then_back_loses_no_step(
     live: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop's calls exactly as in training; the server dies after step 3 and comes back before step 7."""
-    caplog.set_level(logging.WARNING, logger="trainer.tracking")
-    monkeypatch.setattr(tracking, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
+    caplog.set_level(logging.WARNING, logger="tracking")
+    monkeypatch.setattr(worker, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
     out = tmp_path / "run"
     tracker = open_tracker(
         cfg=simulated_config(out, live, "tracking.run_name=outage", "tracking.close_timeout_s=120"),
@@ -211,6 +213,7 @@ def test_server_killed_mid_run_then_back_loses_no_step(
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     assert tracker.run_id is not None
     note = tmp_path / "note.txt"
@@ -251,6 +254,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
             output_dir=out,
             rank=0,
             world_size=2,
+            device="cpu",
         )
         assert tracker.run_id is None
         for step in range(1, 6):
@@ -261,7 +265,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
     finally:
         live.start()
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.tracking", "sync", str(out)],
+        [sys.executable, "-m", "tracking", "sync", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -276,7 +280,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
     assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5]
     # a second sync has nothing left to send and creates nothing new
     again = subprocess.run(
-        [sys.executable, "-m", "trainer.tracking", "sync", str(out)],
+        [sys.executable, "-m", "tracking", "sync", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
