@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     command = dashboard_command(args.store, args.host, args.port, extra)
-    print(f"MLflow dashboard: http://{args.host}:{args.port}  (store {args.store.resolve()}; Ctrl-C stops it)")
+    # MLflow 3.17 opens in its GenAI view unless told (its GenAI | Model training switch, or this parameter)
+    link = f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning"
+    print(f"MLflow dashboard: {link}  (store {args.store.resolve()}; Ctrl-C stops it)")
     with contextlib.suppress(KeyboardInterrupt):
         return subprocess.call(command)
     return 0

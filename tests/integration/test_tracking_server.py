@@ -309,11 +309,36 @@ def test_dashboard_shows_the_run_in_chromium(live: MlflowServer, trained: dict, 
     screenshot = tmp_path / "dashboard_run.png"
     subprocess.run([*browser, "--virtual-time-budget=15000", f"--screenshot={screenshot}", url],
                    capture_output=True, timeout=240)  # fmt: skip
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
+    text = page_text(dom)
     assert "tiny-cpu-tracked" in text, text[:2000]
     last_loss = next(row["loss"] for row in reversed(trained["rows"]) if "loss" in row)
     assert re.search(rf"\bloss\b {re.escape(str(last_loss)[:6])}", text), (last_loss, text[:4000])
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+
+    # What a person opening the run sees: the model-training view (the experiment's kind; MLflow 3.17 reads
+    # the view from its GenAI | Model training switch, which the link sets), and the loss section first.
+    experiment = client_for(live).get_experiment(state["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    charts = f"{url}/model-metrics?workflowType=machine_learning"
+    text = page_text(
+        subprocess.run(
+            [*browser, "--virtual-time-budget=20000", "--dump-dom", charts], capture_output=True, text=True, timeout=240
+        ).stdout
+    )
+    assert "Model training" in text and "Evaluation runs" not in text, text[:2000]
+    assert "tiny-cpu-tracked" in text
+    assert 0 <= text.index("loss (2)") < text.index("Model metrics ("), text[:2000]
+    charts_png = tmp_path / "dashboard_charts.png"
+    subprocess.run([*browser, "--virtual-time-budget=20000", f"--screenshot={charts_png}", charts],
+                   capture_output=True, timeout=240)  # fmt: skip
+    assert charts_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("SFT_DASHBOARD_SCREENSHOT"):  # docs/dashboard_run.png is refreshed this way
+        shutil.copy(charts_png, os.environ["SFT_DASHBOARD_SCREENSHOT"])
+
+
+def page_text(dom: str) -> str:
+    """The visible text of a dumped DOM, whitespace collapsed."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
 
 
 def test_bench_tracking_quick(live: MlflowServer) -> None:
