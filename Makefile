@@ -25,8 +25,8 @@ demo-cot: venv
 	bash scripts/demo_cot.sh
 
 lint: venv
-	$(VENV)/bin/ruff check launcher trainer data_pipeline demo common cli tests benchmarks
-	$(VENV)/bin/ruff format --check launcher trainer data_pipeline demo common cli tests benchmarks
+	$(VENV)/bin/ruff check launcher trainer data_pipeline tracking demo common cli tests benchmarks
+	$(VENV)/bin/ruff format --check launcher trainer data_pipeline tracking demo common cli tests benchmarks
 	$(VENV)/bin/mypy
 
 test: venv lint
@@ -46,7 +46,7 @@ STORE ?= demo_out/mlruns
 HOST ?= 127.0.0.1
 PORT ?= 5000
 dashboard: venv
-	$(PY) -m trainer.tracking dashboard --store $(STORE) --host $(HOST) --port $(PORT)
+	$(PY) -m tracking dashboard --store $(STORE) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf demo_out demo_cot_out .pytest_cache .mypy_cache .ruff_cache

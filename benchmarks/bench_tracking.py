@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers.mlflow_server import MlflowServer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.tracking import open_tracker  # noqa: E402
+from trainer.run_record import open_tracker  # noqa: E402
 
 FIELDS = ("loss", "lr", "grad_norm", "loss_tokens", "tokens_per_s", "mfu", "mem_gb", "elapsed_s", "eta_s", "epoch")
 
@@ -55,7 +55,12 @@ def bench(uri: str, steps: int, sync_calls: int, workdir: Path) -> dict[str, obj
     )
     start = time.perf_counter()
     tracker = open_tracker(
-        cfg=cfg, ds_config={"zero_optimization": {"stage": 2}}, output_dir=cfg.train.output_dir, rank=0, world_size=1
+        cfg=cfg,
+        ds_config={"zero_optimization": {"stage": 2}},
+        output_dir=cfg.train.output_dir,
+        rank=0,
+        world_size=1,
+        device="cpu",
     )
     open_s = time.perf_counter() - start
     per_call: list[float] = []

@@ -25,6 +25,7 @@ from typing import Any
 
 from cli.flags import add_decoding_flags, add_model_flags, decoding_from_args, load_from_args, setup_logging
 from data_pipeline.schema import DataError
+from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
 from trainer.generation import GenerateError, generate_rows, json_lines, read_prompts
@@ -65,54 +66,6 @@ def score_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
         # The share of outputs that ended at the template's end of turn: a model that never stops shows here.
         summary["stopped_fraction"] = sum(stopped) / len(stopped)
     return summary, flagged
-
-
-def log_to_mlflow(
-    results: dict[str, Any],
-    generations: list[dict[str, Any]] | None,
-    *,
-    tracking_uri: str | None,
-    run_id: str | None,
-    experiment: str,
-    prefix: str = "eval",
-) -> str:
-    """Log prefix/* metrics (eval/* by default), the results JSON and the generations table to MLflow under
-    ``prefix/``; returns the run id.
-
-    With ``run_id`` the metrics land in that run (e.g. the training run), else in a new run of ``experiment``.
-    Distinct prefixes keep several evaluations of one run apart (before and after training, a subset).
-    """
-    import mlflow
-
-    from trainer.tracking import redact
-
-    if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
-    results = redact(results)  # secret-looking keys and URL passwords never reach the tracking server
-    generations = redact(generations) if generations else generations
-    metrics: dict[str, float] = {}
-    if "loss" in results:
-        metrics |= {f"{prefix}/loss": results["loss"]["loss"], f"{prefix}/perplexity": results["loss"]["perplexity"]}
-    if "generation" in results:
-        gen = results["generation"]
-        metrics |= {f"{prefix}/{k}": gen[k] for k in ("exact_match", "bleu", "rouge_l", "stopped_fraction") if k in gen}
-    if run_id is None:
-        mlflow.set_experiment(experiment)
-    else:  # the fluent API refuses a run outside the active experiment, which an earlier call may have set
-        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id) as run:
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(results, f"{prefix}/results.json")
-        if generations:
-            mlflow.log_table(
-                {key: [str(row.get(key, "")) for row in generations] for key in _table_columns(generations)},
-                artifact_file=f"{prefix}/generations.json",
-            )
-        return str(run.info.run_id)
-
-
-def _table_columns(rows: list[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
     if args.tracking_uri or args.run_id:
-        run_id = log_to_mlflow(
+        run_id = log_evaluation(
             results,
             rows,
             tracking_uri=args.tracking_uri,

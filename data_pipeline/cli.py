@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for line in rejects_summary(counts):
                     print(f"prepare: {line}")
                 if options.num_tasks == 1 and tracking.is_enabled(args.track):
-                    tracking.log_prepare_run(manifest, options.out, options)
+                    tracking.record_in_background(options.out, options)
                 return 0
             case "inspect":
                 from data_pipeline.inspect import inspect_output
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"merge: {len(args.partials)} partial outputs -> {args.out} ({manifest.counts['samples_written']} samples)"
                 )
                 if tracking.is_enabled(args.track):
-                    tracking.log_prepare_run(manifest, args.out)
+                    tracking.record_in_background(args.out)
                 return 0
     except (InputError, DataError, TooManyRejects) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -150,12 +150,12 @@ class TrackingConfig:
     experiment: str = "sft"
     """MLflow experiment name."""
     run_name: str | None = None
-    """Run name shown in the dashboard; None: the output directory's name."""
+    """Run name shown in the dashboard; None: what the run is, ``<model folder>-<method>-<data folder>``."""
     upload_weights: bool = False
     """Upload full model weights as artifacts; false logs their path only. LoRA adapters are always uploaded."""
     close_timeout_s: float = 60.0
     """At the end of the run, wait at most this long for the server to take what is still queued or spooled;
-    the rest stays in OUT/mlflow_spool for `python -m trainer.tracking sync OUT`."""
+    the rest stays in OUT/mlflow_spool for `python -m tracking sync OUT`."""
     system_metrics: bool = True
     """Log CPU, memory, disk (and GPU with pynvml) usage every 10 s as system/* metrics."""
 

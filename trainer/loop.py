@@ -173,7 +173,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.tracking import open_tracker
+    from trainer.run_record import open_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = RunDir.of(cfg.train.output_dir)
@@ -202,6 +202,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         output_dir=out.root,
         rank=rank,
         world_size=world,
+        device=device_name() or "cpu",
         manifest=manifest,
         data_dir=cfg.data.path,
         resume_run_id=state.run_id,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.tracking import RUN_FILE, SPOOL_DIR
+from tracking.journal import RUN_FILE, SPOOL_DIR
 
 RUN_CONFIG_FILE = "run_config.yaml"
 """The resolved run config; also inside every checkpoint tag directory."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from data_pipeline.templates import TEMPLATE_NAMES
-from trainer import tracking
+from tracking import cli, naming
 from trainer.config import load_config, to_dict
 
 pytestmark = pytest.mark.faults
@@ -64,9 +64,9 @@ def test_dashboard_binds_loopback_unless_told(monkeypatch: pytest.MonkeyPatch, t
         seen.append(host)
         return ["true"]
 
-    monkeypatch.setattr(tracking, "dashboard_command", fake_command)
-    tracking.main(["dashboard", "--store", str(tmp_path)])
-    tracking.main(["dashboard", "--store", str(tmp_path), "--host", "0.0.0.0"])
+    monkeypatch.setattr(cli, "dashboard_command", fake_command)
+    cli.main(["dashboard", "--store", str(tmp_path)])
+    cli.main(["dashboard", "--store", str(tmp_path), "--host", "0.0.0.0"])
     assert seen == ["127.0.0.1", "0.0.0.0"]
     assert "HOST ?= 127.0.0.1" in (ROOT / "Makefile").read_text()
 
@@ -97,24 +97,24 @@ def test_redact_covers_keys_urls_and_nesting() -> None:
         "nested": [{"hf_token": "hf_SECRET1", "ok": "max_new_tokens"}],
         "max_new_tokens": 64,
     }
-    clean = tracking.redact(tree)
+    clean = naming.redact(tree)
     assert "SECRET" not in json.dumps(clean)
     assert clean["nested"][0]["ok"] == "max_new_tokens" and clean["max_new_tokens"] == 64
 
 
 def test_config_artifact_has_no_url_password() -> None:
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["tracking.uri=https://bob:SECRET5@mlflow.example.com"])
-    assert "SECRET5" not in json.dumps(tracking.redact(to_dict(cfg)))
+    assert "SECRET5" not in json.dumps(naming.redact(to_dict(cfg)))
 
 
 def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    # mlflow.set_tracking_uri (inside log_to_mlflow) also exports MLFLOW_TRACKING_URI; registered here so
+    # mlflow.set_tracking_uri (the evaluation record's old fluent API) exports MLFLOW_TRACKING_URI; registered here so
     # teardown removes it and later tests' subprocesses (the demo's training runs) do not inherit this store.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    from cli.evaluate import log_to_mlflow
+    from tracking.records import log_evaluation
 
     results = {
         "loss": {"loss": 1.5, "perplexity": 4.48, "data": "https://carol:SECRET6@data.example.com/v1", **SECRETS},
@@ -122,7 +122,7 @@ def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path, monkeypatch: py
     }
     rows = [{"prompt": "p", "prediction": "q", "api_key": "sk-SECRET8"}]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = log_to_mlflow(results, rows, tracking_uri=uri, run_id=None, experiment="eval")
+    run_id = log_evaluation(results, rows, tracking_uri=uri, run_id=None, experiment="eval")
     client = mlflow.MlflowClient(uri)
     logged = ""
     for artifact in ("eval/results.json", "eval/generations.json"):

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests.helpers.mlflow_server import MlflowServer, free_port
-from trainer import tracking
+from tracking import worker
 from trainer.config import load_config
-from trainer.tracking import open_tracker
+from trainer.run_record import open_tracker
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 def test_hung_then_failing_then_slow_server(server: MlflowServer, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from mlflow import MlflowClient
 
-    monkeypatch.setattr(tracking, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
+    monkeypatch.setattr(worker, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
     proxy = FaultProxy(server.port)
     out = tmp_path / "run"
     cfg = load_config(
@@ -102,7 +102,7 @@ def test_hung_then_failing_then_slow_server(server: MlflowServer, tmp_path: Path
          f"tracking.uri={proxy.uri}", "tracking.experiment=faults", "tracking.system_metrics=false",
          "tracking.close_timeout_s=180"],
     )  # fmt: skip
-    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=0, world_size=1)
+    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=0, world_size=1, device="cpu")
     assert tracker.run_id is not None  # created while the proxy passed requests through
     call_s: dict[str, list[float]] = {"hold": [], "error": [], "slow": []}
     step = 0

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 class MlflowServer:
     def __init__(self, store: Path, port: int | None = None, argv: list[str] | None = None) -> None:
-        """``argv``: a different command that serves on ``port`` (e.g. `python -m trainer.tracking dashboard`)."""
+        """``argv``: a different command that serves on ``port`` (e.g. `python -m tracking dashboard`)."""
         self.argv = argv
         self.store = Path(store)
         self.store.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tiny_chat import PAIRS, TEMPLATE, TINY_LLAMA, memorized_model, one_thread, random_model, save_model_dir, tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from cli.evaluate import log_to_mlflow, main
+from cli.evaluate import main
 from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
 from data_pipeline.schema import IGNORE_INDEX, MANIFEST_FILE, load_split
+from tracking.records import log_evaluation
 from trainer.inference import resolve_run_template
 from trainer.loss import evaluate_loss
 
@@ -154,7 +155,7 @@ def test_results_are_logged_to_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
         "generation": {"count": 2, "exact_match": 0.5, "bleu": 12.5, "rouge_l": 0.25},
     }
     rows = [{"prompt": "a", "output": "b", "reference": "c", "exact_match": False}]
-    run_id = log_to_mlflow(results, rows, tracking_uri=uri, run_id=None, experiment="eval-test")
+    run_id = log_evaluation(results, rows, tracking_uri=uri, run_id=None, experiment="eval-test")
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(run_id).data.metrics == {
         "eval/loss": 1.5,
@@ -166,7 +167,7 @@ def test_results_are_logged_to_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sorted(a.path for a in client.list_artifacts(run_id, "eval")) == ["eval/generations.json",
                                                                             "eval/results.json"]  # fmt: skip
     # A second call with run_id adds to the same run (e.g. evaluating into the training run).
-    assert log_to_mlflow({"generation": {"exact_match": 1.0}}, None, tracking_uri=uri, run_id=run_id,
+    assert log_evaluation({"generation": {"exact_match": 1.0}}, None, tracking_uri=uri, run_id=run_id,
                          experiment="eval-test") == run_id  # fmt: skip
     assert client.get_run(run_id).data.metrics["eval/exact_match"] == 1.0
 
@@ -241,17 +242,15 @@ def test_logging_into_a_run_of_another_store_after_a_new_run(tmp_path: Path, mon
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it; teardown removes it
 
-    from cli.evaluate import log_to_mlflow
-
     first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
-    log_to_mlflow({"generation": {"exact_match": 1.0}}, None, tracking_uri=first, run_id=None, experiment="eval")
+    log_evaluation({"generation": {"exact_match": 1.0}}, None, tracking_uri=first, run_id=None, experiment="eval")
     client = mlflow.MlflowClient(second)
     for name in ("x", "y"):  # experiment ids in the second store differ from the first's active one
         client.create_experiment(name)
     run = client.create_run(client.create_experiment("train"))
     client.set_terminated(run.info.run_id)
     results = {"generation": {"exact_match": 0.5}}
-    logged = log_to_mlflow(
+    logged = log_evaluation(
         results, None, tracking_uri=second, run_id=run.info.run_id, experiment="eval", prefix="after"
     )
     assert logged == run.info.run_id

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tracking.journal import JOURNAL_FILE, RUN_FILE, SPOOL_DIR
+from tracking.naming import MAX_PARAM_CHARS, REDACTED, clean_params, clean_value, is_secret_name, resolve_tracking_uri
 from trainer.config import load_config
-from trainer.tracking import (
-    JOURNAL_FILE,
-    MAX_PARAM_CHARS,
-    REDACTED,
-    RUN_FILE,
-    SPOOL_DIR,
-    clean_params,
-    clean_value,
-    is_secret_name,
-    open_tracker,
-    resolve_tracking_uri,
-)
+from trainer.run_record import open_tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "fixtures" / "tiny_llama"
+ALPACA = ROOT / "tests" / "fixtures" / "real" / "alpaca" / "alpaca_en_demo.json"
 
 
 def tiny_config(out: Path, *overrides: str):
@@ -86,12 +80,12 @@ DISABLED_SCRIPT = """
 import sys
 from pathlib import Path
 from trainer.config import load_config
-from trainer.tracking import open_tracker
+from trainer.run_record import open_tracker
 out = Path(sys.argv[1])
 for rank, enabled in ((0, "false"), (1, "true")):
     cfg = load_config(None, [f"model.path={sys.argv[2]}", "data.path=d", f"train.output_dir={out}", "train.max_steps=2",
                              f"tracking.enabled={enabled}"])
-    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=rank, world_size=2)
+    tracker = open_tracker(cfg=cfg, ds_config={}, output_dir=out, rank=rank, world_size=2, device="cpu")
     tracker.log_metrics({"loss": 1.0}, 1)
     tracker.log_artifact(sys.argv[2])
     tracker.log_table([{"a": 1}], "t.json")
@@ -128,6 +122,7 @@ def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monk
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     for step in (1, 2, 3):
         first.log_metrics({"loss": 10.0 - step, "step": step, "note": "not a number"}, step)
@@ -142,6 +137,7 @@ def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monk
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     assert second.run_id == run_id
     for step in (3, 4, 5):
@@ -182,3 +178,44 @@ def test_prepare_run_with_unreachable_server_warns_once_and_returns_none(
     assert not is_enabled() and is_enabled(True)
     monkeypatch.delenv("SFT_TRACKING")
     assert is_enabled() and not is_enabled(False)
+
+
+@pytest.mark.slow
+def test_prepare_returns_before_its_record_and_the_record_lands(tmp_path: Path) -> None:
+    """`prepare` hands its MLflow record to a detached process; the run still lands in the embedded store."""
+    from mlflow import MlflowClient
+
+    from data_pipeline.tracking import LOG_FILE, PREPARE_RUN_FILE
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SFT_TRACKING")}
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "prepare", "--source", str(ALPACA), "--tokenizer", str(TINY),
+         "--out", str(data), "--template", "qwen", "--max-seq-len", "128", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "recording the run in MLflow in the background" in result.stdout
+    deadline = time.monotonic() + 300  # a generous bound on a busy machine; the record normally takes seconds
+    while not (data / PREPARE_RUN_FILE).is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    record = json.loads((data / PREPARE_RUN_FILE).read_text())
+    assert record["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert run.info.status == "FINISHED" and run.info.run_name == "prepare:data"
+    assert run.data.metrics["samples_written"] == manifest["counts"]["samples_written"]
+    assert run.data.params["option.max_seq_len"] == "128" and "option.workers" in run.data.params
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {
+        "data/manifest.json", "data/rejects_summary.json"
+    }  # fmt: skip
+    assert client.get_experiment(record["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Traceback" not in (data / LOG_FILE).read_text()
+
+
+def test_run_is_named_by_model_method_and_data(tmp_path: Path) -> None:
+    from trainer.run_record import run_name
+
+    assert run_name(tiny_config(tmp_path / "out")) == "tiny_llama-full-data"
+    assert run_name(tiny_config(tmp_path / "out", "tracking.run_name=mine")) == "mine"

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.mlflow_server import MlflowServer, free_port
-from trainer import tracking
+from tracking import worker
+from tracking.cli import dashboard_command
+from tracking.journal import RUN_FILE, SPOOL_DIR
 from trainer.config import load_config
-from trainer.tracking import RUN_FILE, SPOOL_DIR, dashboard_command, open_tracker
+from trainer.run_record import open_tracker
 
 pytestmark = pytest.mark.slow
 
@@ -202,8 +204,8 @@ def test_server_killed_mid_run_then_back_loses_no_step(
     live: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loop's calls exactly as in training; the server dies after step 3 and comes back before step 7."""
-    caplog.set_level(logging.WARNING, logger="trainer.tracking")
-    monkeypatch.setattr(tracking, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
+    caplog.set_level(logging.WARNING, logger="tracking")
+    monkeypatch.setattr(worker, "_MAX_BACKOFF_S", 2.0)  # retry often: the test waits for the replay
     out = tmp_path / "run"
     tracker = open_tracker(
         cfg=simulated_config(out, live, "tracking.run_name=outage", "tracking.close_timeout_s=120"),
@@ -211,6 +213,7 @@ def test_server_killed_mid_run_then_back_loses_no_step(
         output_dir=out,
         rank=0,
         world_size=1,
+        device="cpu",
     )
     assert tracker.run_id is not None
     note = tmp_path / "note.txt"
@@ -251,6 +254,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
             output_dir=out,
             rank=0,
             world_size=2,
+            device="cpu",
         )
         assert tracker.run_id is None
         for step in range(1, 6):
@@ -261,7 +265,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
     finally:
         live.start()
     result = subprocess.run(
-        [sys.executable, "-m", "trainer.tracking", "sync", str(out)],
+        [sys.executable, "-m", "tracking", "sync", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -276,7 +280,7 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
     assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5]
     # a second sync has nothing left to send and creates nothing new
     again = subprocess.run(
-        [sys.executable, "-m", "trainer.tracking", "sync", str(out)],
+        [sys.executable, "-m", "tracking", "sync", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -305,11 +309,36 @@ def test_dashboard_shows_the_run_in_chromium(live: MlflowServer, trained: dict, 
     screenshot = tmp_path / "dashboard_run.png"
     subprocess.run([*browser, "--virtual-time-budget=15000", f"--screenshot={screenshot}", url],
                    capture_output=True, timeout=240)  # fmt: skip
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
+    text = page_text(dom)
     assert "tiny-cpu-tracked" in text, text[:2000]
     last_loss = next(row["loss"] for row in reversed(trained["rows"]) if "loss" in row)
     assert re.search(rf"\bloss\b {re.escape(str(last_loss)[:6])}", text), (last_loss, text[:4000])
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+
+    # What a person opening the run sees: the model-training view (the experiment's kind; MLflow 3.17 reads
+    # the view from its GenAI | Model training switch, which the link sets), and the loss section first.
+    experiment = client_for(live).get_experiment(state["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    charts = f"{url}/model-metrics?workflowType=machine_learning"
+    text = page_text(
+        subprocess.run(
+            [*browser, "--virtual-time-budget=20000", "--dump-dom", charts], capture_output=True, text=True, timeout=240
+        ).stdout
+    )
+    assert "Model training" in text and "Evaluation runs" not in text, text[:2000]
+    assert "tiny-cpu-tracked" in text
+    assert 0 <= text.index("loss (2)") < text.index("Model metrics ("), text[:2000]
+    charts_png = tmp_path / "dashboard_charts.png"
+    subprocess.run([*browser, "--virtual-time-budget=20000", f"--screenshot={charts_png}", charts],
+                   capture_output=True, timeout=240)  # fmt: skip
+    assert charts_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("SFT_DASHBOARD_SCREENSHOT"):  # docs/dashboard_run.png is refreshed this way
+        shutil.copy(charts_png, os.environ["SFT_DASHBOARD_SCREENSHOT"])
+
+
+def page_text(dom: str) -> str:
+    """The visible text of a dumped DOM, whitespace collapsed."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
 
 
 def test_bench_tracking_quick(live: MlflowServer) -> None:
