@@ -71,10 +71,6 @@ class Tracker:
         """The MLflow run id, once created (None when tracking is off or the server has not answered yet)."""
         return self._worker.run_id if self._worker else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._worker is not None
-
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Record one metrics.jsonl row (or eval metrics) at optimizer step ``step``. Never blocks.
 

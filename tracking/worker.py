@@ -16,6 +16,7 @@ draws ``loss_curve.png`` at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -185,8 +186,6 @@ class Worker(threading.Thread):
         return [{**command, "metrics": fresh}] if fresh else []
 
     def _table_op(self, rows: list[dict[str, Any]], artifact_file: str) -> dict[str, Any]:
-        import json
-
         columns = list(dict.fromkeys(key for row in rows for key in row))
         body = {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
         target = self.spool.new_file(Path(artifact_file).name)
