@@ -15,7 +15,7 @@ from typing import Any
 from trainer.config import ConfigError, RunConfig
 
 INJECTED_KEYS = {
-    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x world size",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x world size / train.sequence_parallel_size",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps",
     "gradient_clipping": "train.grad_clip",
@@ -79,8 +79,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.grad_accum_steps
-    # e.g. 4 micro x 16 accum x 8 GPUs = 512 rows per optimizer step
-    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * world_size
+    # e.g. 4 micro x 16 accum x 8 GPUs = 512 rows per optimizer step; a sequence-parallel group shares its rows
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * (world_size // t.sequence_parallel_size)
     ds["gradient_clipping"] = t.grad_clip
     ds["bf16"] = {"enabled": cfg.model.dtype == "bf16"}
     # Static loss scale would hide overflow; dynamic scaling skips overflowing steps and lowers the scale.

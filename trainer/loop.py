@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.schema import IGNORE_INDEX, Manifest
-from trainer import checkpoint, preemption, progress
+from trainer import checkpoint, preemption, progress, sequence_parallel
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, val_batches
 from trainer.ds_config import dump_ds_config, with_universal_load
@@ -63,32 +63,36 @@ def should_stop(step: int, cfg: RunConfig) -> bool:
 # -- loss --
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32)."""
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32); ``shifted``: labels[t]
+    is already position t's target (a sequence-parallel shard, see data.Batch.labels_shifted)."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
+        (logits if shifted else logits[:, :-1]).flatten(0, 1).float(),
+        (labels if shifted else labels[:, 1:]).flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
 
 def scale_for_backward(
-    micro_loss_sum: torch.Tensor, grad_accum_steps: int, world_size: int, global_loss_tokens: torch.Tensor
+    micro_loss_sum: torch.Tensor, grad_accum_steps: int, data_parallel_size: int, global_loss_tokens: torch.Tensor
 ) -> torch.Tensor:
     """The loss to hand to engine.backward so the step's gradient is that of the global token mean."""
     # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
-    # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over ranks;
-    # multiplying by both undoes those means, leaving one token-weighted mean per optimizer step.
-    return micro_loss_sum * (grad_accum_steps * world_size) / global_loss_tokens
+    # engine.backward divides by grad_accum_steps and the gradient reduction sums over all ranks and divides by
+    # the data-parallel degree (world size / train.sequence_parallel_size: each sequence-parallel rank's loss
+    # covers only its shard's tokens, and the shards' gradients must add up, not average); multiplying by both
+    # undoes those divisions, leaving one token-weighted mean per optimizer step.
+    return micro_loss_sum * (grad_accum_steps * data_parallel_size) / global_loss_tokens
 
 
 def forward_loss_sum(engine: Any, batch: Batch, tile_tokens: int = 0) -> torch.Tensor:
     """The micro-batch's summed loss; with tile_tokens > 0 the full logits never exist (trainer/tiled_loss)."""
+    inputs = batch.model_inputs(engine.device)
     if tile_tokens > 0:
-        return forward_tiled_loss_sum(engine, batch.model_inputs(engine.device), batch.labels, tile_tokens)
-    outputs = engine(**batch.model_inputs(engine.device), use_cache=False)
-    return loss_sum(outputs.logits, batch.labels.to(engine.device))
+        return forward_tiled_loss_sum(engine, inputs, batch.labels, tile_tokens, batch.labels_shifted)
+    outputs = engine(**inputs, use_cache=False)
+    return loss_sum(outputs.logits, batch.labels.to(engine.device), batch.labels_shifted)
 
 
 def global_loss_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -123,6 +127,7 @@ class Run:
     log: MetricsLog
     rank: int
     world_size: int
+    sp: sequence_parallel.Layout
     run_config_yaml: str
     ds_config_json: str
 
@@ -130,13 +135,14 @@ class Run:
 def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     """Train (or resume) until train.stop_at_step / train.max_steps; save and export at the end."""
     run, state = setup(cfg, ds_config)
-    engine, t, world = run.engine, cfg.train, run.world_size
+    engine, t, sp = run.engine, cfg.train, run.sp
     session_start, session_steps, meter = time.monotonic(), 0, Meter()
     status, exported = "FAILED", False
     try:
         while not should_stop(state.step, cfg):
             progress.mark(state.step + 1, "start", run.rank)  # what a collective timeout reports (trainer/progress)
             batches, cursor = run.data.next_step(state.cursor)
+            batches = sequence_parallel.shard_batches(batches, sp, pad_id=run.data.pad_id, rows=t.micro_batch_size)
             progress.mark(state.step + 1, "data", run.rank)
             set_lr(engine.optimizer, lr_at(state.step, t))
             loss_tokens = global_loss_tokens(batches, engine.device)
@@ -146,10 +152,10 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 if progress.fault_hook("loss", state.step + 1, run.rank) and batch is batches[0]:  # NaN drill
                     micro_loss = micro_loss * float("nan")
                 step_loss += micro_loss.detach()
-                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
+                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, sp.data_world, loss_tokens))
                 engine.step()
             progress.mark(state.step + 1, "update", run.rank)
-            reduced = reduce_step(step_loss, batches, run.rank, world)
+            reduced = reduce_step(step_loss, batches, run.rank, run.world_size)
             check_finite(reduced, state.step + 1, engine, cfg, run.rank)
             state = dataclasses.replace(
                 state, step=state.step + 1, cursor=cursor, tokens_seen=state.tokens_seen + int(reduced["tokens"])
@@ -178,6 +184,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
         raise
     finally:
         preemption.uninstall()
+        sequence_parallel.deactivate()
         run.tracker.close(status, Path(t.output_dir) / "final" if status == "FINISHED" and exported else None)
 
 
@@ -191,6 +198,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     from trainer.tracking import open_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    sp = sequence_parallel.layout(rank, world, cfg.train.sequence_parallel_size)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -214,6 +222,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
 
     model_lib = _model_lib()
     model_lib.validate_method(cfg, ds_config)
+    sequence_parallel.check(cfg, world, model_lib.read_hf_config(Path(cfg.model.path)))
     loaded = model_lib.load_model(cfg, ds_config)
     manifest = check_data_on_rank0(
         cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
@@ -234,8 +243,8 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         seed=cfg.train.seed,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
-        rank=rank,
-        world_size=world,
+        rank=sp.data_rank,  # a sequence-parallel group reads one data-parallel rank's rows
+        world_size=sp.data_world,
         source=str(Path(cfg.data.path) / "train"),
     )
     optimizer = build_optimizer(
@@ -243,7 +252,8 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         cfg.train,
         choose_adam(ds_config, get_accelerator().device_name()),
     )
-    engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config)
+    mpu = sequence_parallel.activate(loaded.model, cfg)
+    engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if tag:
         load_dir = checkpoint.make_universal(out, tag) if state.world_size != world else checkpoint.checkpoints_dir(out)
         load_checkpoint(engine, load_dir, tag)
@@ -273,6 +283,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         log=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
         rank=rank,
         world_size=world,
+        sp=sp,
         run_config_yaml=run_config_yaml,
         ds_config_json=ds_config_json,
     )
@@ -429,9 +440,12 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
             isolate=run.loaded.supports_packed_positions,
             pad_id=run.data.pad_id,
             micro_batch_size=cfg.train.micro_batch_size,
-            rank=run.rank,
-            world_size=run.world_size,
+            rank=run.sp.data_rank,
+            world_size=run.sp.data_world,
             max_batches=cfg.eval.max_batches,
+        )
+        batches = sequence_parallel.shard_batches(
+            batches, run.sp, pad_id=run.data.pad_id, rows=cfg.train.micro_batch_size
         )
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
         engine.eval()
