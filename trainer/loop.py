@@ -211,6 +211,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         else checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world)
     )
     if tag and state.world_size != world:
+        sequence_parallel.check_resume(checkpoint.checkpoints_dir(out) / tag, state.world_size, cfg, world)
         ds_config = with_universal_load(ds_config)
         note = checkpoint.batch_change_note(out, tag, state, cfg, world)
         if note and rank == 0:
@@ -252,7 +253,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         cfg.train,
         choose_adam(ds_config, get_accelerator().device_name()),
     )
-    mpu = sequence_parallel.activate(loaded.model, cfg)
+    mpu = sequence_parallel.activate(loaded.model, cfg.train.sequence_parallel_size, cfg.train.micro_batch_size)
     engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if tag:
         load_dir = checkpoint.make_universal(out, tag) if state.world_size != world else checkpoint.checkpoints_dir(out)

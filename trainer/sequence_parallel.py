@@ -27,12 +27,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from data_pipeline.schema import IGNORE_INDEX
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig
 from trainer.data import Batch
 from trainer.families import resolve_family
@@ -88,11 +91,36 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
             f"{key} does not divide the model's {heads} attention heads and {kv_heads} KV heads "
             f"({cfg.model.path}/config.json); each rank attends over whole heads, so pick a common divisor"
         )
+    if cfg.eval.prompts_file:
+        raise ConfigError(
+            f"{key} with eval.prompts_file: sample generation would run through the split attention; "
+            "unset eval.prompts_file and generate from OUT/final after training"
+        )
     if cfg.model.attn_implementation == "eager":
         raise ConfigError(
             f"{key} with model.attn_implementation=eager: Ulysses needs sdpa or flash_attention_2 (eager needs the "
             "full 4D mask it drops); use model.attn_implementation=auto"
         )
+
+
+def check_resume(checkpoint: Path, saved_world: int, cfg: RunConfig, world_size: int) -> None:
+    """Refuse, in one line, moving a checkpoint to another world size when either side uses sequence parallelism.
+
+    DeepSpeed records the sequence-parallel group as tensor parallelism in a checkpoint's metadata, so its
+    universal-checkpoint converter (the path to another world size) refuses an SP checkpoint; the other way
+    round is untested. Same world size: the ZeRO partitions are the same and the checkpoint loads as is."""
+    if saved_world == world_size:
+        return
+    saved = yaml.safe_load((checkpoint / "run_config.yaml").read_text(encoding="utf-8"))
+    saved_size = saved["train"].get("sequence_parallel_size", 1)  # checkpoints from before the key: 1
+    if saved_size == 1 and cfg.train.sequence_parallel_size == 1:
+        return
+    raise CheckpointError(
+        f"{checkpoint}: written on {saved_world} rank(s) with train.sequence_parallel_size={saved_size}; resuming "
+        f"on {world_size} rank(s) with train.sequence_parallel_size={cfg.train.sequence_parallel_size} needs "
+        f"a universal checkpoint, which DeepSpeed cannot make from or for sequence parallelism; resume on "
+        f"{saved_world} rank(s) with train.sequence_parallel_size={saved_size}"
+    )
 
 
 # -- the shard each rank trains on --
@@ -179,10 +207,10 @@ _restore: list[Callable[[], None]] = []
 """What ``deactivate`` undoes: the attention function and DeepSpeed's group globals are process-wide."""
 
 
-def activate(model: Any, cfg: RunConfig) -> Any:
-    """Route ``model``'s attention through Ulysses and create the groups; return the mpu for deepspeed.initialize
-    (ZeRO then partitions and reduces over the sequence-data-parallel group), or None when size is 1."""
-    size = cfg.train.sequence_parallel_size
+def activate(model: Any, size: int, micro_batch_size: int) -> Any:
+    """Route ``model``'s attention through Ulysses over groups of ``size`` ranks (train.sequence_parallel_size);
+    return the mpu for deepspeed.initialize (ZeRO then partitions and reduces over the sequence-data-parallel
+    group), or None when size is 1. ``micro_batch_size``: rows per forward (Ulysses reshapes by it)."""
     if size == 1:
         return None
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
@@ -199,7 +227,7 @@ def activate(model: Any, cfg: RunConfig) -> Any:
         model_name_or_path=model,
         core_attn_implementation=implementation,
         sequence_parallel_size=size,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=micro_batch_size,
         seq_length_is_variable=True,
     )
 
