@@ -75,15 +75,15 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) 
 
 
 def scale_for_backward(
-    micro_loss_sum: torch.Tensor, grad_accum_steps: int, data_parallel_size: int, global_loss_tokens: torch.Tensor
+    micro_loss_sum: torch.Tensor, grad_accum_steps: int, grad_divisor: int, global_loss_tokens: torch.Tensor
 ) -> torch.Tensor:
     """The loss to hand to engine.backward so the step's gradient is that of the global token mean."""
     # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
     # engine.backward divides by grad_accum_steps and the gradient reduction sums over all ranks and divides by
-    # the data-parallel degree (world size / train.sequence_parallel_size: each sequence-parallel rank's loss
-    # covers only its shard's tokens, and the shards' gradients must add up, not average); multiplying by both
-    # undoes those divisions, leaving one token-weighted mean per optimizer step.
-    return micro_loss_sum * (grad_accum_steps * data_parallel_size) / global_loss_tokens
+    # grad_divisor: the world size, or under sequence parallelism what sequence_parallel.gradient_divisor says
+    # (each SP rank's loss covers only its shard's tokens, and the shards' gradients must add up, not average);
+    # multiplying by both undoes those divisions, leaving one token-weighted mean per optimizer step.
+    return micro_loss_sum * (grad_accum_steps * grad_divisor) / global_loss_tokens
 
 
 def forward_loss_sum(engine: Any, batch: Batch, tile_tokens: int = 0) -> torch.Tensor:
@@ -128,6 +128,8 @@ class Run:
     rank: int
     world_size: int
     sp: sequence_parallel.Layout
+    grad_divisor: int
+    """What DeepSpeed divides the all-rank gradient sum by (sequence_parallel.gradient_divisor)."""
     run_config_yaml: str
     ds_config_json: str
 
@@ -152,7 +154,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 if progress.fault_hook("loss", state.step + 1, run.rank) and batch is batches[0]:  # NaN drill
                     micro_loss = micro_loss * float("nan")
                 step_loss += micro_loss.detach()
-                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, sp.data_world, loss_tokens))
+                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, run.grad_divisor, loss_tokens))
                 engine.step()
             progress.mark(state.step + 1, "update", run.rank)
             reduced = reduce_step(step_loss, batches, run.rank, run.world_size)
@@ -224,6 +226,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     model_lib = _model_lib()
     model_lib.validate_method(cfg, ds_config)
     sequence_parallel.check(cfg, world, model_lib.read_hf_config(Path(cfg.model.path)))
+    grad_divisor = sequence_parallel.gradient_divisor(ds_config, world, sp.size)
     loaded = model_lib.load_model(cfg, ds_config)
     manifest = check_data_on_rank0(
         cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
@@ -285,6 +288,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         rank=rank,
         world_size=world,
         sp=sp,
+        grad_divisor=grad_divisor,
         run_config_yaml=run_config_yaml,
         ds_config_json=ds_config_json,
     )

@@ -103,6 +103,24 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
         )
 
 
+def gradient_divisor(ds_config: dict[str, Any], world_size: int, size: int) -> int:
+    """What DeepSpeed divides the gradient summed over all ranks by: ``loop.scale_for_backward`` multiplies by it.
+
+    Without ZeRO and with ZeRO-1/2 it is the data-parallel degree, world size / SP size (the SP ranks' gradients
+    are parts of one row's gradient and must add up). ZeRO-3's reduce-scatter (``reduce_scatter``, on by default)
+    averages over every rank it partitions over, the whole world, with no SP correction (DeepSpeed 0.19), so
+    there it is the world size; its other path corrects for SP only for buckets that fit, so it is refused."""
+    zero = ds_config.get("zero_optimization", {})
+    if size == 1 or zero.get("stage", 0) != 3:
+        return world_size // size
+    if not zero.get("reduce_scatter", True):
+        raise ConfigError(
+            f"train.sequence_parallel_size={size} with ZeRO-3 and zero_optimization.reduce_scatter=false: DeepSpeed "
+            "then scales gradients per bucket inconsistently; remove reduce_scatter from the deepspeed.config JSON"
+        )
+    return world_size
+
+
 def check_resume(checkpoint: Path, saved_world: int, cfg: RunConfig, world_size: int) -> None:
     """Refuse, in one line, moving a checkpoint to another world size when either side uses sequence parallelism.
 

@@ -111,3 +111,35 @@ def test_packed_mask_is_block_diagonal_and_causal() -> None:
         [0, 0, 0, 1, 1],
     ]
     assert mask.shape == (1, 1, 5, 5) and mask[0, 0].int().tolist() == expected
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_shard_losses_add_up_to_the_row_loss(size: int) -> None:
+    # Per-position logits stand in for the model: the shards' summed losses (plain and tiled) equal the whole
+    # batch's, so the loop's sums over ranks see every target once.
+    from trainer.loop import loss_sum
+    from trainer.tiled_loss import tiled_loss_sum
+
+    batch, _ = packed_batch()
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 32, generator=generator)  # 2 rows + 1 padding row, width 7 padded to 8
+    whole = loss_sum(logits[:2, :7], batch.labels)
+    plain = tiled = torch.zeros(())
+    for rank in range(size):
+        shard = sequence_parallel.shard_batch(batch, sequence_parallel.layout(rank, size, size), pad_id=0, rows=3)
+        window = logits[:, rank * 8 // size : (rank + 1) * 8 // size]
+        plain = plain + loss_sum(window, shard.labels, shifted=True)
+        tiled = tiled + tiled_loss_sum(window, torch.nn.Identity(), shard.labels, 3, shifted=True)
+    assert plain.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert tiled.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_gradient_divisor_matches_how_deepspeed_averages() -> None:
+    zero2 = {"zero_optimization": {"stage": 2}}
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert sequence_parallel.gradient_divisor(zero2, 4, 1) == 4
+    assert sequence_parallel.gradient_divisor(zero3, 4, 1) == 4
+    assert sequence_parallel.gradient_divisor(zero2, 4, 2) == 2  # ZeRO-1/2 divide by world / SP
+    assert sequence_parallel.gradient_divisor(zero3, 4, 2) == 4  # ZeRO-3's reduce-scatter averages over all
+    with pytest.raises(ConfigError, match="reduce_scatter=false"):
+        sequence_parallel.gradient_divisor({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, 4, 2)
