@@ -92,11 +92,14 @@ def batch_change_note(output_dir: str | Path, tag: str, state: TrainState, cfg: 
     global batch changes the optimization; the note says which grad_accum_steps keeps it.
     """
     saved = yaml.safe_load((RunDir.of(output_dir).checkpoint(tag) / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
-    before = saved["train"]["micro_batch_size"] * saved["train"]["grad_accum_steps"] * state.world_size
-    after = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world
+    # A sequence-parallel group shares its rows (checkpoints written before that key existed had none).
+    saved_sp = saved["train"].get("sequence_parallel_size", 1)
+    before = saved["train"]["micro_batch_size"] * saved["train"]["grad_accum_steps"] * state.world_size // saved_sp
+    data_parallel = world // cfg.train.sequence_parallel_size
+    after = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * data_parallel
     if before == after:
         return None
-    keep, exact = divmod(before, cfg.train.micro_batch_size * world)
+    keep, exact = divmod(before, cfg.train.micro_batch_size * data_parallel)
     remedy = f"train.grad_accum_steps={keep} keeps it" if keep and not exact else "no grad_accum_steps keeps it"
     return (
         f"resuming a {state.world_size}-rank checkpoint on {world} rank(s) changes the global batch from "

@@ -77,7 +77,8 @@ class TrainConfig:
     micro_batch_size: int = 1
     """Rows per rank per forward pass."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step. global_batch_size = micro_batch_size x grad_accum_steps x world size."""
+    """Micro-batches per optimizer step. global_batch_size = micro_batch_size x grad_accum_steps x world size
+    (divided by train.sequence_parallel_size)."""
     lr: float = 2e-5
     """Peak learning rate, reached after warmup_steps."""
     seed: int = 42
@@ -117,6 +118,12 @@ class TrainConfig:
     on this many positions at a time, recomputed in backward, so the loss never holds full logits (peak:
     tile x vocab instead of micro_batch_size x seq x vocab). 0: the plain loss over the model's full logits.
     Same loss up to fp32 summation order; costs one extra head matmul per token. Use it for long sequences."""
+    sequence_parallel_size: int = 1
+    """Ranks that share one row, each holding 1/size of its tokens (DeepSpeed's Ulysses sequence parallelism,
+    trainer/sequence_parallel.py): attention swaps sequence shards for head shards with two all-to-alls per
+    layer. Must divide the world size and the model's attention and KV head counts; the data-parallel degree
+    becomes world size / size, so global_batch_size = micro_batch_size x grad_accum_steps x world size / size.
+    1: off. For rows too long for one GPU's activations; families llama, qwen2, mistral, glm."""
     collective_timeout_s: float = 1800.0
     """Seconds a rank waits in one collective (all-reduce, barrier) before the job fails with an error naming
     the step and the rank(s) that stopped reporting progress, instead of hanging until the wall-clock limit.
@@ -184,6 +191,8 @@ class RunConfig:
             raise ConfigError("train.keep_last_checkpoints must be >= 1")
         if t.loss_tile_tokens < 0:
             raise ConfigError(f"train.loss_tile_tokens={t.loss_tile_tokens}: must be >= 0 (0: plain loss)")
+        if t.sequence_parallel_size < 1:
+            raise ConfigError(f"train.sequence_parallel_size={t.sequence_parallel_size}: must be >= 1 (1: off)")
         for key in ("save_every_steps", "log_every_steps"):
             if getattr(t, key) < (1 if key == "log_every_steps" else 0):
                 raise ConfigError(f"train.{key}={getattr(t, key)}: must be >= {1 if key == 'log_every_steps' else 0}")

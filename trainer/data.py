@@ -64,6 +64,9 @@ class Batch:
     """Tokens that are the target of a prediction: labels[:, 1:] != IGNORE_INDEX."""
     sum_seq_sq: int
     """Sum over rows of the padded row length squared (attention FLOPs)."""
+    labels_shifted: bool = False
+    """True for a sequence-parallel shard (trainer/sequence_parallel.py): labels[:, t] is already the target of
+    position t, shifted on the whole row before it was split, so the loss must not shift again."""
 
     def model_inputs(self, device: torch.device | str) -> dict[str, Any]:
         inputs = {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device)}

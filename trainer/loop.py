@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from common.atomic import write_text_atomic
 from data_pipeline.schema import Manifest
-from trainer import checkpoint, preemption, progress
+from trainer import checkpoint, preemption, progress, sequence_parallel
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, pad_id_for, val_batches
 from trainer.dist import device_name
@@ -66,13 +66,15 @@ def should_stop(step: int, cfg: RunConfig) -> bool:
 
 
 def scale_for_backward(
-    micro_loss_sum: torch.Tensor, grad_accum_steps: int, world_size: int, global_loss_tokens: torch.Tensor
+    micro_loss_sum: torch.Tensor, grad_accum_steps: int, grad_divisor: int, global_loss_tokens: torch.Tensor
 ) -> torch.Tensor:
     """The loss to hand to engine.backward so the step's gradient is that of the global token mean."""
     # We want d/dθ of sum(CE over every loss token of the step, all ranks) / global loss tokens.
-    # engine.backward divides by grad_accum_steps and the data-parallel reduction averages over ranks;
-    # multiplying by both undoes those means, leaving one token-weighted mean per optimizer step.
-    return micro_loss_sum * (grad_accum_steps * world_size) / global_loss_tokens
+    # engine.backward divides by grad_accum_steps and the gradient reduction sums over all ranks and divides by
+    # grad_divisor: the world size, or under sequence parallelism what sequence_parallel.gradient_divisor says
+    # (each SP rank's loss covers only its shard's tokens, and the shards' gradients must add up, not average);
+    # multiplying by both undoes those divisions, leaving one token-weighted mean per optimizer step.
+    return micro_loss_sum * (grad_accum_steps * grad_divisor) / global_loss_tokens
 
 
 def global_loss_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -107,6 +109,9 @@ class Run:
     log: MetricsLog
     rank: int
     world_size: int
+    sp: sequence_parallel.Layout
+    grad_divisor: int
+    """What DeepSpeed divides the all-rank gradient sum by (sequence_parallel.gradient_divisor)."""
     run_config_yaml: str
     ds_config_json: str
 
@@ -114,13 +119,14 @@ class Run:
 def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     """Train (or resume) until train.stop_at_step / train.max_steps; save and export at the end."""
     run, state = setup(cfg, ds_config)
-    engine, t, world = run.engine, cfg.train, run.world_size
+    engine, t, sp = run.engine, cfg.train, run.sp
     session_start, session_steps, meter = time.monotonic(), 0, Meter()
     status, exported = "FAILED", False
     try:
         while not should_stop(state.step, cfg):
             progress.mark(state.step + 1, "start", run.rank)  # what a collective timeout reports (trainer/progress)
             batches, cursor = run.data.next_step(state.cursor)
+            batches = sequence_parallel.shard_batches(batches, sp, pad_id=run.data.pad_id, rows=t.micro_batch_size)
             progress.mark(state.step + 1, "data", run.rank)
             set_lr(engine.optimizer, lr_at(state.step, t))
             loss_tokens = global_loss_tokens(batches, engine.device)
@@ -130,10 +136,10 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 if progress.fault_hook("loss", state.step + 1, run.rank) and batch is batches[0]:  # NaN drill
                     micro_loss = micro_loss * float("nan")
                 step_loss += micro_loss.detach()
-                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, world, loss_tokens))
+                engine.backward(scale_for_backward(micro_loss, t.grad_accum_steps, run.grad_divisor, loss_tokens))
                 engine.step()
             progress.mark(state.step + 1, "update", run.rank)
-            reduced = reduce_step(step_loss, batches, run.rank, world)
+            reduced = reduce_step(step_loss, batches, run.rank, run.world_size)
             check_finite(reduced, state.step + 1, engine, cfg, run.rank)
             state = dataclasses.replace(
                 state, step=state.step + 1, cursor=cursor, tokens_seen=state.tokens_seen + int(reduced["tokens"])
@@ -162,6 +168,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
         raise
     finally:
         preemption.uninstall()
+        sequence_parallel.deactivate()
         run.tracker.close(status, RunDir.of(t.output_dir).final if status == "FINISHED" and exported else None)
 
 
@@ -176,6 +183,7 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     from trainer.run_record import open_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    sp = sequence_parallel.layout(rank, world, cfg.train.sequence_parallel_size)
     out = RunDir.of(cfg.train.output_dir)
     out.root.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -185,14 +193,17 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     run_config_yaml, ds_config_json = write_run_configs(cfg, ds_config, out, rank)
     model_lib = _model_lib()
     model_lib.validate_method(cfg, ds_config)
+    sequence_parallel.check(cfg, world, model_lib.read_hf_config(Path(cfg.model.path)))
+    grad_divisor = sequence_parallel.gradient_divisor(ds_config, world, sp.size)
     loaded = model_lib.load_model(cfg, ds_config)
-    manifest, data = open_train_data(cfg, loaded, rank, world)
+    manifest, data = open_train_data(cfg, loaded, rank, sp)
     optimizer = build_optimizer(
         model_lib.param_groups(loaded.model, cfg.train.weight_decay),
         cfg.train,
         choose_adam(ds_config, get_accelerator().device_name()),
     )
-    engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config)
+    mpu = sequence_parallel.activate(loaded.model, cfg.train.sequence_parallel_size, cfg.train.micro_batch_size)
+    engine, *_ = deepspeed.initialize(model=loaded.model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if tag:
         restore(engine, cfg, out, tag, state, rank, world)
 
@@ -218,6 +229,8 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
         log=MetricsLog(out.metrics, enabled=rank == 0),
         rank=rank,
         world_size=world,
+        sp=sp,
+        grad_divisor=grad_divisor,
         run_config_yaml=run_config_yaml,
         ds_config_json=ds_config_json,
     )
@@ -236,6 +249,7 @@ def resume_point(
         return None, checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world), ds_config
     state = checkpoint.read_state(out.root, tag)
     if state.world_size != world:
+        sequence_parallel.check_resume(out.checkpoint(tag), state.world_size, cfg, world)
         ds_config = with_universal_load(ds_config)
         note = checkpoint.batch_change_note(out.root, tag, state, cfg, world)
         if note and rank == 0:
@@ -252,7 +266,7 @@ def write_run_configs(cfg: RunConfig, ds_config: dict[str, Any], out: RunDir, ra
     return run_config_yaml, ds_config_json
 
 
-def open_train_data(cfg: RunConfig, loaded: Any, rank: int, world: int) -> tuple[Manifest, TrainData]:
+def open_train_data(cfg: RunConfig, loaded: Any, rank: int, sp: sequence_parallel.Layout) -> tuple[Manifest, TrainData]:
     """The checked manifest (rank 0 hashes, every rank agrees) and this rank's training data."""
     manifest = check_data_on_rank0(
         cfg.data.path, loaded.tokenizer, cfg.model.path, verify_shards=cfg.data.verify_shards
@@ -271,8 +285,8 @@ def open_train_data(cfg: RunConfig, loaded: Any, rank: int, world: int) -> tuple
         seed=cfg.train.seed,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
-        rank=rank,
-        world_size=world,
+        rank=sp.data_rank,  # a sequence-parallel group reads one data-parallel rank's rows
+        world_size=sp.data_world,
         source=str(Path(cfg.data.path) / "train"),
     )
     return manifest, data
@@ -436,9 +450,12 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
             isolate=run.loaded.supports_packed_positions,
             pad_id=run.data.pad_id,
             micro_batch_size=cfg.train.micro_batch_size,
-            rank=run.rank,
-            world_size=run.world_size,
+            rank=run.sp.data_rank,
+            world_size=run.sp.data_world,
             max_batches=cfg.eval.max_batches,
+        )
+        batches = sequence_parallel.shard_batches(
+            batches, run.sp, pad_id=run.data.pad_id, rows=cfg.train.micro_batch_size
         )
         totals = validation_totals(engine, batches, engine.device, cfg.train.loss_tile_tokens)
         dist.all_reduce(totals)

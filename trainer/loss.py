@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     import datasets
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32)."""
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over tokens whose label is not IGNORE_INDEX (fp32); ``shifted``: labels[t]
+    is already position t's target (a sequence-parallel shard, see data.Batch.labels_shifted)."""
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
+        (logits if shifted else logits[:, :-1]).flatten(0, 1).float(),
+        (labels if shifted else labels[:, 1:]).flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
@@ -41,9 +42,11 @@ def forward_loss_sum(
     with tile_tokens > 0 the full logits never exist (trainer/tiled_loss)."""
     device = model.device if device is None else device
     if tile_tokens > 0:
-        return forward_tiled_loss_sum(model, batch.model_inputs(device), batch.labels, tile_tokens)
+        return forward_tiled_loss_sum(
+            model, batch.model_inputs(device), batch.labels, tile_tokens, batch.labels_shifted
+        )
     outputs = model(**batch.model_inputs(device), use_cache=False)
-    return loss_sum(outputs.logits, batch.labels.to(device))
+    return loss_sum(outputs.logits, batch.labels.to(device), batch.labels_shifted)
 
 
 @torch.no_grad()

@@ -2,12 +2,14 @@
 
     python -m trainer.plan --model /models/llama-2-7b --gpus-per-node 8 --gpu-mem-gb 80 --nodes 2
     python -m trainer.plan --params 13e9 --gpus-per-node 8 --gpu-mem-gb 80
+    python -m trainer.plan --params 7e9 --seq-len 32768 --sequence-parallel-size 4 --loss-tile-tokens 4096
 
 Model states (weights, gradients, optimizer) of full tuning come from DeepSpeed's own estimators
 (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``; ZeRO-1 has none and is
 computed here with the same terms: 2 B weights + 2 B gradients on every GPU, 16 B fp32 split over the GPUs). LoRA
 and QLoRA states are computed here (see ``lora_states`` / ``qlora_states``). Activations are a rough
-estimate with gradient checkpointing (``activation_bytes``). A configuration fits when states + activations
+estimate with gradient checkpointing (``activation_bytes``); with sequence parallelism (Ulysses) each GPU
+holds 1/SP of every row's tokens while ZeRO still partitions states over all GPUs. A configuration fits when states + activations
 stay under ``HEADROOM`` of GPU memory and its CPU side fits ``--cpu-mem-gb`` per node. The recommendation
 is the first that fits, fastest first.
 """
@@ -137,15 +139,19 @@ def lora_params(shape: ModelShape, r: int) -> int:
     return shape.layers * r * per_layer
 
 
-def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, loss_tile_tokens: int = 0) -> int:
-    """Rough activations with gradient checkpointing and flash/sdpa attention (no seq^2 term).
+def activation_bytes(
+    shape: ModelShape, seq_len: int, micro_batch: int, loss_tile_tokens: int = 0, sequence_parallel: int = 1
+) -> int:
+    """Rough activations per GPU with gradient checkpointing and flash/sdpa attention (no seq^2 term).
 
     Saved layer inputs: layers x tokens x hidden x 2 B; one layer recomputed: about 34 x tokens x hidden B
     (Korthikanti et al. 2022, without the attention-score term); fp32 logits and their gradient:
     2 x tokens x vocab x 4 B, or with the tiled loss (``train.loss_tile_tokens``) the same for one tile; the dense
-    mask of our own classes: micro x mask_heads x seq^2 x 2 B.
+    mask of our own classes: micro x mask_heads x seq^2 x 2 B. Sequence parallelism (``sequence_parallel`` ranks
+    per row) divides the tokens per GPU: inside attention a GPU holds the whole row for 1/SP of the heads, the
+    same bytes as its shard for all heads.
     """
-    tokens = seq_len * micro_batch
+    tokens = math.ceil(seq_len / sequence_parallel) * micro_batch
     logit_tokens = min(tokens, loss_tile_tokens) if loss_tile_tokens > 0 else tokens
     mask = micro_batch * shape.mask_heads * seq_len**2 * 2
     return (
@@ -185,14 +191,20 @@ def qlora_states(shape: ModelShape, adapter: int) -> int:
 
 
 def options(
-    shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int, loss_tile_tokens: int = 0
+    shape: ModelShape,
+    hw: Hardware,
+    seq_len: int,
+    micro_batch: int,
+    lora_r: int,
+    loss_tile_tokens: int = 0,
+    sequence_parallel: int = 1,
 ) -> list[Option]:
     """Every configuration, fastest first (the order the recommendation scans)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     p, gpn, nodes = shape.params, hw.gpus_per_node, hw.nodes
-    act = activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens)
+    act = activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens, sequence_parallel)
     largest = largest_layer_params(shape)
     # Load-time copy on the CPU without zero.Init: every local rank holds fp32 weights (DeepSpeed's own term).
     load_cpu = int(p * 4 * gpn * 1.5)
@@ -222,16 +234,24 @@ def recommend(opts: list[Option], hw: Hardware) -> Option | None:
 
 
 def report(
-    shape: ModelShape, hw: Hardware, seq_len: int, micro_batch: int, lora_r: int, loss_tile_tokens: int = 0
+    shape: ModelShape,
+    hw: Hardware,
+    seq_len: int,
+    micro_batch: int,
+    lora_r: int,
+    loss_tile_tokens: int = 0,
+    sequence_parallel: int = 1,
 ) -> str:
-    opts = options(shape, hw, seq_len, micro_batch, lora_r, loss_tile_tokens)
+    opts = options(shape, hw, seq_len, micro_batch, lora_r, loss_tile_tokens, sequence_parallel)
     loss = f", tiled loss {loss_tile_tokens} tokens/tile" if loss_tile_tokens > 0 else ""
+    if sequence_parallel > 1:
+        loss += f", sequence parallel {sequence_parallel}: {math.ceil(seq_len / sequence_parallel)} tokens/GPU"
     lines = [
         f"model: {shape.params / 1e9:.2f}B params ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
         f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPU x {hw.gpu_mem_gb:g} GiB, "
         f"{hw.cpu_mem_gb:g} GiB CPU/node",
         f"activations (checkpointed, seq {seq_len} x micro {micro_batch}{loss}): "
-        f"{activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens) / GIB:.1f} GiB/GPU",
+        f"{activation_bytes(shape, seq_len, micro_batch, loss_tile_tokens, sequence_parallel) / GIB:.1f} GiB/GPU",
         f"{'configuration':<52} {'states/GPU':>10} {'+act/GPU':>9} {'GPU/node':>9} {'CPU/node':>9}  fits",
     ]
     for o in opts:
@@ -243,6 +263,8 @@ def report(
     best = recommend(opts, hw)
     if best is None:
         hint = "" if loss_tile_tokens > 0 else ", set train.loss_tile_tokens (--loss-tile-tokens)"
+        if sequence_parallel < hw.gpus:
+            hint += ", raise train.sequence_parallel_size (--sequence-parallel-size)"
         lines.append(f"verdict: nothing fits; add GPUs or nodes, shorten sequences, or lower micro_batch_size{hint}")
     else:
         used = (best.gpu_bytes + best.activation_bytes) / GIB
@@ -266,12 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loss-tile-tokens", type=int, default=0, help="train.loss_tile_tokens (0: the plain loss over full logits)"
     )
+    parser.add_argument(
+        "--sequence-parallel-size",
+        type=int,
+        default=1,
+        help="train.sequence_parallel_size: GPUs sharing each row (Ulysses); divides the GPU count and the heads",
+    )
     args = parser.parse_args(argv)
+    gpus = args.gpus_per_node * args.nodes
+    if args.sequence_parallel_size < 1 or gpus % args.sequence_parallel_size:
+        parser.error(f"--sequence-parallel-size {args.sequence_parallel_size} must divide the {gpus} GPUs")
     shape = shape_from_config(args.model) if args.model is not None else llama_shape(args.params, args.vocab)
     hw = Hardware(
         gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb, nodes=args.nodes, cpu_mem_gb=args.cpu_mem_gb
     )
-    print(report(shape, hw, args.seq_len, args.micro_batch, args.lora_r, args.loss_tile_tokens))
+    print(
+        report(
+            shape, hw, args.seq_len, args.micro_batch, args.lora_r, args.loss_tile_tokens, args.sequence_parallel_size
+        )
+    )
     return 0
 
 

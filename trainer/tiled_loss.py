@@ -59,16 +59,19 @@ def _tile_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def tiled_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+def tiled_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, tile_tokens: int, shifted: bool = False
+) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) over labels != IGNORE_INDEX, equal to ``loop.loss_sum`` of
-    ``head(hidden)`` up to summation order. ``hidden`` is [batch, seq, hidden]; position t predicts labels[t+1]."""
+    ``head(hidden)`` up to summation order. ``hidden`` is [batch, seq, hidden]; position t predicts labels[t+1],
+    or labels[t] when ``shifted`` (a sequence-parallel shard, see ``data.Batch.labels_shifted``)."""
     if hidden.shape[:2] != labels.shape:
         raise ValueError(
             f"tiled loss: the output head's input has shape {tuple(hidden.shape)}, labels {tuple(labels.shape)}; "
             "this model does not feed its head batch-first [batch, seq, hidden] states: set train.loss_tile_tokens=0"
         )
-    states = hidden[:, :-1].flatten(0, 1)
-    targets = labels[:, 1:].flatten().to(states.device)
+    states = (hidden if shifted else hidden[:, :-1]).flatten(0, 1)
+    targets = (labels if shifted else labels[:, 1:]).flatten().to(states.device)
     tiles = tile_count(targets.numel(), tile_tokens)
     total = torch.zeros((), dtype=torch.float32, device=states.device)
     for h, y in zip(torch.tensor_split(states, tiles), torch.tensor_split(targets, tiles), strict=True):
@@ -76,7 +79,9 @@ def tiled_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     return total
 
 
-def forward_tiled_loss_sum(model: Any, inputs: dict[str, Any], labels: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+def forward_tiled_loss_sum(
+    model: Any, inputs: dict[str, Any], labels: torch.Tensor, tile_tokens: int, shifted: bool = False
+) -> torch.Tensor:
     """Run ``model`` (the DeepSpeed engine or a plain HF model) and return the tiled summed loss."""
     with head_input_captured(getattr(model, "module", model)) as captured:
         model(**inputs, use_cache=False)
@@ -86,4 +91,4 @@ def forward_tiled_loss_sum(model: Any, inputs: dict[str, Any], labels: torch.Ten
             "set train.loss_tile_tokens=0 for this model"
         )
     head = getattr(model, "module", model).get_output_embeddings()
-    return tiled_loss_sum(captured[0], head, labels, tile_tokens)
+    return tiled_loss_sum(captured[0], head, labels, tile_tokens, shifted)

@@ -146,3 +146,27 @@ def test_tiled_loss_shrinks_the_logits_term_and_changes_the_verdict(capsys: pyte
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "tiled loss 4096 tokens/tile" in out and "verdict: full ds_configs/zero1.json" in out
+
+
+def test_sequence_parallel_divides_the_tokens_per_gpu_and_changes_the_verdict(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 256k tokens of a 7B model with the tiled loss on one 8 x 80 GiB node: 98 GiB of activations per GPU alone
+    # does not fit anywhere; 4 GPUs per row hold 64k tokens each (28 GiB) and ZeRO-1 fits again.
+    shape = llama_shape(7e9, vocab=152064)
+    tokens = 262144
+    assert activation_bytes(shape, tokens, 1, 4096, 4) == activation_bytes(shape, tokens // 4, 1, 4096)
+    node = Hardware(gpus_per_node=8, gpu_mem_gb=80, nodes=1, cpu_mem_gb=1024)
+    alone = recommend(options(shape, node, tokens, 1, 16, 4096), node)
+    split = recommend(options(shape, node, tokens, 1, 16, 4096, sequence_parallel=4), node)
+    assert alone is None
+    assert split is not None and split.name == "full ds_configs/zero1.json"
+    args = ["--params", "7e9", "--vocab", "152064", "--seq-len", str(tokens), "--loss-tile-tokens", "4096"]
+    assert main([*args, "--sequence-parallel-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence parallel 4: 65536 tokens/GPU" in out and "verdict: full ds_configs/zero1.json" in out
+    assert main(args) == 0
+    assert "raise train.sequence_parallel_size" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--sequence-parallel-size", "3"])
+    assert "--sequence-parallel-size 3 must divide the 8 GPUs" in capsys.readouterr().err
