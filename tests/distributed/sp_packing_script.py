@@ -1,4 +1,4 @@
-"""Packed-row isolation under Ulysses sequence parallelism, on 2 ranks (run by test_sequence_parallel.py):
+"""Packed-row isolation under Ulysses sequence parallelism, on 2 ranks (run by test_sp_training.py):
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/sp_packing_script.py --data DIR --out OUT.json
 
