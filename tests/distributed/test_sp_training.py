@@ -24,7 +24,6 @@ from tests.helpers.data import make_prepared_dir
 pytestmark = pytest.mark.slow
 
 STEPS, STOP = 6, 3
-TILE = 48
 CASES = {
     "z2_full": (2, "full", 0),
     "z3_full": (3, "full", 0),
