@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from demo.tokenizer import train_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
+GENERATOR_FILES = (ROOT / "demo" / "arithmetic.py", ROOT / "demo" / "tokenizer.py")
 TEMPLATE = "plain"
 """Prompt, newline, answer, eos: no chat markup to learn for a model that starts from nothing."""
 
@@ -98,6 +100,8 @@ def write_data(opts: DemoOptions) -> dict[str, Path]:
         "heldout_size": opts.heldout_size,
         "unseen_fraction": opts.unseen_fraction,
         "digits": opts.digits,
+        # A changed generator or tokenizer makes different data from the same options.
+        "code": hashlib.sha256(b"".join(f.read_bytes() for f in GENERATOR_FILES)).hexdigest(),
     }
     paths = {
         name: data / f"{name}.csv" for name in ("train", "train_answer_only", "heldout", "heldout_unseen_operands")
