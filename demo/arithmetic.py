@@ -29,24 +29,23 @@ from typing import Literal
 Lang = Literal["zh", "en"]
 
 # (name pool, object pool) per language. Training draws from the first part of each pool, the held-out set from
-# the rest, so a held-out story never names a person or an object that training has seen. The held-out names and
-# objects are new words made of characters training uses: the character tokenizer maps an unseen character to
-# <unk>, whose embedding training never updates, and a held-out story with one made the model miscopy the number
-# next to it (exact match 0.88 on such Chinese problems, 0.995 on the English ones, whose letters were all seen).
+# the rest, so a held-out story never names a person or an object that training has seen. Most held-out Chinese
+# names and objects use characters training never does (<unk> to the character tokenizer); held-out words
+# recombined from training characters (李老师, 故事卡) were measured to be harder, not easier (README).
 ZH_NAMES = (
     "小明", "小红", "小刚", "小丽", "小华", "小军", "小芳", "小强", "小美", "小龙", "小雪", "小杰",
     "王老师", "李阿姨", "张叔叔", "刘爷爷",
-    "李老师", "张爷爷", "刘阿姨", "王叔叔",
+    "小宇", "小梅", "陈奶奶", "赵老师",
 )  # fmt: skip
 ZH_OBJECTS = (
     ("苹果", "个"), ("铅笔", "支"), ("故事书", "本"), ("邮票", "张"), ("橘子", "个"), ("糖果", "颗"),
     ("贝壳", "个"), ("气球", "个"), ("彩笔", "支"), ("卡片", "张"), ("鸡蛋", "个"), ("纽扣", "颗"),
-    ("彩蛋", "个"), ("红笔", "支"), ("小球", "个"), ("故事卡", "张"),
+    ("饼干", "块"), ("硬币", "枚"), ("积木", "块"), ("树叶", "片"),
 )  # fmt: skip
 EN_NAMES = (
     "Lily", "Tom", "Mary", "Jack", "Emma", "Lucas", "Sophia", "Noah", "Olivia", "Liam", "Ava", "Mia",
     "Ethan", "Grace", "Henry", "Chloe",
-    "Oscar", "Sam", "Nora", "Hannah",
+    "Oscar", "Priya", "Diego", "Hannah",
 )  # fmt: skip
 EN_OBJECTS = (
     "apples", "pencils", "books", "stamps", "oranges", "candies", "shells", "balloons", "crayons", "cards",
