@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # CPU-only machine (no nvidia-smi): the local CPU wheel of torch; elsewhere the normal (CUDA) one.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv demo demo-cot test test-fast test-faults lint dashboard clean
+.PHONY: venv demo demo-pipeline test test-fast test-faults lint dashboard clean
 
 venv: $(STAMP)
 
@@ -17,12 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The README's main command: a model learns chain-of-thought arithmetic from scratch on 2 CPU cores (README).
 demo: venv
-	bash scripts/demo.sh
-
-# The chain-of-thought arithmetic demo (work in progress: README).
-demo-cot: venv
 	bash scripts/demo_cot.sh
+
+# The quick pipeline tour: the bundled BELLE sample through prepare, 2-rank training, export and generate.
+demo-pipeline: venv
+	bash scripts/demo.sh
 
 lint: venv
 	$(VENV)/bin/ruff check launcher trainer data_pipeline tracking demo common cli tests benchmarks
@@ -42,7 +43,7 @@ test-faults: venv
 
 # MLflow UI on the embedded store: STORE is the mlruns/ folder next to the runs' output dirs. Loopback unless HOST is set.
 # Exposing it: docs/tracking.md (basic-auth app, --allowed-hosts, a TLS reverse proxy).
-STORE ?= demo_out/mlruns
+STORE ?= demo_cot_out/mlruns
 HOST ?= 127.0.0.1
 PORT ?= 5000
 dashboard: venv

@@ -6,7 +6,7 @@ and English, for column addition of two numbers of ``digits`` digits (three by d
 with carries:
 
     prompt: 小明有347个苹果，又买了285个，现在一共有多少个苹果？
-    output: 列竖式计算347+285。个位：7+5+0，写2进1。十位：4+8+1，写3进1。百位：3+2+1，写6进0。
+    output: 列竖式计算347+285。个位：7+5+0=12，写2进1。十位：4+8+1=13，写3进1。百位：3+2+1=06，写6进0。
             所以347+285=632。答案：632。
 
 and the same problems with the answer alone (``答案：632。``) for the control run.
@@ -29,7 +29,9 @@ from typing import Literal
 Lang = Literal["zh", "en"]
 
 # (name pool, object pool) per language. Training draws from the first part of each pool, the held-out set from
-# the rest, so a held-out story never names a person or an object that training has seen.
+# the rest, so a held-out story never names a person or an object that training has seen. Most held-out Chinese
+# names and objects use characters training never does (<unk> to the character tokenizer); held-out words
+# recombined from training characters (李老师, 故事卡) were measured to be harder, not easier (README).
 ZH_NAMES = (
     "小明", "小红", "小刚", "小丽", "小华", "小军", "小芳", "小强", "小美", "小龙", "小雪", "小杰",
     "王老师", "李阿姨", "张叔叔", "刘爷爷",
@@ -66,7 +68,7 @@ EN_STORIES = (
     "A box holds {a} {obj}. {name} adds {b} more. How many {obj} are in the box?",
 )
 ZH_PLACES = ("个位", "十位", "百位", "千位")
-EN_PLACES = ("Column 1", "Column 2", "Column 3", "Column 4")
+EN_PLACES = ("Ones", "Tens", "Hundreds", "Thousands")
 
 ANSWER = re.compile(r"(?:答案：|Answer: )(\d+)[。.]$")
 """The final answer every output ends with."""
@@ -88,17 +90,21 @@ class Problem:
 
 def column_steps(a: int, b: int, lang: Lang) -> str:
     """The digit-by-digit working of a + b, ones column first: each column's two digits and the carry it
-    received (0 included), the digit written and the carry passed on (``个位：7+5+0，写2进1。``).
+    received (0 included), their sum as two digits, the digit written and the carry passed on
+    (``个位：7+5+0=12，写2进1。``).
 
-    Every step has the same shape and the same length, so a digit a step needs sits at a fixed distance back
-    from where the model writes it: the one rule a small model learns quickly. (Writing out each column's sum
-    would make steps one character longer or shorter and the distances vary.)
+    Writing the column sum first is what makes the digits learnable: the sum's tens digit is the carry (a
+    threshold, learned early) and, with it written, its ones digit is the sum minus ten or the sum itself; the
+    digit written and the carry are then copies. Asked for the written digit directly (``7+5+0，写2``), a
+    0.9M-parameter model learns the carry but stays near 30% on the digit for hundreds of steps (README).
+    The sum always has two digits (``06``) so every step has the same length.
     """
     places = ZH_PLACES if lang == "zh" else EN_PLACES
     steps, carry = [], 0
     for column, (x, y) in enumerate(zip(reversed(str(a)), reversed(str(b)), strict=True)):
-        terms = f"{x}+{y}+{carry}"
-        digit, carry = (int(x) + int(y) + carry) % 10, (int(x) + int(y) + carry) // 10
+        total = int(x) + int(y) + carry
+        terms = f"{x}+{y}+{carry}={total:02d}"
+        digit, carry = total % 10, total // 10
         if lang == "zh":
             steps.append(f"{places[column]}：{terms}，写{digit}进{carry}。")
         else:
@@ -114,7 +120,7 @@ def solve(a: int, b: int, lang: Lang) -> str:
     s = a + b
     if lang == "zh":
         return f"列竖式计算{a}+{b}。{column_steps(a, b, lang)}所以{a}+{b}={s}。答案：{s}。"
-    return f"Column addition of {a}+{b}. {column_steps(a, b, lang)} So {a}+{b}={s}. Answer: {s}."
+    return f"Add {a}+{b} by columns. {column_steps(a, b, lang)} So {a}+{b}={s}. Answer: {s}."
 
 
 def final_answer(output: str) -> int | None:

@@ -1,6 +1,6 @@
 """The demo, top to bottom: a model learns chain-of-thought arithmetic from scratch, and we measure it.
 
-    python -m demo                      # what `make demo-cot` runs; --help for the knobs
+    python -m demo                      # what `make demo` runs; --help for the knobs
 
 1. data:      generated zh/en column-addition word problems (demo/arithmetic.py) as prompt,output CSV, a
               held-out set with unseen names/objects and unseen operand pairs, and the answer-only variant
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from demo.tokenizer import train_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
+GENERATOR_FILES = (ROOT / "demo" / "arithmetic.py", ROOT / "demo" / "tokenizer.py")
 TEMPLATE = "plain"
 """Prompt, newline, answer, eos: no chat markup to learn for a model that starts from nothing."""
 
@@ -98,6 +100,8 @@ def write_data(opts: DemoOptions) -> dict[str, Path]:
         "heldout_size": opts.heldout_size,
         "unseen_fraction": opts.unseen_fraction,
         "digits": opts.digits,
+        # A changed generator or tokenizer makes different data from the same options.
+        "code": hashlib.sha256(b"".join(f.read_bytes() for f in GENERATOR_FILES)).hexdigest(),
     }
     paths = {
         name: data / f"{name}.csv" for name in ("train", "train_answer_only", "heldout", "heldout_unseen_operands")
@@ -172,6 +176,9 @@ def prepare(source: Path, tokenizer_dir: Path, out: Path, *, max_seq_len: int, s
         "prepare",
         *("--source", str(source), "--tokenizer", str(tokenizer_dir), "--template", TEMPLATE),
         *("--out", str(out), "--max-seq-len", str(max_seq_len), "--pack", "--workers", "2"),
+        # Never truncate: a cut sample loses its answer and its end of turn (256-token rows once cut 14% of the
+        # English problems, the ones with a thousands column); prepare fails instead, naming --max-seq-len.
+        *("--overlong", "drop", "--max-dropped-fraction", "0"),
         *("--val-fraction", "0.02", "--seed", str(seed), "--no-progress"),
     ]
     log("3/8 prepare: python -m data_pipeline " + " ".join(argv))
@@ -441,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-size", type=int, default=400, help="held-out problems scored (default 400)")
     p.add_argument("--unseen-fraction", type=float, default=0.5, help="held-out share with unseen operand pairs")
     p.add_argument("--digits", type=int, default=3, help="digits of each operand (default 3)")
-    p.add_argument("--max-steps", type=int, default=900, help="optimizer steps of each run (default 900)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per packed chain-of-thought row")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps of each run (default 1000)")
+    p.add_argument("--max-seq-len", type=int, default=384, help="tokens per packed chain-of-thought row")
     p.add_argument("--samples", type=int, default=3, help="held-out problems shown side by side (default 3)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for both training runs")
     return p

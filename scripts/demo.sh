@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: the whole product on an embedded default, on CPU, in a few minutes.
+# `make demo-pipeline`: the whole path on the bundled BELLE sample, on CPU, in a few minutes (the model learns
+# nothing useful in that time; `make demo` is the demo that shows learning).
 #   1. prepare: the bundled BELLE sample -> verified Arrow shards (2 workers)
 #   2. train:   2 DeepSpeed ranks over gloo (ZeRO-2) on a tiny Llama, tracked in the embedded MLflow store
 #   3. export + generate: the tuned model answers a prompt with the training chat template

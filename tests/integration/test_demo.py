@@ -1,9 +1,10 @@
 """A shortened `make demo`: the real prepare, two real 2-rank `deepspeed` runs, cli.evaluate and generate.
 
-Two-digit problems and 80 steps instead of the demo's three digits and hundreds of steps. That is enough for
-the model to learn the form of the worked answer (it writes every step and stops at its end of turn), not yet
-the digits: exact match needs several hundred steps more than a test can spend (see the demo's README
-section), so the test checks what 80 steps measurably teach, and that every number lands in the run.
+Two-digit problems, 1,500 of them, and 900 steps of 4 packed rows instead of the demo's three digits and 1,000
+steps of 8 rows. Fewer steps do not do: the model first learns the worked form and the copying, and gets
+answers right only after that (400 steps of 8 rows left it at loss 0.30 and exact match 0.00). 900 steps get a
+clear share of held-out problems exactly right, which the random-init model never does; and every number lands
+in the run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from demo.run import DemoOptions, run_demo
 pytestmark = pytest.mark.slow
 
 HELDOUT = 60
+STEPS = 900
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoOptions, dict[st
         heldout_size=HELDOUT,
         unseen_fraction=0.5,
         digits=2,
-        max_steps=80,
+        max_steps=STEPS,
         max_seq_len=256,
         samples=2,
-        overrides=("tracking.system_metrics=false", "train.micro_batch_size=4"),
+        overrides=("tracking.system_metrics=false", "train.micro_batch_size=2"),
     )
     return opts, run_demo(opts)
 
@@ -43,6 +45,9 @@ def test_training_teaches_the_worked_form_measured_on_held_out_problems(
 ) -> None:
     opts, summary = demo
     assert summary["accuracy_before"] <= 0.05
+    # Exact final answers on held-out problems (new names and objects, half of them new operand pairs): 0.15 after
+    # 900 steps when measured (loss still falling, 0.07), 0.00 for the random-init model.
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1
     assert summary["output_dir"] == str(opts.out)
     evals = opts.out / "eval"
     before = json.loads((evals / "before.json").read_text())["generation"]

@@ -42,15 +42,16 @@ def test_every_chain_of_thought_computes_its_stated_answer(problems: tuple[list,
     for p in train + heldout:
         assert final_answer(p.output) == p.a + p.b == final_answer(p.answer_only)
         # Re-do the column addition from the written steps: each step adds the operands' digits of its column
-        # and the carry the step before passed on, writes the sum's last digit and passes on its tens, and the
-        # written digits spell the answer.
-        steps = re.findall(r"(\d)\+(\d)\+(\d)[，,] ?(?:写|write )(\d) ?(?:进|carry )(\d)", p.output)
+        # and the carry the step before passed on, writes that sum as two digits, then writes the sum's last
+        # digit and passes on its tens, and the written digits spell the answer.
+        steps = re.findall(r"(\d)\+(\d)\+(\d)=(\d\d)[，,] ?(?:写|write )(\d) ?(?:进|carry )(\d)", p.output)
         assert len(steps) == len(str(p.a)) == len(str(p.b)), p.output
         carry, digits = 0, []
-        for column, (x, y, carried, digit, carry_out) in enumerate(steps):
+        for column, (x, y, carried, written_sum, digit, carry_out) in enumerate(steps):
             assert (int(x), int(y)) == (p.a // 10**column % 10, p.b // 10**column % 10)
             assert int(carried) == carry
             total = int(x) + int(y) + carry
+            assert int(written_sum) == total
             assert (int(digit), int(carry_out)) == (total % 10, total // 10)
             digits.append(digit)
             carry = int(carry_out)
@@ -59,10 +60,11 @@ def test_every_chain_of_thought_computes_its_stated_answer(problems: tuple[list,
 
 def test_worked_example_in_both_languages() -> None:
     assert solve(347, 285, "zh") == (
-        "列竖式计算347+285。个位：7+5+0，写2进1。十位：4+8+1，写3进1。百位：3+2+1，写6进0。所以347+285=632。答案：632。"
+        "列竖式计算347+285。个位：7+5+0=12，写2进1。十位：4+8+1=13，写3进1。百位：3+2+1=06，写6进0。"
+        "所以347+285=632。答案：632。"
     )
     assert solve(964, 494, "en").endswith(
-        "Column 3: 9+4+1, write 4 carry 1. Column 4: write 1. So 964+494=1458. Answer: 1458."
+        "Hundreds: 9+4+1=14, write 4 carry 1. Thousands: write 1. So 964+494=1458. Answer: 1458."
     )
 
 
