@@ -322,15 +322,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     csvs = write_data(opts)
     model_dir = opts.out / "model"
-    cot_data = prepare(
-        csvs["train"], model_dir, opts.out / "data" / "cot", max_seq_len=opts.max_seq_len, seed=opts.seed
-    )
-    # The control sees the same problems per optimizer step: its answers are about a third as long, so its
-    # packed rows are a third as long too (the ratio of the two corpora's average sample length).
-    control_len = max(64, round(opts.max_seq_len * _length_ratio(csvs["train_answer_only"], csvs["train"])))
-    control_data = prepare(
-        csvs["train_answer_only"], model_dir, opts.out / "data" / "answer_only", max_seq_len=control_len, seed=opts.seed
-    )
+    cot_data, control_data, control_len = prepare_both(opts, csvs, model_dir)
 
     evals = opts.out / "eval"
     shutil.rmtree(evals, ignore_errors=True)
@@ -343,11 +335,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     log(f"5/8 train with chain of thought: {opts.max_steps} steps on 2 CPU ranks")
     cot_dir, control_dir = opts.out / "cot", opts.out / "answer_only"
-    sample_prompts = evals / "sample_prompts.csv"
-    with csvs["heldout"].open(encoding="utf-8", newline="") as f:
-        sample_rows = list(csv.reader(f))[: opts.samples + 1]
-    with sample_prompts.open("w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows(sample_rows)
+    sample_prompts = write_sample_prompts(csvs["heldout"], evals / "sample_prompts.csv", opts.samples)
     train(
         opts,
         data=cot_data,
@@ -360,6 +348,57 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     log("6/8 after training: exact match on the held-out problems")
     run = json.loads((cot_dir / "mlflow_run.json").read_text(encoding="utf-8"))
+    scores = score_runs(opts, csvs, evals, run, cot_dir, control_dir, max_new)
+
+    log("7/8 a few held-out problems: greedy and the seed notes' sampling preset")
+    show_samples(cot_dir / "final", sample_prompts, evals, run, max_new_tokens=max_new, seed=opts.seed)
+
+    summary = {
+        **{k: round(v, 4) for k, v in scores.items()},
+        "mlflow_run_id": run["run_id"],
+        "output_dir": str(opts.out),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    log("8/8 done")
+    store = Path(run["tracking_uri"].removeprefix("sqlite:///")).parent
+    print(f"dashboard: make dashboard STORE={store}   (MLflow UI, http://127.0.0.1:5000; run demo-cot)")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def prepare_both(opts: DemoOptions, csvs: dict[str, Path], model_dir: Path) -> tuple[Path, Path, int]:
+    """Prepared shards of the chain-of-thought corpus and of the answer-only control, and the control's row length."""
+    cot_data = prepare(
+        csvs["train"], model_dir, opts.out / "data" / "cot", max_seq_len=opts.max_seq_len, seed=opts.seed
+    )
+    # The control sees the same problems per optimizer step: its answers are about a third as long, so its
+    # packed rows are a third as long too (the ratio of the two corpora's average sample length).
+    control_len = max(64, round(opts.max_seq_len * _length_ratio(csvs["train_answer_only"], csvs["train"])))
+    control_data = prepare(
+        csvs["train_answer_only"], model_dir, opts.out / "data" / "answer_only", max_seq_len=control_len, seed=opts.seed
+    )
+    return cot_data, control_data, control_len
+
+
+def write_sample_prompts(heldout: Path, path: Path, samples: int) -> Path:
+    """The first ``samples`` held-out problems (with the CSV header) as a prompts file; returns ``path``."""
+    with heldout.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[: samples + 1]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def score_runs(
+    opts: DemoOptions,
+    csvs: dict[str, Path],
+    evals: Path,
+    run: dict[str, str],
+    cot_dir: Path,
+    control_dir: Path,
+    max_new: int,
+) -> dict[str, float]:
+    """Exact match after training (all held-out, unseen operand pairs) and of the control, logged to ``run``."""
     after = evaluate(cot_dir / "final", csvs["heldout"], evals / "after.json", max_new_tokens=max_new, seed=opts.seed)
     control = evaluate(
         control_dir / "final", csvs["heldout"], evals / "answer_only.json", max_new_tokens=max_new, seed=opts.seed
@@ -385,38 +424,31 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     }
     assert scores["accuracy_after"] == after["generation"]["exact_match"]
     assert scores["accuracy_answer_only"] == control["generation"]["exact_match"]
+    return scores
 
-    log("7/8 a few held-out problems: greedy and the seed notes' sampling preset")
+
+def show_samples(
+    model_dir: Path, sample_prompts: Path, evals: Path, run: dict[str, str], *, max_new_tokens: int, seed: int
+) -> None:
+    """Greedy and the seed notes' sampling preset side by side, printed and logged to ``run``."""
     greedy = generate(
-        cot_dir / "final",
+        model_dir,
         sample_prompts,
         evals / "samples_greedy.jsonl",
         preset="greedy",
-        max_new_tokens=max_new,
-        seed=opts.seed,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
     seeded = generate(
-        cot_dir / "final",
+        model_dir,
         sample_prompts,
         evals / "samples_seed.jsonl",
         preset="seed",
-        max_new_tokens=max_new,
-        seed=opts.seed,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
     show_side_by_side(greedy, seeded)
     _log_side_by_side(run, greedy, seeded)
-
-    summary = {
-        **{k: round(v, 4) for k, v in scores.items()},
-        "mlflow_run_id": run["run_id"],
-        "output_dir": str(opts.out),
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    log("8/8 done")
-    store = Path(run["tracking_uri"].removeprefix("sqlite:///")).parent
-    print(f"dashboard: make dashboard STORE={store}   (MLflow UI, http://127.0.0.1:5000; run demo-cot)")
-    print(json.dumps(summary), flush=True)
-    return summary
 
 
 def _log_side_by_side(run: dict[str, str], greedy: list[dict], seeded: list[dict]) -> None:
