@@ -1,0 +1,61 @@
+"""The folders show the architecture: imports flow one way (README, "Layout").
+
+launcher -> trainer -> data_pipeline (schema, templates, conversation); cli -> trainer; tracking sits below trainer
+and data_pipeline and imports neither; common sits below everything. Every import statement of the project's
+packages is read with ``ast`` (top-level and function-local ones alike), so a lazy import cannot hide an edge.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("launcher", "cli", "demo", "trainer", "data_pipeline", "tracking", "common")
+ALLOWED = {
+    "common": set(),
+    "tracking": {"common"},
+    "data_pipeline": {"common", "tracking"},
+    "trainer": {"common", "tracking", "data_pipeline"},
+    "launcher": {"common", "tracking", "data_pipeline", "trainer"},
+    "cli": {"common", "tracking", "data_pipeline", "trainer"},
+    "demo": {"common", "tracking", "data_pipeline", "trainer", "cli"},
+}
+"""Package -> the project packages it may import."""
+TRAINER_MAY_USE = {"data_pipeline.schema", "data_pipeline.templates", "data_pipeline.conversation"}
+"""The data_pipeline modules the trainer may import: the shard contract and the prompt rendering it shares."""
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def edges(package: str) -> list[tuple[str, str]]:
+    """(file, imported module) for every import of another project package inside ``package``."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for module in imported_modules(path):
+            top = module.split(".")[0]
+            if top in PACKAGES and top != package:
+                found.append((str(path.relative_to(ROOT)), module))
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_flow_one_way(package: str) -> None:
+    wrong = [(f, m) for f, m in edges(package) if m.split(".")[0] not in ALLOWED[package]]
+    assert not wrong, f"{package} imports what sits above it: {wrong}"
+
+
+def test_trainer_uses_only_the_data_contract_of_the_pipeline() -> None:
+    used = {m for _, m in edges("trainer") if m.startswith("data_pipeline")}
+    assert used <= TRAINER_MAY_USE, sorted(used - TRAINER_MAY_USE)
+    assert "data_pipeline.schema" in used  # the check reads real imports (an empty set would pass vacuously)
