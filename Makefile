@@ -32,7 +32,7 @@ lint: venv
 
 test: venv lint
 	bash scripts/system_deps.sh
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m "not slow" tests
