@@ -43,10 +43,16 @@ from trainer.families import resolve_family
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "glm", "codegen", "gpt2")
 """Families whose attention runs through transformers' attention interface with plain q/k/v heads and carries
 nothing in the mask Ulysses drops. codegen and gpt2 are multi-head models whose config has no
-num_key_value_heads (DeepSpeed's Ulysses reads it): ``activate`` lends them one equal to their head count. Not:
-baichuan_alibi and chatglm_v1 (our classes put ALiBi / the prefix-LM mask in a float attention mask), starcoder
-(gpt_bigcode is multi-query: one KV head for all heads, which cannot be split over the ranks and which
-transformers' class expands itself after the point where Ulysses splits heads), qwen (remote code)."""
+num_key_value_heads (DeepSpeed's Ulysses reads it): ``activate`` lends them one equal to their head count."""
+
+UNSUPPORTED_WHY = {
+    "baichuan_alibi": "our class puts ALiBi in the float attention mask, which Ulysses drops",
+    "chatglm_v1": "our class puts the prefix-LM mask in the float attention mask, which Ulysses drops",
+    "starcoder": "gpt_bigcode is multi-query: its one KV head cannot be split over the ranks (replicating it "
+    "to every rank is DeepSpeed's path for fewer KV heads than ranks, untested here)",
+    "qwen": "remote modeling code, whose attention does not go through transformers' attention interface",
+}
+"""Why a family is refused: the end of the one-line refusal."""
 
 
 def head_counts(hf_config: dict[str, Any]) -> tuple[int, int]:
@@ -89,7 +95,8 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
     if family.name not in SUPPORTED_FAMILIES:
         raise ConfigError(
             f"{key}: model family {family.name!r} ({cfg.model.path}/config.json model_type {model_type!r}) has no "
-            f"Ulysses attention (supported: {', '.join(SUPPORTED_FAMILIES)}); set train.sequence_parallel_size=1"
+            f"Ulysses attention{_why(family.name)} (supported: {', '.join(SUPPORTED_FAMILIES)}); "
+            "set train.sequence_parallel_size=1"
         )
     if world_size % size:
         raise ConfigError(
@@ -112,6 +119,10 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
             f"{key} with model.attn_implementation=eager: Ulysses needs sdpa or flash_attention_2 (eager needs the "
             "full 4D mask it drops); use model.attn_implementation=auto"
         )
+
+
+def _why(family: str) -> str:
+    return f": {UNSUPPORTED_WHY[family]}" if family in UNSUPPORTED_WHY else ""
 
 
 def gradient_divisor(ds_config: dict[str, Any], world_size: int, size: int) -> int:
