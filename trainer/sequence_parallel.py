@@ -48,9 +48,10 @@ num_key_value_heads (DeepSpeed's Ulysses reads it): ``activate`` lends them one 
 UNSUPPORTED_WHY = {
     "baichuan_alibi": "our class puts ALiBi in the float attention mask, which Ulysses drops",
     "chatglm_v1": "our class puts the prefix-LM mask in the float attention mask, which Ulysses drops",
-    "starcoder": "gpt_bigcode is multi-query: its one KV head cannot be split over the ranks (replicating it "
-    "to every rank is DeepSpeed's path for fewer KV heads than ranks, untested here)",
-    "qwen": "remote modeling code, whose attention does not go through transformers' attention interface",
+    "starcoder": "transformers' gpt_bigcode class does not pass position_ids to its attention, which Ulysses needs "
+    "to find the row's positions and packed samples after the all-to-all (it stops on an assertion); it is also "
+    "multi-query (one KV head for all heads)",
+    "qwen": "its modeling code is remote (trust_remote_code) and is not routed through Ulysses here",
 }
 """Why a family is refused: the end of the one-line refusal."""
 

@@ -41,7 +41,12 @@ def test_size_one_is_never_refused() -> None:
             TINY_LLAMA_CONFIG,
             "model family 'starcoder' (tests/fixtures/tiny_llama/config",
         ),
-        (["model.family=starcoder"], 2, TINY_LLAMA_CONFIG, "Ulysses attention: gpt_bigcode is multi-query"),
+        (
+            ["model.family=starcoder"],
+            2,
+            TINY_LLAMA_CONFIG,
+            "Ulysses attention: transformers' gpt_bigcode class does not pass position_ids",
+        ),
         ([], 2, {"model_type": "gpt_bigcode", "n_head": 4}, "model family 'starcoder'"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_key_value_heads": 1}, "4 attention heads and 1 KV heads"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_attention_heads": 5, "num_key_value_heads": 5}, "5 attention heads"),
