@@ -40,11 +40,30 @@ from trainer.config import ConfigError, RunConfig
 from trainer.data import Batch
 from trainer.families import resolve_family
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "glm")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "glm", "codegen", "gpt2")
 """Families whose attention runs through transformers' attention interface with plain q/k/v heads and carries
-nothing in the mask Ulysses drops. Not: baichuan_alibi and chatglm_v1 (our classes put ALiBi / the prefix-LM
-mask in a float attention mask), codegen, gpt2 and starcoder (no num_key_value_heads in their config, which
-DeepSpeed's Ulysses reads), qwen (remote code)."""
+nothing in the mask Ulysses drops. codegen and gpt2 are multi-head models whose config has no
+num_key_value_heads (DeepSpeed's Ulysses reads it): ``activate`` lends them one equal to their head count."""
+
+UNSUPPORTED_WHY = {
+    "baichuan_alibi": "our class puts ALiBi in the float attention mask, which Ulysses drops",
+    "chatglm_v1": "our class puts the prefix-LM mask in the float attention mask, which Ulysses drops",
+    "starcoder": "transformers' gpt_bigcode class does not pass position_ids to its attention, which Ulysses needs "
+    "to find the row's positions and packed samples after the all-to-all (it stops on an assertion); it is also "
+    "multi-query (one KV head for all heads)",
+    "qwen": "its modeling code is remote (trust_remote_code) and is not routed through Ulysses here",
+}
+"""Why a family is refused: the end of the one-line refusal."""
+
+
+def head_counts(hf_config: dict[str, Any]) -> tuple[int, int]:
+    """(attention heads, KV heads) from a config.json: GPT-2-style configs name the heads ``n_head``, have no
+    num_key_value_heads when every head has its own K/V, and gpt_bigcode says ``multi_query`` (one KV head)."""
+    heads = int(hf_config.get("num_attention_heads", hf_config.get("n_head", 0)))
+    if "num_key_value_heads" in hf_config:
+        return heads, int(hf_config["num_key_value_heads"])
+    multi_query = hf_config.get("model_type") == "gpt_bigcode" and hf_config.get("multi_query", True)
+    return heads, 1 if multi_query else heads
 
 
 @dataclass(frozen=True)
@@ -77,15 +96,15 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
     if family.name not in SUPPORTED_FAMILIES:
         raise ConfigError(
             f"{key}: model family {family.name!r} ({cfg.model.path}/config.json model_type {model_type!r}) has no "
-            f"Ulysses attention (supported: {', '.join(SUPPORTED_FAMILIES)}); set train.sequence_parallel_size=1"
+            f"Ulysses attention{_why(family.name)} (supported: {', '.join(SUPPORTED_FAMILIES)}); "
+            "set train.sequence_parallel_size=1"
         )
     if world_size % size:
         raise ConfigError(
             f"{key} does not divide the world size {world_size}; use a divisor of the number of ranks "
             "(the data-parallel degree is world size / train.sequence_parallel_size)"
         )
-    heads = int(hf_config.get("num_attention_heads", 0))
-    kv_heads = int(hf_config.get("num_key_value_heads", heads))
+    heads, kv_heads = head_counts(hf_config)
     if heads % size or kv_heads % size:
         raise ConfigError(
             f"{key} does not divide the model's {heads} attention heads and {kv_heads} KV heads "
@@ -101,6 +120,10 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
             f"{key} with model.attn_implementation=eager: Ulysses needs sdpa or flash_attention_2 (eager needs the "
             "full 4D mask it drops); use model.attn_implementation=auto"
         )
+
+
+def _why(family: str) -> str:
+    return f": {UNSUPPORTED_WHY[family]}" if family in UNSUPPORTED_WHY else ""
 
 
 def gradient_divisor(ds_config: dict[str, Any], world_size: int, size: int) -> int:
@@ -221,6 +244,17 @@ def _isolating_sdpa(
     return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
 
+def _per_head_output(
+    ulysses: Callable[..., Any], module: torch.nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """Ulysses' output as [batch, seq, heads, head_dim], the layout attention functions return.
+
+    Ulysses returns [batch, seq, heads x head_dim]: Llama-style classes reshape it to their input's shape and do
+    not notice, GPT-2's reshapes all but the last two dimensions and would flatten the sequence into one row."""
+    output, weights = ulysses(module, query, *args, **kwargs)
+    return output.view(*output.shape[:2], -1, query.shape[-1]), weights
+
+
 _restore: list[Callable[[], None]] = []
 """What ``deactivate`` undoes: the attention function and DeepSpeed's group globals are process-wide."""
 
@@ -241,13 +275,22 @@ def activate(model: Any, size: int, micro_batch_size: int) -> Any:
     if implementation == "sdpa":
         # Registered first so that Ulysses wraps it as its core attention (it reads the current entry).
         ALL_ATTENTION_FUNCTIONS[implementation] = partial(_isolating_sdpa, original)
-    mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model,
-        core_attn_implementation=implementation,
-        sequence_parallel_size=size,
-        micro_batch_size=micro_batch_size,
-        seq_length_is_variable=True,
-    )
+    text_config = model.config.get_text_config()
+    lent = not hasattr(text_config, "num_key_value_heads")
+    if lent:  # codegen, gpt2: every head has its own K/V; DeepSpeed reads the count only while registering
+        text_config.num_key_value_heads = text_config.num_attention_heads
+    try:
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model_name_or_path=model,
+            core_attn_implementation=implementation,
+            sequence_parallel_size=size,
+            micro_batch_size=micro_batch_size,
+            seq_length_is_variable=True,
+        )
+    finally:
+        if lent:  # not left in the config: it would be saved into checkpoints' and exports' config.json
+            del text_config.num_key_value_heads
+    ALL_ATTENTION_FUNCTIONS[implementation] = partial(_per_head_output, ALL_ATTENTION_FUNCTIONS[implementation])
 
     def restore() -> None:
         ALL_ATTENTION_FUNCTIONS[implementation] = original

@@ -1,12 +1,14 @@
 """Packed-row isolation under Ulysses sequence parallelism, on 2 ranks (run by test_sp_training.py):
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/sp_packing_script.py --data DIR --out OUT.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/sp_packing_script.py --data DIR --model PATH \
+        [--model PATH ...] --out OUT.json
 
-The tiny Llama exactly as a random_init run builds it (same seed on both ranks). First each sample of the packed
+For each ``--model`` (tiny_cpu.yaml with that model.path), the model exactly as a random_init run builds it (same
+seed on both ranks). First each sample of the packed
 train row with the most samples runs alone, without SP; then sequence parallelism is activated and the packed
 row runs split in two shards, one per rank. Each rank computes per-token losses of its shard; gathered, they are
-summed per sample. Rank 0 writes both lists of per-sample summed losses and where the samples and the shard
-boundary lie.
+summed per sample. Rank 0 writes, per model path, both lists of per-sample summed losses and where the samples
+and the shard boundary lie.
 """
 
 from __future__ import annotations
@@ -36,13 +38,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", action="append", required=True, help="model.path; repeat for several models")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    rows = open_split(args.data, "train", load_manifest(args.data))
+    assert rows is not None
+    packed = [(r["input_ids"], r["labels"], r["position_ids"]) for r in rows]
+    row = max(packed, key=lambda r: len(split_packed_row(*r)))
+    results = {path: isolation(args.data, path, row) for path in args.model}
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def isolation(data: str, model_path: str, row: tuple[list[int], list[int], list[int]]) -> dict[str, object]:
+    """One model's per-sample summed losses alone and in the packed row under SP 2, and where samples lie."""
     cfg = load_config(
         ROOT / "configs" / "tiny_cpu.yaml",
         [
-            f"data.path={args.data}",
+            f"data.path={data}",
+            f"model.path={model_path}",
             "train.output_dir=unused",
             "train.micro_batch_size=1",
             "train.sequence_parallel_size=2",
@@ -50,10 +67,6 @@ def main() -> None:
     )
     model = build_random_model(cfg)
     model.config.use_cache = False
-    rows = open_split(args.data, "train", load_manifest(args.data))
-    assert rows is not None
-    packed = [(r["input_ids"], r["labels"], r["position_ids"]) for r in rows]
-    row = max(packed, key=lambda r: len(split_packed_row(*r)))
     pad_id = 0
 
     with torch.no_grad():
@@ -78,12 +91,8 @@ def main() -> None:
         sample_of = torch.cumsum(whole.position_ids[0] == 0, dim=0) - 1
         in_sp = [float(row_losses[sample_of == k].sum()) for k in range(len(alone))]
 
-    if dist.get_rank() == 0:
-        starts = [i for i, p in enumerate(row[2]) if p == 0]
-        result = {"alone": alone, "packed": in_sp, "starts": starts, "shard_width": shard.input_ids.shape[1]}
-        Path(args.out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    starts = [i for i, p in enumerate(row[2]) if p == 0]
+    return {"alone": alone, "packed": in_sp, "starts": starts, "shard_width": shard.input_ids.shape[1]}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Ulysses sequence parallelism (train.sequence_parallel_size=2) under the real `deepspeed` launcher on 2 gloo ranks.
 
 Launches: one of tests/distributed/scenarios.py on 2 ranks (every SP-2 run), one on 1 rank (the SP-1 references),
-one of sp_packing_script.py on 2 ranks (packed-row isolation), and three single-process start-up refusals. Model tests/fixtures/tiny_llama (random init, fp32, 4 heads, 2 KV heads);
+one of sp_packing_script.py on 2 ranks (packed-row isolation, three families), and three single-process start-up
+refusals. Model tests/fixtures/tiny_llama (random init, fp32, 4 heads, 2 KV heads), and a tiny random CodeGen
+(4 heads, no num_key_value_heads) for one SP pair;
 data the first 56 real BELLE records (unpacked, rows up to 256 tokens of different lengths), 2 micro x 2 accum:
 4 rows per optimizer step in both layouts (SP 2 on 2 ranks is one data-parallel rank), 6 steps.
 """
@@ -19,26 +21,50 @@ from typing import Any
 import pytest
 
 from tests.distributed.test_training import BELLE, ROOT, env, launch, losses
-from tests.helpers.data import make_prepared_dir
+from tests.helpers.data import TINY_LLAMA, make_prepared_dir
 
 pytestmark = pytest.mark.slow
 
 STEPS, STOP = 6, 3
 CASES = {
-    "z2_full": (2, "full", 0),
-    "z3_full": (3, "full", 0),
-    "z2_lora": (2, "lora", 0),
+    "z2_full": (2, "full", 0, "llama"),
+    "z3_full": (3, "full", 0, "llama"),
+    "z2_lora": (2, "lora", 0, "llama"),
+    "codegen_z2_full": (2, "full", 0, "codegen"),
 }
-"""name: (ZeRO stage, method, train.loss_tile_tokens) of each SP-2 run compared with the same run at SP 1. The tiled
-loss on SP shards is checked against the plain loss in tests/unit/test_sequence_parallel.py; a launcher pair for it
-costs a minute the suite does not have."""
+"""name: (ZeRO stage, method, train.loss_tile_tokens, model) of each SP-2 run compared with the same run at SP 1.
+The tiled loss on SP shards is checked against the plain loss in tests/unit/test_sequence_parallel.py; a launcher
+pair for it costs a minute the suite does not have. gpt2 shares codegen's path (no num_key_value_heads) and is
+checked by the packed-row launch only, for the same reason."""
+TINY_CONFIGS = {
+    # Random-init configs on the tiny_llama tokenizer (vocabulary 2000, ids 0/1/2 pad/bos/eos); 4 heads of 16.
+    # Dropout off: its masks are drawn per rank, so they differ when the row is split (GPT-2 defaults to 0.1).
+    "codegen": {"model_type": "codegen", "rotary_dim": 8, "n_ctx": 512},
+    "gpt2": {"model_type": "gpt2", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+
+
+def tiny_model(tmp: Path, family: str) -> Path:
+    """model.path for ``family``: tests/fixtures/tiny_llama itself, or its tokenizer with a tiny random config."""
+    if family == "llama":
+        return TINY_LLAMA
+    path = tmp / f"tiny_{family}"
+    if not path.exists():
+        path.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(TINY_LLAMA / name, path / name)
+        shape = {"vocab_size": 2000, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 512}
+        ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+        (path / "config.json").write_text(json.dumps({**shape, **ids, **TINY_CONFIGS[family]}))
+    return path
 
 
 def overrides(data: Path, tmp: Path, case: str, sp: int) -> list[str]:
-    stage, method, tile = CASES[case]
+    stage, method, tile, family = CASES[case]
     ds_json = tmp / "zero3_partition_all.json" if stage == 3 else ROOT / "ds_configs" / "zero2.json"
     return [
         f"data.path={data}",
+        f"model.path={tiny_model(tmp, family)}",
         f"deepspeed.config={ds_json}",
         f"model.method={method}",
         f"train.max_steps={STEPS}",
@@ -143,6 +169,11 @@ def test_sp2_checkpoint_with_sp1_on_one_rank_is_refused_in_one_line(runs: Path, 
     assert not (out / "checkpoints" / "universal").exists()
 
 
+FAMILIES = ("llama", "codegen", "gpt2")
+"""Models of the packed-row launch: rotary with num_key_value_heads (llama), rotary without (codegen: the count is
+lent to DeepSpeed), learned absolute positions without (gpt2: positions come from each shard's position_ids)."""
+
+
 def test_packed_samples_are_isolated_under_sp2(tmp: Path) -> None:
     # Short arithmetic conversations packed into 256-token rows: many samples per row, one crossing the shards.
     data = make_prepared_dir(tmp / "packed", pack=True, max_seq_len=256)
@@ -156,19 +187,22 @@ def test_packed_samples_are_isolated_under_sp2(tmp: Path) -> None:
         str(ROOT / "tests/distributed/sp_packing_script.py"),
         "--data",
         str(data),
+        *(arg for family in FAMILIES for arg in ("--model", str(tiny_model(tmp, family)))),
         "--out",
         str(result_file),
     ]
     result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    found = json.loads(result_file.read_text())
-    starts, width = found["starts"], found["shard_width"]
-    assert len(found["alone"]) >= 3
-    assert any(a < width < b for a, b in itertools.pairwise(starts)), (starts, width)  # a sample spans both
-    # Each sample's summed loss in the packed row split over 2 ranks equals its loss run alone on one process.
-    # Without isolation every sample after the first would also attend to the ones before it (off by ~1e-2).
-    for alone, packed in zip(found["alone"], found["packed"], strict=True):
-        assert packed == pytest.approx(alone, rel=1e-5), (found["alone"], found["packed"])
+    results = json.loads(result_file.read_text())
+    assert sorted(results) == sorted(str(tiny_model(tmp, family)) for family in FAMILIES)
+    for path, found in results.items():
+        starts, width = found["starts"], found["shard_width"]
+        assert len(found["alone"]) >= 3
+        assert any(a < width < b for a, b in itertools.pairwise(starts)), (starts, width)  # a sample spans both
+        # Each sample's summed loss in the packed row split over 2 ranks equals its loss run alone on one process.
+        # Without isolation every sample after the first would also attend to the ones before it (off by ~1e-2).
+        for alone, packed in zip(found["alone"], found["packed"], strict=True):
+            assert packed == pytest.approx(alone, rel=1e-5), (path, found["alone"], found["packed"])
 
 
 def _free_port() -> int:

@@ -35,7 +35,19 @@ def test_size_one_is_never_refused() -> None:
     [
         ([], 3, TINY_LLAMA_CONFIG, "train.sequence_parallel_size=2 does not divide the world size 3"),
         (["model.family=chatglm_v1"], 2, TINY_LLAMA_CONFIG, "model family 'chatglm_v1'"),
-        (["model.family=codegen"], 2, TINY_LLAMA_CONFIG, "model family 'codegen'"),
+        (
+            ["model.family=starcoder"],
+            2,
+            TINY_LLAMA_CONFIG,
+            "model family 'starcoder' (tests/fixtures/tiny_llama/config",
+        ),
+        (
+            ["model.family=starcoder"],
+            2,
+            TINY_LLAMA_CONFIG,
+            "Ulysses attention: transformers' gpt_bigcode class does not pass position_ids",
+        ),
+        ([], 2, {"model_type": "gpt_bigcode", "n_head": 4}, "model family 'starcoder'"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_key_value_heads": 1}, "4 attention heads and 1 KV heads"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_attention_heads": 5, "num_key_value_heads": 5}, "5 attention heads"),
         (["model.attn_implementation=eager"], 2, TINY_LLAMA_CONFIG, "model.attn_implementation=eager"),
@@ -53,6 +65,28 @@ def test_check_refuses_in_one_line_naming_the_key(
 
 def test_check_accepts_a_supported_layout() -> None:
     sequence_parallel.check(config("train.sequence_parallel_size=2"), 4, TINY_LLAMA_CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "counts"),
+    [
+        ({"model_type": "codegen", "n_head": 4}, (4, 4)),
+        ({"model_type": "gpt2", "n_head": 4}, (4, 4)),
+        ({"model_type": "gpt_bigcode", "n_head": 4}, (4, 1)),  # multi_query defaults to true
+        ({"model_type": "gpt_bigcode", "n_head": 4, "multi_query": False}, (4, 4)),
+        (TINY_LLAMA_CONFIG, (4, 2)),
+    ],
+)
+def test_head_counts_read_gpt_style_configs(hf_config: dict[str, object], counts: tuple[int, int]) -> None:
+    # GPT-style configs name the heads n_head and carry no num_key_value_heads; reading 0 heads would accept any size.
+    assert sequence_parallel.head_counts(hf_config) == counts
+
+
+@pytest.mark.parametrize("model_type", ["codegen", "gpt2"])
+def test_multi_head_families_without_kv_head_count_are_accepted(model_type: str) -> None:
+    sequence_parallel.check(config("train.sequence_parallel_size=2"), 2, {"model_type": model_type, "n_head": 4})
+    with pytest.raises(ConfigError, match="the model's 6 attention heads and 6 KV heads"):
+        sequence_parallel.check(config("train.sequence_parallel_size=4"), 4, {"model_type": model_type, "n_head": 6})
 
 
 def test_layout_groups_consecutive_ranks() -> None:
