@@ -110,6 +110,14 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
             f"{key} does not divide the model's {heads} attention heads and {kv_heads} KV heads "
             f"({cfg.model.path}/config.json); each rank attends over whole heads, so pick a common divisor"
         )
+    # A row is padded to a multiple of the size and its padding positions count on past the last token; with a
+    # learned position table (GPT-2's wpe) that stays inside the table only when the size divides its length.
+    table = int(hf_config.get("n_positions", 0)) if model_type == "gpt2" else 0
+    if table % size:
+        raise ConfigError(
+            f"{key} does not divide the model's {table} learned positions (n_positions in {cfg.model.path}/config.json):"
+            " a row padded to a multiple of the size could index past the position table; pick a divisor of it"
+        )
     if cfg.eval.prompts_file:
         raise ConfigError(
             f"{key} with eval.prompts_file: sample generation would run through the split attention; "

@@ -50,6 +50,7 @@ def test_size_one_is_never_refused() -> None:
         ([], 2, {"model_type": "gpt_bigcode", "n_head": 4}, "model family 'starcoder'"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_key_value_heads": 1}, "4 attention heads and 1 KV heads"),
         ([], 2, {**TINY_LLAMA_CONFIG, "num_attention_heads": 5, "num_key_value_heads": 5}, "5 attention heads"),
+        ([], 2, {"model_type": "gpt2", "n_head": 4, "n_positions": 1023}, "1023 learned positions"),
         (["model.attn_implementation=eager"], 2, TINY_LLAMA_CONFIG, "model.attn_implementation=eager"),
         (["eval.prompts_file=prompts.jsonl"], 2, TINY_LLAMA_CONFIG, "eval.prompts_file"),
     ],
