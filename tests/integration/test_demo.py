@@ -1,9 +1,9 @@
 """A shortened `make demo`: the real prepare, two real 2-rank `deepspeed` runs, cli.evaluate and generate.
 
-Two-digit problems, 1,500 of them, and 900 steps of 4 packed rows instead of the demo's three digits and 1,000
+Two-digit problems, 1,500 of them, and 1,200 steps of 4 packed rows instead of the demo's three digits and 1,000
 steps of 8 rows. Fewer steps do not do: the model first learns the worked form and the copying, and gets
-answers right only after that (400 steps of 8 rows left it at loss 0.30 and exact match 0.00). 900 steps get a
-clear share of held-out problems exactly right, which the random-init model never does; and every number lands
+answers right only after that (400 steps of 8 rows left it at loss 0.30 and exact match 0.00; 900 steps of 4
+rows reached 0.15). 1,200 steps get a clear share of held-out problems exactly right (0.43 when measured), which the random-init model never does; and every number lands
 in the run.
 """
 
@@ -20,7 +20,7 @@ from demo.run import DemoOptions, run_demo
 pytestmark = pytest.mark.slow
 
 HELDOUT = 60
-STEPS = 900
+STEPS = 1200
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,10 @@ def test_training_teaches_the_worked_form_measured_on_held_out_problems(
 ) -> None:
     opts, summary = demo
     assert summary["accuracy_before"] <= 0.05
-    # Exact final answers on held-out problems (new names and objects, half of them new operand pairs): 0.15 after
-    # 900 steps when measured (loss still falling, 0.07), 0.00 for the random-init model.
-    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.1
+    # Exact final answers on held-out problems (new names and objects, half of them new operand pairs): 0.43 after
+    # 1,200 steps when measured (26 of 60; 0.40 on the unseen operand pairs), 0.00 for the random-init model and
+    # for the answer-only control.
+    assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.25
     assert summary["output_dir"] == str(opts.out)
     evals = opts.out / "eval"
     before = json.loads((evals / "before.json").read_text())["generation"]
