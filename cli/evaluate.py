@@ -23,13 +23,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.flags import add_decoding_flags, add_model_flags, decoding_from_args, load_from_args, setup_logging
+from cli.flags import (
+    add_decoding_flags,
+    add_model_flags,
+    decoding_from_args,
+    load_from_args,
+    setup_logging,
+    template_from_args,
+)
 from data_pipeline.schema import DataError
 from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
 from trainer.generation import GenerateError, generate_rows, json_lines, read_prompts
-from trainer.inference import Loaded, resolve_run_template
+from trainer.inference import Loaded
 from trainer.loss import evaluate_loss
 
 log = logging.getLogger(__name__)
@@ -142,13 +149,7 @@ def generate_for_scoring(
     loaded: Loaded, prompts: list[dict[str, str]], args: argparse.Namespace, results: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Generate for every prompt with the training template; records template and decoding in ``results``."""
-    choice = resolve_run_template(
-        loaded.tokenizer,
-        model_dir=loaded.model_dir,
-        adapter_dir=loaded.adapter_dir,
-        data_dir=args.data,
-        name=args.template,
-    )
+    choice = template_from_args(loaded, args)
     log.info("template: %s (from %s)", choice.template.name, choice.source)
     decoding = decoding_from_args(args)
     rows = generate_rows(

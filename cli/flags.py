@@ -13,7 +13,7 @@ import logging
 import sys
 
 from trainer.generation import PRESETS, Decoding, decoding_for
-from trainer.inference import Loaded, load_for_inference
+from trainer.inference import Loaded, TemplateChoice, load_for_inference, resolve_run_template
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -53,6 +53,17 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
         dtype=args.dtype,
         load_in_4bit=args.load_in_4bit,
         trust_remote_code=args.trust_remote_code,
+    )
+
+
+def template_from_args(loaded: Loaded, args: argparse.Namespace) -> TemplateChoice:
+    """The chat template to render prompts with: --template, else what the run trained with (export, data)."""
+    return resolve_run_template(
+        loaded.tokenizer,
+        model_dir=loaded.model_dir,
+        adapter_dir=loaded.adapter_dir,
+        data_dir=args.data,
+        name=args.template,
     )
 
 

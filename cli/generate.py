@@ -18,7 +18,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.flags import add_decoding_flags, add_model_flags, decoding_from_args, load_from_args, setup_logging
+from cli.flags import (
+    add_decoding_flags,
+    add_model_flags,
+    decoding_from_args,
+    load_from_args,
+    setup_logging,
+    template_from_args,
+)
 from data_pipeline.conversation import Message
 from trainer.generation import (
     Decoding,
@@ -31,7 +38,7 @@ from trainer.generation import (
     prompt_budget,
     read_prompts,
 )
-from trainer.inference import Loaded, resolve_run_template
+from trainer.inference import Loaded
 
 if TYPE_CHECKING:
     from data_pipeline.templates import ChatTemplate
@@ -117,13 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         decoding = decoding_from_args(args)
         rows = read_prompts(args.prompts_file) if args.prompts_file else None
         loaded = load_from_args(args)
-        choice = resolve_run_template(
-            loaded.tokenizer,
-            model_dir=loaded.model_dir,
-            adapter_dir=loaded.adapter_dir,
-            data_dir=args.data,
-            name=args.template,
-        )
+        choice = template_from_args(loaded, args)
     except GenerateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
