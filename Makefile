@@ -26,8 +26,8 @@ demo-pipeline: venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check launcher trainer data_pipeline tracking demo common cli tests benchmarks
-	$(VENV)/bin/ruff format --check launcher trainer data_pipeline tracking demo common cli tests benchmarks
+	$(VENV)/bin/ruff check launcher trainer data_pipeline tracking sft_stack tests benchmarks
+	$(VENV)/bin/ruff format --check launcher trainer data_pipeline tracking sft_stack tests benchmarks
 	$(VENV)/bin/mypy
 
 test: venv lint

@@ -1,7 +1,7 @@
 """Prepare's options: their one typed definition (``PrepareOptions``, ``SourceSpec``) and how they are built.
 
 A prepare config is flat YAML whose keys are the ``PrepareOptions`` fields (see configs/data/). It is loaded by
-the same strict machinery as the run config (common/strict_config.py): an unknown key, a value of the wrong type
+the same strict machinery as the run config (sft_stack/common/strict_config.py): an unknown key, a value of the wrong type
 (a quoted ``"512"`` is not an integer) or a contradiction fails in one line that names the key, before any work.
 The command-line flags of ``python -m data_pipeline prepare`` are generated from these fields (data_pipeline/cli.py),
 so a new option is a new field here and nothing else.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from common import strict_config
-from common.strict_config import ConfigError, WrongTypeError
 from data_pipeline.conversation import InputError
+from sft_stack.common import strict_config
+from sft_stack.common.strict_config import ConfigError, WrongTypeError
 
 
 @dataclass(frozen=True, kw_only=True)

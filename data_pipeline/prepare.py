@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-import common.tokenizer
-from common.atomic import write_json_atomic, write_text_atomic
+import sft_stack.common.tokenizer
 from data_pipeline.blocks import BLOCKS_DIR as BLOCKS_DIR  # re-exported: tests and tools name it from here
 from data_pipeline.blocks import BlockResult, SplitOutput, block_file, completed_block
 from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
@@ -56,6 +55,7 @@ from data_pipeline.schema import (
     tokenizer_fingerprint,
 )
 from data_pipeline.shards import link_or_copy, write_shard, write_split_metadata
+from sft_stack.common.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -118,8 +118,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The ``--tokenizer`` directory's tokenizer (common.tokenizer, the one loader); InputError (one line) when it
     does not load."""
     try:
-        return common.tokenizer.load_tokenizer(path)
-    except common.tokenizer.TokenizerError as exc:
+        return sft_stack.common.tokenizer.load_tokenizer(path)
+    except sft_stack.common.tokenizer.TokenizerError as exc:
         raise InputError(f"--tokenizer {exc}") from exc
 
 

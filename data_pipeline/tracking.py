@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_json_atomic
 from data_pipeline.schema import Manifest, load_manifest, rejects_summary
+from sft_stack.common.atomic import write_json_atomic
 from tracking.naming import flatten_dict, resolve_tracking_uri
 from tracking.records import PREPARE_RUN_FILE, PrepareRecord, dumps
 from tracking.records import log_prepare_run as log_record

@@ -25,7 +25,7 @@ echo "== 2/4 train: deepspeed --num_gpus 2 launcher/run.py --config configs/tiny
     data.path="$OUT/data" train.output_dir="$OUT/run"
 
 echo "== 3/4 generate with the exported model"
-$PY -m cli.generate --model "$OUT/run/final" --preset greedy --max-new-tokens 32 \
+$PY -m sft_stack.cli.generate --model "$OUT/run/final" --preset greedy --max-new-tokens 32 \
     --prompt "给定一句话，将其改写成被动语态。"
 
 echo "== 4/4 done"

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_json_atomic
+from sft_stack.common.atomic import write_json_atomic
 
 RUN_FILE = "mlflow_run.json"
 """In the output directory: {"run_id", "experiment_id", "tracking_uri"} of the run this directory logs to."""

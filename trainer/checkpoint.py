@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from common.atomic import write_text_atomic
+from sft_stack.common.atomic import write_text_atomic
 from trainer import progress
 from trainer.config import RunConfig
 from trainer.data import DataCursor

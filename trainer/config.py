@@ -3,7 +3,7 @@
 A run file is flat YAML with one mapping per section (``model:``, ``train:``, ...). Overrides are dotted
 ``section.key=value`` strings whose value is parsed as YAML. Unknown sections or keys, and values of the
 wrong type, fail at start-up with a message that names the key and lists the valid ones. The machinery (type
-coercion, unknown keys, overrides) is common/strict_config.py, shared with prepare's options; this module holds
+coercion, unknown keys, overrides) is sft_stack/common/strict_config.py, shared with prepare's options; this module holds
 the run's sections and their cross-field checks.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from common import strict_config
-from common.strict_config import ConfigError as ConfigError  # re-exported: the trainer's error type
+from sft_stack.common import strict_config
+from sft_stack.common.strict_config import ConfigError as ConfigError  # re-exported: the trainer's error type
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,7 +11,7 @@ Under ZeRO-3 the weights live in partitions; ``gathered_state_dict`` is the one 
 parameter at a time so a 16B model is never whole on any accelerator. An adapter that is empty (no tensors,
 zero-size tensors, or every lora_B still zero) is refused instead of written.
 
-The command a person runs to export a checkpoint or merge an adapter is ``python -m cli.export``.
+The command a person runs to export a checkpoint or merge an adapter is ``python -m sft_stack.cli.export``.
 """
 
 from __future__ import annotations

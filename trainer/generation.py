@@ -1,6 +1,6 @@
 """Decoding from a loaded model: decoding presets, prompt files, prompt fitting, and batched generation.
 
-The library under ``python -m cli.generate``, ``python -m cli.evaluate`` and the training loop's sample
+The library under ``python -m sft_stack.cli.generate``, ``python -m sft_stack.cli.evaluate`` and the training loop's sample
 generations. Prompts are rendered by the chat template the model was trained with, decoding is transformers'
 ``generate`` with a ``GenerationConfig`` built from a preset plus explicit overrides, generation stops at the
 template's end-of-turn tokens, and only the new tokens are decoded. Prompts are batched with left padding. A

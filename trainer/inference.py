@@ -1,7 +1,7 @@
 """Loading a model for inference: base model, tokenizer and PEFT adapter, checked against each other, and the
 chat template the model was trained with.
 
-One home for what ``python -m cli.generate`` and ``python -m cli.evaluate`` load: ``--model`` may be a plain
+One home for what ``python -m sft_stack.cli.generate`` and ``python -m sft_stack.cli.evaluate`` load: ``--model`` may be a plain
 Hugging Face directory, an export of a full run (OUT/final) or an exported adapter (its recorded base is then
 the model). An adapter trained on another base is refused in one line before PEFT loads it. The template is
 found where training recorded it (``resolve_run_template``).
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.tokenizer import TokenizerError, has_tokenizer
-from common.tokenizer import load_tokenizer as load_tokenizer_dir
+from sft_stack.common.tokenizer import TokenizerError, has_tokenizer
+from sft_stack.common.tokenizer import load_tokenizer as load_tokenizer_dir
 from trainer.generation import GenerateError
 from trainer.run_dir import EXPORT_INFO_FILE, RunDir
 

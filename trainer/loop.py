@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.atomic import write_text_atomic
 from data_pipeline.schema import Manifest
+from sft_stack.common.atomic import write_text_atomic
 from trainer import checkpoint, preemption, progress, sequence_parallel
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, pad_id_for, val_batches

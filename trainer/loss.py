@@ -1,5 +1,5 @@
 """The loss, one home: summed next-token cross-entropy over label tokens, one micro-batch's forward, and the
-validation loss that the training loop and ``python -m cli.evaluate`` both report.
+validation loss that the training loop and ``python -m sft_stack.cli.evaluate`` both report.
 
 Validation loss is token-weighted: the summed cross-entropy over every label that is not IGNORE_INDEX,
 divided by the number of such labels (not a mean of per-batch means). The loop sums over its ranks with one

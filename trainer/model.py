@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
-from common.tokenizer import TokenizerError, load_tokenizer
+from sft_stack.common.tokenizer import TokenizerError, load_tokenizer
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, local_device, zero_stage
 from trainer.families import Family, check_not_original, lora_target_modules, resolve_family

@@ -1,5 +1,5 @@
 """Tool calling end to end: prepare glaive-format data (qwen), train on 2 ranks under the real `deepspeed` launcher,
-then `python -m cli.generate` on a prompt that offers the tool.
+then `python -m sft_stack.cli.generate` on a prompt that offers the tool.
 
 The data is small and regular (one tool, get_weather, asked about 24 cities) so that the tiny model learns the
 shape of a Qwen2.5 call within a few dozen steps; what is checked is the prompt rendering (the generation prompt
@@ -104,7 +104,7 @@ def test_training_on_tool_calls_and_generating_one(trained: Path, tmp_path: Path
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps(prompt) + "\n", encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "cli.generate", "--model", str(trained / "final"), "--prompts-file", str(prompts),
+        [sys.executable, "-m", "sft_stack.cli.generate", "--model", str(trained / "final"), "--prompts-file", str(prompts),
          "--out", str(tmp_path / "gen.jsonl"), "--preset", "greedy", "--max-new-tokens", "64", "--device", "cpu"],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

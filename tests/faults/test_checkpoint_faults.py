@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.export import main as export_main
+from sft_stack.cli.export import main as export_main
 from tests.faults.conftest import ROOT
 from trainer.checkpoint import (
     COMPLETE,

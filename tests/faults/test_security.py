@@ -72,8 +72,8 @@ def test_dashboard_binds_loopback_unless_told(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_remote_code_is_off_by_default() -> None:
-    from cli.evaluate import build_parser as evaluate_parser
-    from cli.generate import build_parser as generate_parser
+    from sft_stack.cli.evaluate import build_parser as evaluate_parser
+    from sft_stack.cli.generate import build_parser as generate_parser
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
     assert cfg.model.trust_remote_code_paths == ()  # the allow-list (test_model.py: refused unless listed)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from demo.run import DemoOptions, run_demo
+from sft_stack.demo.run import DemoOptions, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_mlflow_run_holds_params_loss_and_every_evaluation(demo: tuple[DemoOptio
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) >= opts.max_steps // 10 and losses[-1].value < losses[0].value / 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "demo")}
-    assert "demo/side_by_side.json" in artifacts
+    assert "sft_stack/demo/side_by_side.json" in artifacts
 
 
 def test_control_run_and_reuse(demo: tuple[DemoOptions, dict[str, Any]]) -> None:
@@ -95,7 +95,7 @@ def test_control_run_and_reuse(demo: tuple[DemoOptions, dict[str, Any]]) -> None
     assert 0.0 <= summary["accuracy_answer_only"] <= 1.0
     # A second demo would reuse these: the prepared shards are verified in place, not rewritten.
     before = {p: p.stat().st_mtime_ns for p in (opts.out / "data").rglob("*") if p.is_file()}
-    from demo.run import prepare, write_data
+    from sft_stack.demo.run import prepare, write_data
 
     write_data(opts)
     prepare(opts.out / "data" / "train.csv", opts.out / "model", opts.out / "data" / "cot", max_seq_len=256, seed=0)

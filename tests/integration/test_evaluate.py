@@ -1,4 +1,4 @@
-"""cli.evaluate: loss/perplexity on a prepared split vs a direct torch computation, generation metrics
+"""sft_stack.cli.evaluate: loss/perplexity on a prepared split vs a direct torch computation, generation metrics
 vs hand-computed values, MLflow logging, and the CLI's one-line refusals."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tiny_chat import PAIRS, TEMPLATE, TINY_LLAMA, memorized_model, one_thread, random_model, save_model_dir, tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from cli.evaluate import main
 from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
 from data_pipeline.schema import IGNORE_INDEX, MANIFEST_FILE, load_split
+from sft_stack.cli.evaluate import main
 from tracking.records import log_evaluation
 from trainer.inference import resolve_run_template
 from trainer.loss import evaluate_loss

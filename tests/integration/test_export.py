@@ -177,11 +177,11 @@ def test_qlora_trains_under_deepspeed_exports_and_reloads(tmp_path: Path) -> Non
 
 
 def test_export_cli_from_a_lora_checkpoint_with_merge(tmp_path: Path) -> None:
-    """`python -m cli.export --run OUT --merge`: the latest complete checkpoint, rebuilt in one process."""
+    """`python -m sft_stack.cli.export --run OUT --merge`: the latest complete checkpoint, rebuilt in one process."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cli.export import main as export_main
+    from sft_stack.cli.export import main as export_main
     from trainer import checkpoint
     from trainer.config import dump_yaml
     from trainer.data import DataCursor

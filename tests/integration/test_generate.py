@@ -1,4 +1,4 @@
-"""cli.generate and trainer.generation/inference on tiny Llama models built or trained in the test (no hub, no downloads)."""
+"""sft_stack.cli.generate and trainer.generation/inference on tiny Llama models built or trained in the test (no hub, no downloads)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from tiny_chat import (
 )
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from cli.generate import chat, main
 from data_pipeline.conversation import Conversation, Message
 from data_pipeline.schema import IGNORE_INDEX
 from data_pipeline.templates import ChatTemplate
+from sft_stack.cli.generate import chat, main
 from trainer import inference
 from trainer.generation import (
     Completion,
@@ -307,7 +307,7 @@ def test_chat_keeps_history_and_drops_oldest_turns_over_the_context(
     two_turns = tpl.encode_prompt([Message(role=r, content=c) for r, c in (("user", u1), ("assistant", a1),
                                                                            ("user", u2))])  # fmt: skip
     loaded.model.config.max_position_embeddings = len(two_turns) + 16
-    with caplog.at_level(logging.WARNING, logger="cli.generate"):
+    with caplog.at_level(logging.WARNING, logger="sft_stack.cli.generate"):
         history = chat(loaded, tpl, decoding, system=None, seed=0, lines=[u1, u2, u1])
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "history over the context: dropped the oldest 1 turn pair(s)"
@@ -435,7 +435,7 @@ def test_cli_end_to_end_on_the_seed_csv(tmp_path: Path, memorized_dir: Path) -> 
     prompts.write_text("prompt,output\n" + "".join(f'"{p}","{r}"\n' for p, r in PAIRS), encoding="utf-8")
     out = tmp_path / "gen.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "cli.generate", "--model", str(memorized_dir), "--prompts-file", str(prompts),
+        [sys.executable, "-m", "sft_stack.cli.generate", "--model", str(memorized_dir), "--prompts-file", str(prompts),
          "--preset", "greedy", "--max-new-tokens", "30", "--batch-size", "2", "--out", str(out), "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.arithmetic import EN_NAMES, TRAIN_NAMES, ZH_NAMES, final_answer, generate_problems, solve, write_csv
+from sft_stack.demo.arithmetic import EN_NAMES, TRAIN_NAMES, ZH_NAMES, final_answer, generate_problems, solve, write_csv
 
 TRAIN, HELDOUT, UNSEEN = 2000, 300, 0.4
 

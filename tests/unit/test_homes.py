@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.tokenizer import TokenizerError, load_tokenizer
+from sft_stack.common.tokenizer import TokenizerError, load_tokenizer
 from trainer import checkpoint
 from trainer.data import pad_id_for
 from trainer.dist import device_name, is_rank0, rank, zero_stage

@@ -1,7 +1,7 @@
 """The folders show the architecture: imports flow one way (README, "Layout").
 
-launcher -> trainer -> data_pipeline (schema, templates, conversation); cli -> trainer; tracking sits below trainer
-and data_pipeline and imports neither; common sits below everything. Every import statement of the project's
+launcher -> trainer -> data_pipeline (schema, templates, conversation); sft_stack.cli -> trainer; tracking sits
+below trainer and data_pipeline and imports neither; sft_stack.common sits below everything. Every import statement of the project's
 packages is read with ``ast`` (top-level and function-local ones alike), so a lazy import cannot hide an edge.
 """
 
@@ -13,17 +13,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("launcher", "cli", "demo", "trainer", "data_pipeline", "tracking", "common")
+COMMON, CLI, DEMO = "sft_stack.common", "sft_stack.cli", "sft_stack.demo"
+PACKAGES = ("launcher", CLI, DEMO, "trainer", "data_pipeline", "tracking", COMMON)
 ALLOWED = {
-    "common": set(),
-    "tracking": {"common"},
-    "data_pipeline": {"common", "tracking"},
-    "trainer": {"common", "tracking", "data_pipeline"},
-    "launcher": {"common", "tracking", "data_pipeline", "trainer"},
-    "cli": {"common", "tracking", "data_pipeline", "trainer"},
-    "demo": {"common", "tracking", "data_pipeline", "trainer", "cli"},
+    COMMON: set(),
+    "tracking": {COMMON},
+    "data_pipeline": {COMMON, "tracking"},
+    "trainer": {COMMON, "tracking", "data_pipeline"},
+    "launcher": {COMMON, "tracking", "data_pipeline", "trainer"},
+    CLI: {COMMON, "tracking", "data_pipeline", "trainer"},
+    DEMO: {COMMON, "tracking", "data_pipeline", "trainer", CLI},
 }
-"""Package -> the project packages it may import."""
+"""Package -> the project packages it may import (the sft_stack namespace's subpackages count as packages)."""
+
+
+def package_of(module: str) -> str | None:
+    """The project package a dotted module name belongs to, or None for a third-party module."""
+    parts = module.split(".")
+    top = ".".join(parts[:2]) if parts[0] == "sft_stack" else parts[0]
+    return top if top in PACKAGES else None
+
+
 TRAINER_MAY_USE = {"data_pipeline.schema", "data_pipeline.templates", "data_pipeline.conversation"}
 """The data_pipeline modules the trainer may import: the shard contract and the prompt rendering it shares."""
 
@@ -41,17 +51,17 @@ def imported_modules(path: Path) -> set[str]:
 def edges(package: str) -> list[tuple[str, str]]:
     """(file, imported module) for every import of another project package inside ``package``."""
     found = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
         for module in imported_modules(path):
-            top = module.split(".")[0]
-            if top in PACKAGES and top != package:
+            top = package_of(module)
+            if top is not None and top != package:
                 found.append((str(path.relative_to(ROOT)), module))
     return found
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_flow_one_way(package: str) -> None:
-    wrong = [(f, m) for f, m in edges(package) if m.split(".")[0] not in ALLOWED[package]]
+    wrong = [(f, m) for f, m in edges(package) if package_of(m) not in ALLOWED[package]]
     assert not wrong, f"{package} imports what sits above it: {wrong}"
 
 
@@ -59,3 +69,9 @@ def test_trainer_uses_only_the_data_contract_of_the_pipeline() -> None:
     used = {m for _, m in edges("trainer") if m.startswith("data_pipeline")}
     assert used <= TRAINER_MAY_USE, sorted(used - TRAINER_MAY_USE)
     assert "data_pipeline.schema" in used  # the check reads real imports (an empty set would pass vacuously)
+
+
+def test_no_generic_top_level_names() -> None:
+    """Installing the project adds only the design's packages and the project-named namespace to site-packages."""
+    tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
+    assert tops == {"launcher", "trainer", "data_pipeline", "tracking", "sft_stack"}, sorted(tops)

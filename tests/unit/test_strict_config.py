@@ -1,4 +1,4 @@
-"""common/strict_config.py on its own: coercion per annotation, strict building, overrides, field docstrings; and
+"""sft_stack/common/strict_config.py on its own: coercion per annotation, strict building, overrides, field docstrings; and
 common/ imports none of the project's packages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from common.strict_config import (
+from sft_stack.common.strict_config import (
     ConfigError,
     UnknownKeyError,
     WrongTypeError,

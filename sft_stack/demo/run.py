@@ -1,10 +1,10 @@
 """The demo, top to bottom: a model learns chain-of-thought arithmetic from scratch, and we measure it.
 
-    python -m demo                      # what `make demo` runs; --help for the knobs
+    python -m sft_stack.demo                      # what `make demo` runs; --help for the knobs
 
-1. data:      generated zh/en column-addition word problems (demo/arithmetic.py) as prompt,output CSV, a
+1. data:      generated zh/en column-addition word problems (sft_stack/demo/arithmetic.py) as prompt,output CSV, a
               held-out set with unseen names/objects and unseen operand pairs, and the answer-only variant
-2. tokenizer: a character-level tokenizer trained on the training corpus (demo/tokenizer.py), saved with the
+2. tokenizer: a character-level tokenizer trained on the training corpus (sft_stack/demo/tokenizer.py), saved with the
               model's config.json as OUT/model, the directory that training starts from (random init)
 3. prepare:   ``python -m data_pipeline prepare`` (CSV source, packing) for both variants
 4. before:    ``cli.evaluate`` exact match of the random-init model on the held-out problems
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
-from demo.tokenizer import train_char_tokenizer
+from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
+from sft_stack.demo.tokenizer import train_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
@@ -204,8 +204,8 @@ def write_init_model(opts: DemoOptions, out: Path) -> Path:
 
 
 def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed: int) -> dict[str, Any]:
-    """``python -m cli.evaluate`` on held-out prompts (greedy, batched); returns its results JSON."""
-    from cli.evaluate import main as evaluate_main
+    """``python -m sft_stack.cli.evaluate`` on held-out prompts (greedy, batched); returns its results JSON."""
+    from sft_stack.cli.evaluate import main as evaluate_main
 
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts)),
@@ -219,7 +219,7 @@ def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed
 
 def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str) -> float:
     """Score ``generate``/``evaluate`` rows with ``cli.evaluate --predictions`` into the run as prefix/*."""
-    from cli.evaluate import main as evaluate_main
+    from sft_stack.cli.evaluate import main as evaluate_main
 
     argv = [
         *("--predictions", str(predictions), "--out", str(out), "--metric-prefix", prefix),
@@ -265,8 +265,8 @@ def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, ext
 
 
 def generate(model: Path, prompts: Path, out: Path, *, preset: str, max_new_tokens: int, seed: int) -> list[dict]:
-    """``python -m cli.generate --prompts-file`` with one preset; returns its rows."""
-    from cli.generate import main as generate_main
+    """``python -m sft_stack.cli.generate --prompts-file`` with one preset; returns its rows."""
+    from sft_stack.cli.generate import main as generate_main
 
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts), "--preset", preset),
@@ -461,7 +461,7 @@ def _log_side_by_side(run: dict[str, str], greedy: list[dict], seeded: list[dict
         "greedy": [g["output"] for g in greedy],
         "seed_preset": [s["output"] for s in seeded],
     }
-    client.log_table(run["run_id"], table, "demo/side_by_side.json")
+    client.log_table(run["run_id"], table, "sft_stack/demo/side_by_side.json")
 
 
 def _length_ratio(short: Path, long: Path) -> float:
@@ -473,7 +473,7 @@ def _length_ratio(short: Path, long: Path) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sft_stack.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo_cot_out"), help="output folder (default demo_cot_out)")
     p.add_argument("--seed", type=int, default=0, help="problems, init, data order, sampling (default 0)")
     p.add_argument("--train-size", type=int, default=6000, help="training problems (default 6000)")

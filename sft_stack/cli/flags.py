@@ -1,6 +1,6 @@
 """The flags the command-line tools share, defined once: which model to load, which template, how to decode.
 
-``python -m cli.generate`` and ``python -m cli.evaluate`` add these groups to their parsers and turn the parsed
+``python -m sft_stack.cli.generate`` and ``python -m sft_stack.cli.evaluate`` add these groups to their parsers and turn the parsed
 namespace into the library's objects with ``load_from_args`` and ``decoding_from_args``, so a flag means the
 same and has the same default in every tool. ``--max-new-tokens`` defaults to the preset's own value (256;
 512 for ``seed``).

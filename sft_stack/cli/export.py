@@ -1,8 +1,8 @@
 """Export a run's checkpoint, or merge an exported adapter, into plain Hugging Face directories.
 
-    python -m cli.export --adapter OUT/final --merge --out OUT/merged
-    python -m cli.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
-    python -m cli.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
+    python -m sft_stack.cli.export --adapter OUT/final --merge --out OUT/merged
+    python -m sft_stack.cli.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
+    python -m sft_stack.cli.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
 
 The command only; what an export contains and how it is written is trainer/export.py.
 """
@@ -20,7 +20,7 @@ from trainer.run_dir import RUN_CONFIG_FILE
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cli.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.export", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
     source.add_argument(

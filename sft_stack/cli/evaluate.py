@@ -1,10 +1,10 @@
 """Evaluate a trained model: loss and perplexity on a prepared split, and generation metrics on references.
 
-    python -m cli.evaluate --model OUT/final --data DATA --split val --out eval.json
-    python -m cli.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
-    python -m cli.evaluate --predictions gen.jsonl --out eval.json            # score `cli.generate --out` rows
-    python -m cli.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
-    python -m cli.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
+    python -m sft_stack.cli.evaluate --model OUT/final --data DATA --split val --out eval.json
+    python -m sft_stack.cli.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
+    python -m sft_stack.cli.evaluate --predictions gen.jsonl --out eval.json            # score `cli.generate --out` rows
+    python -m sft_stack.cli.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
+    python -m sft_stack.cli.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
 
 Loss is the training loop's validation loss (trainer/loss.py: one function for both), token-weighted over
 every label that is not IGNORE_INDEX, on batches built and padded exactly as the loop builds them.
@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.flags import (
+from data_pipeline.schema import DataError
+from sft_stack.cli.flags import (
     add_decoding_flags,
     add_model_flags,
     decoding_from_args,
@@ -31,7 +32,6 @@ from cli.flags import (
     setup_logging,
     template_from_args,
 )
-from data_pipeline.schema import DataError
 from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
@@ -76,7 +76,7 @@ def score_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cli.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.evaluate", description=__doc__.split("\n\n")[0])
     add_model_flags(parser, required=False)
     parser.add_argument("--data", help="prepared data directory (python -m data_pipeline prepare) for loss/ppl")
     parser.add_argument("--split", default="val", help="split of --data to score (default val)")

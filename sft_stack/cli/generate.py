@@ -1,8 +1,8 @@
 """Generate from a trained model: one prompt, a prompts file, or an interactive chat.
 
-    python -m cli.generate --model OUT/final --prompt "1+1=?" --preset greedy
-    python -m cli.generate --model BASE --adapter OUT/final --prompts-file prompts.jsonl --out gen.jsonl
-    python -m cli.generate --model OUT/final --chat --preset seed
+    python -m sft_stack.cli.generate --model OUT/final --prompt "1+1=?" --preset greedy
+    python -m sft_stack.cli.generate --model BASE --adapter OUT/final --prompts-file prompts.jsonl --out gen.jsonl
+    python -m sft_stack.cli.generate --model OUT/final --chat --preset seed
 
 The command and the chat REPL; decoding is trainer/generation.py, loading the model, adapter and template is
 trainer/inference.py. The template in use is printed on one stderr line. See docs/generation.md.
@@ -18,7 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.flags import (
+from data_pipeline.conversation import Message
+from sft_stack.cli.flags import (
     add_decoding_flags,
     add_model_flags,
     decoding_from_args,
@@ -26,7 +27,6 @@ from cli.flags import (
     setup_logging,
     template_from_args,
 )
-from data_pipeline.conversation import Message
 from trainer.generation import (
     Decoding,
     GenerateError,
@@ -103,7 +103,7 @@ def stdin_turns() -> Iterator[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cli.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.generate", description=__doc__.split("\n\n")[0])
     add_model_flags(parser, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one user prompt")
