@@ -94,7 +94,13 @@ class Loader(yaml.SafeLoader):
 
 _FLOAT_TEXT_TAG = "tag:sft-stack,2026:float-text"
 Loader.add_implicit_resolver(_FLOAT_TEXT_TAG, YAML12_FLOAT, list("-+.0123456789"))
-Loader.add_constructor(_FLOAT_TEXT_TAG, lambda loader, node: FloatText(loader.construct_scalar(node)))
+
+
+def _construct_float_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> FloatText:
+    return FloatText(loader.construct_scalar(node))
+
+
+Loader.add_constructor(_FLOAT_TEXT_TAG, _construct_float_text)
 
 
 def load_yaml_text(text: str) -> Any:
