@@ -128,9 +128,11 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def check_model_dir(cfg: RunConfig) -> dict[str, Any]:
-    """The model directory's config.json, after checking it has a tokenizer and (unless random_init) weights."""
+    """The model directory's config.json, after checking it is not an original checkpoint that needs converting,
+    and has a tokenizer and (unless random_init) weights."""
     path = Path(cfg.model.path)
     raw = read_hf_config(path)
+    check_not_original(cfg.model.path, str(raw.get("model_type", "")))  # first: its remedy covers the rest
     if not has_tokenizer(path):
         raise ConfigError(
             f"model.path={path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer there"
@@ -144,9 +146,8 @@ def check_model_dir(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_model_family(cfg: RunConfig, hf_config: dict[str, Any], world_size: int) -> None:
-    """An original (unconverted) checkpoint, an unknown family, LoRA targets, sequence parallelism."""
+    """An unknown family, LoRA targets, sequence parallelism."""
     model_type = str(hf_config.get("model_type", ""))
-    check_not_original(cfg.model.path, model_type)
     family = resolve_family(cfg.model.family, model_type)
     if cfg.model.method in ("lora", "qlora"):
         lora_target_modules(cfg.lora.target_modules, family)
