@@ -52,9 +52,16 @@ def set_single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def is_node_leader() -> bool:
+    """Local rank 0: the one rank per node that prints what every rank of the node found alike (start-up errors
+    are decided from the config and this node's files, so the node's other ranks found the same and exit quietly;
+    a node with other files, e.g. a node-local data disk, prints its own)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def announce_join() -> None:
     """One line per node before the rendezvous, so a wait there (a rank that never came) is never silent."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if is_node_leader():
         world, address = os.environ.get("WORLD_SIZE", "1"), os.environ.get("MASTER_ADDR", "?")
         port = os.environ.get("MASTER_PORT", "?")
         print(f"joining the process group: {world} rank(s), rendezvous {address}:{port}", flush=True)
@@ -81,11 +88,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if is_node_leader():
+            print(f"config error: {exc}", file=sys.stderr, flush=True)
         return USER_ERROR
     problems = find_problems(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr, flush=True)
+    if problems and is_node_leader():
+        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr, flush=True)
     if problems:
         return USER_ERROR
     import torch.distributed as dist
