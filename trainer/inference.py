@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data_pipeline.conversation import InputError
+from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
+from data_pipeline.templates import ChatTemplate, resolve_template
 from sft_stack.common.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 from trainer.generation import GenerateError
 from trainer.run_dir import EXPORT_INFO_FILE, RunDir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from data_pipeline.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,6 @@ def resolve_run_template(
     the run config (``data.path``) in the run directory that holds the export (OUT/final -> OUT, trainer/run_dir);
     5. ``auto``: the tokenizer's own chat_template when it has one, else the neutral ``default``.
     """
-    from data_pipeline.conversation import InputError
-    from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
-    from data_pipeline.templates import resolve_template
 
     def choose(template_name: str, source: str) -> TemplateChoice:
         try:
