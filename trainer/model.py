@@ -17,11 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
 from sft_stack.common.tokenizer import TokenizerError, load_tokenizer
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, local_device, zero_stage
-from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
+from trainer.families import (  # importing the registry registers our own model classes with the Auto classes
+    Family,
+    check_not_original,
+    lora_target_modules,
+    resolve_family,
+)
 from trainer.models.norm_head import NormHead
 from trainer.preflight import is_flash_attention_available, read_hf_config, validate_method
 from trainer.run_dir import RunDir
@@ -53,7 +57,7 @@ class LoadedModel:
 def attention_implementation(requested: str, remote_code: bool, model_type: str = "") -> str | None:
     """The attn_implementation to pass to transformers; None lets remote modeling code choose its own."""
     # Our own classes pass ALiBi / the GLM prefix-LM mask as a float mask, which flash-attention cannot take.
-    flash_ok = model_type not in trainer.models.OWN_MODEL_TYPES
+    flash_ok = resolve_family("auto", model_type).own_model is None
     match requested:
         case "auto":
             if remote_code:
