@@ -21,7 +21,7 @@ from typing import Any, Literal
 import ijson
 import orjson
 
-from data_pipeline.conversation import (
+from sft_stack.chat.conversation import (
     Conversation,
     InputError,
     Message,

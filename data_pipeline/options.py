@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.conversation import InputError
+from sft_stack.chat.conversation import InputError
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError, WrongTypeError
 

@@ -184,7 +184,7 @@ def check_prompts(cfg: RunConfig, template: str | None) -> None:
         return
     if not Path(cfg.eval.prompts_file).is_file():
         raise ConfigError(f"eval.prompts_file={cfg.eval.prompts_file}: no such file; fix the path or unset it")
-    from data_pipeline.templates import TEMPLATE_NAMES
+    from sft_stack.chat.templates import TEMPLATE_NAMES
 
     if template is not None and template not in TEMPLATE_NAMES:
         raise DataError(

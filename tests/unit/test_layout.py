@@ -34,7 +34,7 @@ def package_of(module: str) -> str | None:
     return top if top in PACKAGES else None
 
 
-TRAINER_MAY_USE = {"data_pipeline.schema", "data_pipeline.templates", "data_pipeline.conversation"}
+TRAINER_MAY_USE = {"data_pipeline.schema", "sft_stack.chat.templates", "sft_stack.chat.conversation"}
 """The data_pipeline modules the trainer may import: the shard contract and the prompt rendering it shares."""
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from data_pipeline.conversation import Conversation, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
-from data_pipeline.templates import (
+from sft_stack.chat.conversation import Conversation, Message, Reject, ToolCall, uses_tools
+from sft_stack.chat.templates import (
     TEMPLATE_NAMES,
     TOOL_TEMPLATES,
     ChatTemplate,

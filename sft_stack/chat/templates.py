@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from data_pipeline.conversation import Conversation, InputError, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
+from sft_stack.chat.conversation import Conversation, InputError, Message, Reject, ToolCall, uses_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
