@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sft_stack.chat.templates import TEMPLATE_NAMES
+from sft_stack.chat.registry import TEMPLATE_NAMES
 from tracking import cli, naming
 from trainer.config import load_config, to_dict
 
