@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +336,30 @@ def test_evaluate_redacts_what_it_logs_to_mlflow(tmp_path: Path, monkeypatch: py
     assert "eval/loss" in client.get_run(run_id).data.metrics
     assert "SECRET" not in logged, logged
     assert '"***"' in logged and "***@data.example.com" in logged
+
+
+def test_slurm_cluster_script_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    """`scripts/slurm_cluster.sh up|down STATE_DIR` runs as root and deletes STATE_DIR (up) or kills the PIDs it
+    lists (down): a symlink planted where STATE_DIR goes, or a directory someone else owns, is refused."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    (victim / "pids").write_text("slurmctld 1\n")  # what `down` would kill
+    planted = tmp_path / "sft-slurm"
+    planted.symlink_to(victim)
+    script = ROOT / "scripts" / "slurm_cluster.sh"
+    for action in ("up", "down"):
+        result = subprocess.run(["bash", str(script), action, str(planted)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        if os.geteuid() == 0:  # otherwise `up` stops earlier, at "needs root"
+            assert result.stderr.strip() == (
+                f"slurm_cluster: {planted} is a symlink; refusing to use it (remove it, or pass another STATE_DIR)"
+            )
+    assert sorted(p.name for p in victim.iterdir()) == ["keep", "pids"] and planted.is_symlink()
+    if os.geteuid() == 0:
+        planted.unlink()
+        planted.mkdir()
+        os.chown(planted, 65534, 65534)  # nobody's
+        result = subprocess.run(["bash", str(script), "up", str(planted)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "is not a directory owned by" in result.stderr, result.stderr
+        assert planted.is_dir()
