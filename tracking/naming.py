@@ -213,6 +213,9 @@ def open_client(tracking_uri: str) -> Any:
     HTTP requests are tried once, so an unreachable server fails fast instead of retrying for minutes."""
     for key, value in _HTTP_ENV.items():
         os.environ.setdefault(key, value)
+    if redact_text(tracking_uri) != tracking_uri:
+        # MLflow writes "View run ... at: <the URI>" straight to stdout when a run ends, past any log filter
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     redact_logs()
     from mlflow import MlflowClient
 
