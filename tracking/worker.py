@@ -165,7 +165,7 @@ class Worker(threading.Thread):
                 return [{"op": "artifact", "path": str(path), "artifact_path": command.get("artifact_path")}]
             case "text_artifact":
                 target = self.spool.new_file(command["name"])
-                target.write_text(command["text"], encoding="utf-8")
+                target.write_text(redact_text(command["text"]), encoding="utf-8")
                 return [{"op": "artifact", "path": str(target), "artifact_path": command.get("artifact_path")}]
             case "table":
                 return [self._table_op(command["rows"], command["artifact_file"])]

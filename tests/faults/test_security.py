@@ -13,6 +13,7 @@ import ast
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,50 @@ def test_slurm_cluster_script_never_follows_a_planted_symlink(tmp_path: Path) ->
         result = subprocess.run(["bash", str(script), "up", str(planted)], capture_output=True, text=True, timeout=60)
         assert result.returncode == 1 and "is not a directory owned by" in result.stderr, result.stderr
         assert planted.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("http://alice:pw-1@h:5000/x", "http://***@h:5000/x"),
+        ("https://h/?token=t-1&run=3", "https://h/?token=***&run=3"),
+        ("https://h/p?access_token=t-1;api_key=k-1#frag", "https://h/p?access_token=***;api_key=***#frag"),
+        ("s3://b/k?X-Amz-Signature=s-1&X-Amz-Credential=c-1&X-Amz-Date=20260101", "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***&X-Amz-Date=20260101"),
+        ("https://h/?sig=s-1&password=p-1&apiKey=k-1", "https://h/?sig=***&password=***&apiKey=***"),
+        ('{"url": "http://u:p-1@h/?token=t-1"}', '{"url": "http://***@h/?token=***"}'),
+        ("max_new_tokens=64 tokenizer=tok", "max_new_tokens=64 tokenizer=tok"),
+        ("sqlite:////tmp/mlruns/mlflow.db", "sqlite:////tmp/mlruns/mlflow.db"),
+        ("https://h/?tokens_per_s=5&max_tokens=3", "https://h/?tokens_per_s=5&max_tokens=3"),
+    ],
+)  # fmt: skip
+def test_redact_text_removes_url_credentials_and_token_values(text: str, clean: str) -> None:
+    assert naming.redact_text(text) == clean
+
+
+LOG_SCRIPT = """
+import logging, sys, warnings
+from tracking.naming import redact_logs
+uri = sys.argv[1]
+logging.basicConfig(level=logging.INFO)
+redact_logs()
+logging.getLogger("urllib3.connectionpool").warning("Retrying after connection broken: %s/api/2.0/mlflow/runs", uri)
+logging.getLogger("mlflow.utils.rest_utils").info(f"API request to {uri} failed")
+try:
+    raise ConnectionError(f"Max retries exceeded with url: {uri}")
+except ConnectionError:
+    logging.getLogger("tracking").exception("tracking: send failed")
+warnings.warn(f"Failed to log to {uri}", UserWarning, stacklevel=1)
+print("done", file=sys.stderr)
+"""
+
+
+def test_every_log_line_and_warning_is_redacted_mlflow_and_urllib3_included() -> None:
+    """After the tracking package opens MLflow, what any library logs or warns with the URI prints redacted."""
+    uri = "http://alice:pw-SECRET9@127.0.0.1:9/?token=tok-SECRET9"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", LOG_SCRIPT, uri], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert "SECRET9" not in result.stdout + result.stderr, result.stderr
+    # the urllib3 and MLflow lines, the traceback of the logged exception, the warning
+    assert result.stderr.count("http://***@127.0.0.1:9/?token=***") == 4, result.stderr
