@@ -44,8 +44,8 @@ class UnsafeLoads(ast.NodeVisitor):
     - ``torch.load`` / ``torch.serialization.load`` without ``weights_only=True``;
     - anything from pickle, _pickle, dill, cloudpickle, joblib, marshal, shelve that loads (``load``, ``loads``,
       ``Unpickler``, ``open``);
-    - ``yaml.load``/``load_all`` without ``Loader=`` a safe loader; ``yaml.unsafe_load``, ``full_load``, and
-      the unsafe loader classes wherever they are named;
+    - ``yaml.load``/``load_all`` without ``Loader=`` a safe loader (yaml's, or a class of the module derived from
+      one); ``yaml.unsafe_load``, ``full_load``, and the unsafe loader classes wherever they are named;
     - ``numpy.load(..., allow_pickle=True)``;
     - any of these named without being called right there (``partial(torch.load)``, ``loader = pickle.loads``):
       the arguments it will get cannot be checked.
@@ -57,7 +57,22 @@ class UnsafeLoads(ast.NodeVisitor):
         self.functions: list[str] = ["<module>"]
         self.found: list[tuple[str, str, str, int]] = []
         """(file, enclosing function, what, line)."""
+        self.safe_loaders = set(_SAFE_YAML_LOADERS)
+        """yaml's safe loaders and the module's classes derived from them."""
         self._called: set[int] = set()
+
+    def scan(self, tree: ast.Module) -> None:
+        """Imports and safe loader classes first (a function may use a class defined below it), then every use."""
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                self.visit(node)
+        classes = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+        grew = True
+        while grew:  # a class derived from a class derived from SafeLoader
+            known = len(self.safe_loaders)
+            self.safe_loaders |= {c.name for c in classes if any(self.dotted(b) in self.safe_loaders for b in c.bases)}
+            grew = len(self.safe_loaders) > known
+        self.visit(tree)
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -138,13 +153,13 @@ def is_safe_call(name: str, call: ast.Call, scan: UnsafeLoads) -> bool:
         return flag is None or (isinstance(flag, ast.Constant) and flag.value is False)
     if name in ("yaml.load", "yaml.load_all"):
         loader = keywords.get("Loader", call.args[1] if len(call.args) > 1 else None)
-        return loader is not None and scan.dotted(loader) in _SAFE_YAML_LOADERS
+        return loader is not None and scan.dotted(loader) in scan.safe_loaders
     return False
 
 
 def unsafe_loads(source: str, where: str = "<test>") -> list[tuple[str, str, str, int]]:
     scan = UnsafeLoads(where)
-    scan.visit(ast.parse(source))
+    scan.scan(ast.parse(source))
     return scan.found
 
 
@@ -200,6 +215,8 @@ def test_no_unsafe_deserialization_in_the_product_but_the_documented_one() -> No
         "from yaml import UnsafeLoader\nimport yaml\nyaml.load(t, Loader=UnsafeLoader)",
         "import numpy as np\nnp.load(p, allow_pickle=True)",
         "def f(p):\n    import torch\n    return torch.load(p)",
+        "import yaml\nclass L(yaml.Loader):\n    pass\nyaml.load(t, Loader=L)",
+        "import yaml\nclass L:\n    pass\nyaml.load(t, Loader=L)",
     ],
 )
 def test_the_scan_catches_every_spelling_of_unsafe_loading(source: str) -> None:
@@ -214,6 +231,7 @@ def test_the_scan_catches_every_spelling_of_unsafe_loading(source: str) -> None:
         "import yaml\nyaml.safe_load(text)",
         "import yaml\nyaml.load(text, Loader=yaml.SafeLoader)",
         "import yaml\nyaml.load(text, yaml.CSafeLoader)",
+        "import yaml\ndef f(t):\n    return yaml.load(t, Loader=M)\nclass L(yaml.SafeLoader):\n    pass\nclass M(L):\n    pass",
         "import numpy as np\nnp.load(p)",
         "import json\njson.load(f)",
         "from safetensors.torch import load_file\nload_file(p)",
