@@ -39,7 +39,7 @@ from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, w
 from sft_stack.demo.tokenizer import train_char_tokenizer
 from tracking.naming import STORE_DIR, store_uri
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
 GENERATOR_FILES = (ROOT / "demo" / "arithmetic.py", ROOT / "demo" / "tokenizer.py")
 TEMPLATE = "plain"
