@@ -41,7 +41,7 @@ from tracking.naming import STORE_DIR, store_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
-GENERATOR_FILES = (ROOT / "demo" / "arithmetic.py", ROOT / "demo" / "tokenizer.py")
+GENERATOR_FILES = (Path(__file__).with_name("arithmetic.py"), Path(__file__).with_name("tokenizer.py"))
 TEMPLATE = "plain"
 """Prompt, newline, answer, eos: no chat markup to learn for a model that starts from nothing."""
 
