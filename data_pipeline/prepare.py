@@ -828,7 +828,10 @@ def _merge(
         for block in range(done["task_index"], blocks, num_tasks):
             result = completed_block(part, block, plan.fingerprint)
             if result is None:
-                raise InputError(f"merge: {part}: block {block} is missing or fails verification; re-run that task")
+                raise InputError(
+                    f"merge: {part}: block {block} is missing, fails verification or names a shard outside its "
+                    "folder; re-run that task"
+                )
             for split, info in result.splits.items():
                 if info.shard is not None:
                     link_or_copy(part / split / info.shard.file, out / split / info.shard.file)
