@@ -16,12 +16,13 @@ Errors of the JSON text itself (ijson.JSONError, UnicodeDecodeError) propagate: 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import ijson
 
+T = TypeVar("T")
 BOM = b"\xef\xbb\xbf"
 _READ = 1 << 20
 """Bytes read at a time while skipping the rest of an overlong line."""
@@ -116,22 +117,47 @@ def _add(stack: list[Any], keys: list[Any], value: Any) -> None:
         top.append(value)
 
 
+def _with_fallback(f: BinaryIO, read: Callable[[Iterator[tuple[str, Any]]], Iterator[T]]) -> Iterator[T]:
+    """``read`` over yajl2_c's events of ``f``; from where a UnicodeDecodeError stops them, over the Python backend's.
+
+    yajl turns a lone low surrogate escape (``"\\udfff"``, valid JSON) into bytes no UTF-8 decoder takes, which
+    would end the whole file; ijson's Python backend reads it as the standard library does (a str with the
+    surrogate, which the readers then reject as invalid_unicode). Bytes that are not UTF-8 fail there too."""
+    start = f.tell()
+    done = 0
+    try:
+        for value in read(ijson.basic_parse(f, use_float=True)):
+            yield value
+            done += 1
+    except UnicodeDecodeError:
+        f.seek(start)
+        for number, value in enumerate(read(ijson.get_backend("python").basic_parse(f, use_float=True))):
+            if number >= done:
+                yield value
+
+
 def iter_array(f: BinaryIO, max_bytes: int, max_depth: int) -> Iterator[Built]:
     """The elements of the JSON array that ``f`` holds, in order (``f`` positioned at it)."""
-    events = ijson.basic_parse(f, use_float=True)
-    if next(events, ("", None))[0] != "start_array":
-        raise ijson.JSONError("the file does not hold a JSON array")
-    for event in events:
-        if event[0] == "end_array":
-            return
-        yield build(events, event, max_bytes, max_depth)
+
+    def read(events: Iterator[tuple[str, Any]]) -> Iterator[Built]:
+        if next(events, ("", None))[0] != "start_array":
+            raise ijson.JSONError("the file does not hold a JSON array")
+        for event in events:
+            if event[0] == "end_array":
+                return
+            yield build(events, event, max_bytes, max_depth)
+
+    return _with_fallback(f, read)
 
 
 def iter_scenarios(f: BinaryIO, max_bytes: int, max_depth: int) -> Iterator[tuple[str, bool, Built]]:
     """(key, is an element of a list, record) for a JSON object of key -> list of records (Safety-Prompts).
 
     A value that is a list yields one record per element; any other value yields itself, with False."""
-    events = ijson.basic_parse(f, use_float=True)
+    return _with_fallback(f, lambda events: _scenarios(events, max_bytes, max_depth))
+
+
+def _scenarios(events: Iterator[tuple[str, Any]], max_bytes: int, max_depth: int) -> Iterator[tuple[str, bool, Built]]:
     if next(events, ("", None))[0] != "start_map":
         raise ijson.JSONError("the file does not hold a JSON object")
     for event, key in events:

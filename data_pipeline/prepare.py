@@ -429,7 +429,10 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> BlockRe
     histogram: Counter[str] = Counter()
     source_records = [0] * len(state.plan.sources)
     rejects_path = block_file(state.out, block, ".rejects.jsonl")
-    with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
+    # backslashreplace: a reject's raw text may hold a lone surrogate (the reason it was rejected), which has no UTF-8
+    # form; inside a JSON string it becomes the escape it was read from (\udfff).
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    with open(rejects_tmp, "w", encoding="utf-8", errors="backslashreplace") as rejects:
         for (position, _record), outcome in zip(records, encoded, strict=True):
             source_records[position] += 1
             if isinstance(outcome, Reject):
@@ -443,7 +446,7 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> BlockRe
             samples[split] += 1
             per_split[split].extend(outcome)
             histogram.update(_length_bucket(len(ids)) for ids, _ in outcome)
-    os.replace(rejects_path.with_name(rejects_path.name + ".tmp"), rejects_path)
+    os.replace(rejects_tmp, rejects_path)
 
     splits: dict[str, SplitOutput] = {}
     for split, sequences in per_split.items():

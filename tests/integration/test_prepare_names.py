@@ -20,7 +20,17 @@ from tests.helpers.data import TINY_LLAMA, arithmetic_conversations, write_jsonl
 
 
 def prepare_args(source: Path, out: Path) -> list[str]:
-    return ["prepare", "--source", str(source), "--tokenizer", str(TINY_LLAMA), "--out", str(out), "--no-progress", "--no-track"]
+    return [
+        "prepare",
+        "--source",
+        str(source),
+        "--tokenizer",
+        str(TINY_LLAMA),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-track",
+    ]
 
 
 @pytest.fixture(scope="module")
