@@ -89,5 +89,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if error.errno is None:
+                raise
+            # copyfile's error may name the source; a full disk is about the file being written.
+            raise OSError(error.errno, os.strerror(error.errno), str(tmp)) from error
     os.replace(tmp, dst)

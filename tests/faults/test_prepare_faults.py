@@ -170,6 +170,32 @@ def test_prepare_on_a_full_disk_is_one_line_and_the_rerun_is_byte_identical(
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
 
+@pytest.mark.slow
+def test_merge_on_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path: Path, small_disk: SmallDisk) -> None:
+    source = write_corpus(tmp_path / "corpus.jsonl", 2000)
+    options = ["--max-seq-len", "512", "--block-size", "400"]
+    parts = [tmp_path / f"part{index}" for index in range(2)]
+    for index, part in enumerate(parts):
+        task = ["--num-tasks", "2", "--task-index", str(index)]
+        done = subprocess.run(prepare_command([source], part, *options, *task), env=env(), capture_output=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    out = small_disk.root / "merged"
+    # Another file system than the partials': merge copies the shards (a hard link would cost no space).
+    command = [sys.executable, "-m", "data_pipeline", "merge", *map(str, parts), "--out", str(out), "--no-track"]
+    full = subprocess.run(
+        command, env=env(), capture_output=True, text=True, check=False, preexec_fn=small_disk.preexec()
+    )
+    assert full.returncode == 1, full.stdout + full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: merge: "), full.stderr
+    assert f"writing {out}" in lines[0] and "MiB free" in lines[0], lines[0]  # the file written, not the partial's
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    small_disk.free_space()
+    rerun = subprocess.run(command, env=env(), capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(out)], env=env()).returncode == 0
+
+
 # ---------------------------------------------------------------------------------------------- many sources
 
 
