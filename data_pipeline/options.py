@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.conversation import InputError
+from data_pipeline.formats import MAX_RECORD_BYTES
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError, WrongTypeError
 
@@ -73,7 +74,7 @@ class PrepareOptions:
     read. They are not bad data but a max_seq_len too small for it: real corpora at usual lengths drop well under
     1%, so 10% stops a run whose max_seq_len is badly off without failing one that merely has a few long
     records."""
-    max_record_bytes: int = 4 << 20
+    max_record_bytes: int = MAX_RECORD_BYTES
     """Bound on one record's size in bytes (default 4 MiB): a record over it is rejected as too_large before it is
     parsed or tokenized (a JSON line or a file by its bytes, never read whole; a JSON array element by its
     characters as it streams). Tokenizing costs about 250x a record's size in memory, so this bounds what one record

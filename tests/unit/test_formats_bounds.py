@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipeline.conversation import Conversation, Reject, Text
-from data_pipeline.formats import MAX_DEPTH, detect_format, read_lines, read_records
+from data_pipeline.formats import MAX_DEPTH, Line, convert_line, detect_format, read_lines, read_records
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 SURROGATE = '{"messages": [{"role": "user", "content": "x\\ud800y"}, {"role": "assistant", "content": "a"}]}'
@@ -41,12 +41,10 @@ def test_json_lines_huge_deep_and_surrogate_lines_are_rejects_with_their_line(tm
     records = list(read_records(path, "messages", LIMIT))
     assert outcomes(records) == ["ok", "too_large", "too_large", "too_large", "invalid_unicode", "ok", "ok"]
     assert [r.index + 1 for r in records] == [1, 2, 3, 4, 5, 6, 7]  # index = line number - 1
-    assert "max_record_bytes" in records[1].detail if isinstance(records[1], Reject) else False
+    assert isinstance(records[1], Reject) and "max_record_bytes" in records[1].detail
     # The unparsed path prepare takes gives the same records.
     lines_read = read_lines(path, "messages", LIMIT)
     assert lines_read is not None
-    from data_pipeline.formats import Line, convert_line
-
     converted = [convert_line(r) if isinstance(r, Line) else r for r in lines_read]
     assert converted == records
 
