@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
+
 from data_pipeline.blocks import BLOCKS_DIR
 from data_pipeline.schema import SPLITS
 
@@ -29,10 +31,6 @@ def is_out_of_space(error: BaseException) -> bool:
     """True for the errors a full file system, a quota or a file-size limit raise (see the module docstring)."""
     if isinstance(error, OSError) and error.errno in _SPACE_ERRNOS:
         return True
-    try:
-        import pyarrow as pa
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        return False
     return isinstance(error, OSError | pa.ArrowException) and "No space left on device" in str(error)
 
 
