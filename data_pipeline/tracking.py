@@ -38,6 +38,9 @@ __all__ = ["PREPARE_RUN_FILE", "is_enabled", "log_prepare_run", "record_in_backg
 
 EXPERIMENT = "sft-data"
 LOG_FILE = "mlflow_prepare_run.log"
+OPTIONS_FILE = "mlflow_prepare_options.json"
+"""The options as given, for the background process: in a file, since a command line has a length limit (620
+sources overran it)."""
 
 
 def is_enabled(flag: bool | None = None) -> bool:
@@ -135,9 +138,13 @@ def log_prepare_run(manifest: Manifest, out_dir: str | Path, options: Any = None
 
 def record_in_background(out_dir: str | Path, options: Any = None) -> None:
     """Record ``out_dir``'s prepare from a detached process (``python -m data_pipeline.tracking OUT``);
-    ``options`` (the PrepareOptions) travel as JSON on its command line."""
+    ``options`` (the PrepareOptions) travel in ``OUT/mlflow_prepare_options.json``: nothing on its command line grows
+    with the number of sources."""
     out_dir = Path(out_dir)
-    extra = ["--options", json.dumps(dataclasses.asdict(options), default=str)] if options is not None else []
+    extra: list[str] = []
+    if options is not None:
+        write_json_atomic(out_dir / OPTIONS_FILE, dataclasses.asdict(options))
+        extra = ["--options-file", str((out_dir / OPTIONS_FILE).resolve())]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     with open(out_dir / LOG_FILE, "ab") as log_file:
@@ -161,14 +168,14 @@ def _read_prepare_file(out_dir: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_pipeline.tracking OUT [--options JSON]``: log (or re-log after an outage) a prepared
-    directory; ``--options``: the prepare options as given (default: those the manifest keeps)."""
+    """``python -m data_pipeline.tracking OUT [--options-file JSON_FILE]``: log (or re-log after an outage) a
+    prepared directory; ``--options-file``: the prepare options as given (default: those the manifest keeps)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--options"):
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--options-file"):
         print("usage: python -m data_pipeline.tracking OUT   (a directory written by prepare)", file=sys.stderr)
         return 2
     out_dir = Path(args[0])
-    options = json.loads(args[2]) if len(args) == 3 else None
+    options = json.loads(Path(args[2]).read_text(encoding="utf-8")) if len(args) == 3 else None
     run_id = log_prepare_run(load_manifest(out_dir), out_dir, options)
     if run_id is None:
         return 1
