@@ -31,6 +31,7 @@ import yaml
 
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError as ConfigError  # re-exported: the trainer's error type
+from tracking.naming import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The checkout (or editable install) this trainer runs from: its ds_configs/ backs a relative deepspeed.config."""
@@ -178,7 +179,8 @@ class TrackingConfig:
     enabled: bool = True
     """Track the run in MLflow. false: mlflow is not even imported."""
     uri: str | None = None
-    """Tracking URI; None: $MLFLOW_TRACKING_URI, else the embedded store <output_dir's parent>/mlruns (sqlite)."""
+    """Tracking URI; None: $MLFLOW_TRACKING_URI, else the default store ./mlruns in the current directory (sqlite;
+    the one prepare and `python -m tracking dashboard` use). Written to files and logs with credentials redacted."""
     experiment: str = "sft"
     """MLflow experiment name."""
     run_name: str | None = None
@@ -346,4 +348,6 @@ def flatten(config: RunConfig) -> dict[str, Any]:
 
 
 def dump_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    """The resolved config as written to files (run_config.yaml, every checkpoint, the MLflow artifact):
+    credentials redacted (``tracking.naming.redact``: ``tracking.uri``'s user:password and tokens)."""
+    return yaml.safe_dump(redact(to_dict(config)), sort_keys=False, allow_unicode=True)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tracking.naming import redact
 from trainer.config import PROJECT_ROOT, ConfigError, RunConfig
 
 INJECTED_KEYS = {
@@ -103,4 +104,5 @@ def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def dump_ds_config(ds_config: dict[str, Any]) -> str:
-    return json.dumps(ds_config, indent=2, sort_keys=True) + "\n"
+    """The merged DeepSpeed config as written to files: credentials redacted (e.g. a monitor's api_key)."""
+    return json.dumps(redact(ds_config), indent=2, sort_keys=True) + "\n"
