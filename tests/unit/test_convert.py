@@ -20,7 +20,7 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.convert import ConvertError, weights
-from trainer.convert.cli import convert_checkpoint
+from trainer.convert.checkpoint import convert_checkpoint
 from trainer.families import check_not_original, resolve_family
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "seed_models"
@@ -271,5 +271,5 @@ def test_training_an_original_checkpoint_exits_with_the_converter_command(tmp_pa
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    (line,) = [line for line in result.stderr.splitlines() if "trainer.convert" in line]
-    assert f"python -m trainer.convert {original} {original}-native" in line
+    (line,) = [line for line in result.stderr.splitlines() if "sft convert" in line]
+    assert f"sft convert {original} {original}-native" in line
