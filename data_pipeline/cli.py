@@ -87,9 +87,8 @@ def _parser(prog: str = "python -m data_pipeline") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--format",
-        choices=FORMATS,
-        help="Read every source as this format instead of detecting it from the first records "
-        "(docs/formats.md). Default: detect.",
+        help=f"Read every source as this format ({', '.join(FORMATS)}; docs/formats.md) instead of detecting it "
+        "from the first records. Default: auto (detect).",
     )
     add_option_flags(p)
     p.add_argument(

@@ -212,7 +212,7 @@ def test_bad_sources_fail_in_one_line(tmp_path: Path) -> None:
 def test_original_checkpoint_refused_at_start_up() -> None:
     for family in ("chatglm2", "baichuan2_7b", "moss"):
         raw = json.loads((SEED / family / "checkpoint" / "config.json").read_text())
-        with pytest.raises(ConfigError, match=r"python -m trainer\.convert /models/x /models/x-native") as caught:
+        with pytest.raises(ConfigError, match=r"sft convert /models/x /models/x-native") as caught:
             check_not_original("/models/x", raw["model_type"])
         assert "\n" not in str(caught.value)
     check_not_original("/models/x", "glm")  # converted: accepted
@@ -250,7 +250,7 @@ def test_prepare_refuses_a_vendor_tokenizer(tmp_path: Path) -> None:
     from data_pipeline.prepare import load_tokenizer
 
     for family in ("baichuan2_7b", "chatglm3"):
-        with pytest.raises(InputError, match=r"python -m trainer\.convert") as caught:
+        with pytest.raises(InputError, match=r"sft convert") as caught:
             load_tokenizer(str(SEED / family / "tokenizer"))
         assert "\n" not in str(caught.value)
 

@@ -1,5 +1,5 @@
 """Every shipped run YAML loads, merges its DeepSpeed config, passes validate_method, and the large-model ones
-carry the planner verdict that `python -m trainer.plan` prints today for the command in their header."""
+carry the planner verdict that `sft plan` prints today for the command in their header."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from sft_stack.cli.plan import main as plan_main
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
 from trainer.model import validate_method
-from sft_stack.cli.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
