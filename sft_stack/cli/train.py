@@ -81,7 +81,8 @@ def deepspeed_command(args: argparse.Namespace, config: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.train") -> int:
-    args = build_parser(prog).parse_args(argv)
+    # Intermixed: options may come before, between or after the config and its overrides.
+    args = build_parser(prog).parse_intermixed_args(argv)
     config = resolve_config(args.config)
     if config is None:
         return user_error(
