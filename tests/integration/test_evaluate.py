@@ -219,7 +219,9 @@ def test_cli_refusals_are_one_line(
     data_dirs: dict[str, Path], memorized_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, err = run_main(["--model", str(memorized_dir)], capsys)
-    assert code == 2 and err == ["sft: error: nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F"]
+    assert code == 2 and err == [
+        "sft: error: nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F"
+    ]
     code, err = run_main(["--data", str(data_dirs["packed"])], capsys)
     assert code == 2 and err == ["sft: error: --data and --prompts-file need --model"]
     other = tmp_path / "other_tokenizer"
