@@ -54,9 +54,9 @@ class PrepareOptions:
     out: str
     """Output directory: train/, val/, manifest.json, rejects.jsonl. Re-running into it resumes."""
     template: str = "auto"
-    """Chat template name (`sft prepare --help` lists them), or "auto": the template the tokenizer directory
-    records (a converted checkpoint's chat_format), else the one of its model family, else the tokenizer's own
-    chat_template (docs/templates.md)."""
+    """Chat template name, or "auto": the template the tokenizer directory records (chat_format in its
+    tokenizer_config.json, written by `sft convert`), else the tokenizer's own chat_template ("tokenizer"), else
+    "default" (docs/templates.md)."""
     max_seq_len: int = 2048
     """Upper bound on tokens per row; longer samples are handled by `overlong`."""
     overlong: Literal["truncate", "drop"] = "truncate"
