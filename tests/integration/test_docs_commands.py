@@ -175,7 +175,7 @@ def subs(tmp_path_factory: pytest.TempPathFactory) -> Substitutes:
         port = probe.getsockname()[1]
     run = tmp / "run"
     train = [sys.executable, "-m", "sft_stack.cli", "train", "tiny_cpu_lora", "--cpu", "--gpus", "2",
-             "--master-port", str(port), f"data.path={data}", f"train.output_dir={run}", "train.max_steps=2",
+             "--master-port", str(port), f"data.path={data}", f"train.output_dir={run}", "train.max_steps=2", "train.warmup_steps=0",
              "train.save_every_steps=2", "eval.every_steps=0", "tracking.enabled=true"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -247,16 +247,27 @@ def substitute(argv: list[str], subs: Substitutes, index: int) -> list[str]:
             method = yaml.safe_load(recipe.read_text())["model"]["method"]
             tiny = "configs/tiny_cpu_lora.yaml" if method in ("lora", "qlora") else "configs/tiny_cpu.yaml"
             out[out.index(positionals[0])] = tiny
-            out += ["--cpu", "--dry-run", f"data.path={subs.data}", "train.max_steps=2"]
+            out += ["--cpu", "--dry-run", f"data.path={subs.data}", "train.max_steps=2", "train.warmup_steps=0"]
             if "--gpus" not in out:
                 out += ["--gpus", "2"]
             if not any(w.startswith("train.output_dir=") for w in out):
-                out.append(overrides["train.output_dir"])
+                out.append(f"train.output_dir={overrides['train.output_dir']}")
         case "generate" | "chat" | "evaluate":
             out += ["--max-new-tokens", "4", "--device", "cpu"]
     if command in ("prepare", "merge"):
         out.append("--no-progress")
     return out
+
+
+def _reads_yaml12_floats() -> bool:
+    """Whether the run config reads ``train.lr=1e-5`` as a number (PyYAML's YAML 1.1 reads it as a string)."""
+    from trainer.config import ConfigError, load_config
+
+    try:
+        load_config(REPO / "configs/tiny_cpu.yaml", ["train.lr=1e-5"])
+    except ConfigError:
+        return False
+    return True
 
 
 RUNNABLE = [c for c in COMMANDS if skip_reason(c) is None and sft_argv(c) is not None]
@@ -269,6 +280,8 @@ def test_fenced_command_runs(
 ) -> None:
     argv = sft_argv(command)
     assert argv is not None
+    if re.search(r"=\d+e-\d+", command.text) and not _reads_yaml12_floats():
+        pytest.xfail("`1e-5` is a number only with the YAML 1.2 float rule of issue 21 item 3 (another branch)")
     index = RUNNABLE.index(command)
     args = substitute(argv, subs, index)
     monkeypatch.chdir(REPO)
