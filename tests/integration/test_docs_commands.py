@@ -254,6 +254,8 @@ def substitute(argv: list[str], subs: Substitutes, index: int) -> list[str]:
                 out.append(f"train.output_dir={overrides['train.output_dir']}")
         case "generate" | "chat" | "evaluate":
             out += ["--max-new-tokens", "4", "--device", "cpu"]
+            if command == "evaluate" and "--out" not in out:  # its default, eval_results.json, is in the cwd
+                out += ["--out", _out(command, "eval_results.json", subs, index)]
     if command in ("prepare", "merge"):
         out.append("--no-progress")
     return out
