@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, RunConfig
+from trainer.config import PROJECT_ROOT, ConfigError, RunConfig
 
 INJECTED_KEYS = {
     "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x world size / train.sequence_parallel_size",
@@ -43,11 +43,14 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     """Read a ds_configs JSON and check it holds DeepSpeed-only settings with no "auto" values."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"deepspeed.config={path}: file not found; pick one of ds_configs/*.json")
+        shipped = ", ".join(sorted(p.name for p in (PROJECT_ROOT / "ds_configs").glob("*.json")))
+        raise ConfigError(f"deepspeed.config={path}: file not found; pick one of ds_configs/ ({shipped})")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); expected a JSON object") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of DeepSpeed settings")
     autos = find_auto(raw)
