@@ -261,17 +261,6 @@ def substitute(argv: list[str], subs: Substitutes, index: int) -> list[str]:
     return out
 
 
-def _reads_yaml12_floats() -> bool:
-    """Whether the run config reads ``train.lr=1e-5`` as a number (PyYAML's YAML 1.1 reads it as a string)."""
-    from trainer.config import ConfigError, load_config
-
-    try:
-        load_config(REPO / "configs/tiny_cpu.yaml", ["train.lr=1e-5"])
-    except ConfigError:
-        return False
-    return True
-
-
 RUNNABLE = [c for c in COMMANDS if skip_reason(c) is None and sft_argv(c) is not None]
 
 
@@ -282,8 +271,6 @@ def test_fenced_command_runs(
 ) -> None:
     argv = sft_argv(command)
     assert argv is not None
-    if re.search(r"=\d+e-\d+", command.text) and not _reads_yaml12_floats():
-        pytest.xfail("`1e-5` is a number only with the YAML 1.2 float rule of issue 21 item 3 (another branch)")
     index = RUNNABLE.index(command)
     args = substitute(argv, subs, index)
     monkeypatch.chdir(REPO)
