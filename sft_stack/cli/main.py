@@ -15,6 +15,7 @@ one convention for all of them (sft_stack/common/errors.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -148,7 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         print(f"sft: error: unknown command {args[0]!r}; choose from {', '.join(BY_NAME)}", file=sys.stderr)
         return 2
-    return command.run(args[1:], f"sft {command.name}")
+    try:
+        return command.run(args[1:], f"sft {command.name}")
+    except BrokenPipeError:
+        # The reader went away (`sft configs | head -2`): not an error. Python's documented recipe: point stdout
+        # at devnull so the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
