@@ -1,6 +1,7 @@
-"""``python -m data_pipeline prepare|inspect|verify|merge`` (also the ``sft-data`` console script).
+"""``sft prepare|inspect|verify|merge`` (also ``python -m data_pipeline ...`` and the ``sft-data`` console script).
 
-Every error a user can cause ends the command with one line on stderr and exit status 1.
+Every error a user can cause ends the command with one line on stderr, ``sft: error: ...``, and exit status 2;
+``verify`` exits 1 when the shards do not match their manifest (sft_stack/common/errors.py).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import tracking
+from data_pipeline.formats import FORMATS
 from data_pipeline.inspect import rejects_summary
-from data_pipeline.options import OPTION_KEYS, PrepareOptions, build_options, read_config
+from data_pipeline.options import OPTION_KEYS, SECTION_OF, SECTIONS, PrepareOptions, build_options, read_config
 from data_pipeline.prepare import LIMIT_OPTIONS, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
 from data_pipeline.space import OutOfSpace
 from sft_stack.chat.conversation import InputError
+from sft_stack.chat.registry import TEMPLATE_NAMES
+from sft_stack.common.errors import FAILURE, PREFIX, user_error
 from sft_stack.common.strict_config import field_docs
 
 _CONFIG_KEYS = OPTION_KEYS
@@ -28,11 +32,18 @@ _FLAGLESS = ("sources",)
 """Options without a flag of their own: sources come from --source (repeatable) and --config."""
 
 
-def _flag_help(doc: str, default: Any) -> str:
-    """The first sentence of a field's docstring, and its default; % escaped for argparse."""
-    first = " ".join(doc.split()).split(". ")[0].rstrip(".")
-    shown = "" if default is dataclasses.MISSING else f" (default {default})"
-    return (first + shown).replace("%", "%%")
+_SECTIONS_TEXT = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in SECTIONS.items())
+_CHOICES_HELP = {"template": f"Templates: {', '.join(TEMPLATE_NAMES)}."}
+"""What a field's docstring cannot list itself (the names live in another module)."""
+
+
+def _flag_help(name: str, doc: str, default: Any) -> str:
+    """A field's whole docstring, its choices, its default and its override key; % escaped for argparse."""
+    parts = [" ".join(doc.split()), _CHOICES_HELP.get(name, "")]
+    if default is not dataclasses.MISSING:
+        parts.append(f"Default: {default}.")
+    parts.append(f"Override: {SECTION_OF[name]}.{name}=VALUE.")
+    return " ".join(part for part in parts if part).replace("%", "%%")
 
 
 def add_option_flags(
@@ -48,7 +59,8 @@ def add_option_flags(
         if spec.name in _FLAGLESS or (only is not None and spec.name not in only):
             continue
         flag, hint = "--" + spec.name.replace("_", "-"), hints[spec.name]
-        kw: dict[str, Any] = {"default": None, "help": _flag_help(docs[spec.name], default_text or spec.default)}
+        help_text = _flag_help(spec.name, docs[spec.name], default_text or spec.default)
+        kw: dict[str, Any] = {"default": None, "help": help_text}
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is typing.Literal:
@@ -60,45 +72,58 @@ def add_option_flags(
         parser.add_argument(flag, **kw)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__)
+def _parser(prog: str = "python -m data_pipeline") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prepare", help="tokenize corpora into verified Arrow shards + manifest")
-    p.add_argument("--config", type=Path, help="prepare YAML: keys are the options below (see configs/data/)")
-    p.add_argument("--source", action="append", default=[], help="corpus file or MOSS directory (repeatable)")
-    p.add_argument("--format", help="force this format for every source (default: detect)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="A prepare YAML whose keys are the options below, flat or under the sections "
+        f"{', '.join(SECTIONS)} (see configs/data/).",
+    )
+    p.add_argument(
+        "--source", action="append", default=[], help="A corpus file or MOSS directory; repeat the flag for several."
+    )
+    p.add_argument(
+        "--format",
+        help=f"Read every source as this format ({', '.join(FORMATS)}; docs/formats.md) instead of detecting it "
+        "from the first records. Default: auto (detect).",
+    )
     add_option_flags(p)
     p.add_argument(
         "--track",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="record the run in MLflow (default: on unless SFT_TRACKING=0; see data_pipeline/tracking.py)",
+        help="Record the run in MLflow (data_pipeline/tracking.py). Default: on, unless SFT_TRACKING=0.",
     )
     p.add_argument(
         "overrides",
         nargs="*",
-        metavar="KEY=VALUE",
-        help="option overrides, the value parsed as YAML (max_seq_len=1024); applied after --config, before flags",
+        metavar="SECTION.KEY=VALUE",
+        help="Option overrides, the value parsed as YAML (data.max_seq_len=1024; sections: "
+        f"{_SECTIONS_TEXT}); applied after --config and "
+        "before the flags. The old flat form (max_seq_len=1024) still works, with a note.",
     )
 
     i = commands.add_parser("inspect", help="print the manifest summary and one decoded sample")
-    i.add_argument("out", type=Path)
-    i.add_argument("--split", default="train", choices=SPLITS)
-    i.add_argument("--index", type=int, default=0, help="row to show")
+    i.add_argument("--split", default="train", choices=SPLITS, help="The split to show a row of. Default: train.")
+    i.add_argument("out", type=Path, help="A prepared data directory (prepare's --out).")
+    i.add_argument("--index", type=int, default=0, help="The row of the split to decode and show. Default: 0.")
 
     v = commands.add_parser("verify", help="recompute shard hashes and row counts against the manifest")
-    v.add_argument("out", type=Path)
+    v.add_argument("out", type=Path, help="A prepared data directory (prepare's --out).")
 
     m = commands.add_parser("merge", help="assemble the partial outputs of --num-tasks runs")
-    m.add_argument("partials", type=Path, nargs="+", help="the tasks' output directories")
-    m.add_argument("--out", type=Path, required=True, help="the merged output directory")
+    m.add_argument("partials", type=Path, nargs="+", help="The tasks' output directories.")
+    m.add_argument("--out", type=Path, required=True, help="The merged output directory.")
     add_option_flags(m, only=LIMIT_OPTIONS, default_text="the tasks' value")
     m.add_argument(
         "--track",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="record the run in MLflow (default: on unless SFT_TRACKING=0; see data_pipeline/tracking.py)",
+        help="Record the run in MLflow (data_pipeline/tracking.py). Default: on, unless SFT_TRACKING=0.",
     )
     return parser
 
@@ -127,15 +152,15 @@ def _verify(out: Path) -> int:
     if problems:
         for line in problems:
             print(f"verify: {line}", file=sys.stderr)
-        return 1
+        return FAILURE
     shards = sum(len(s.shards) for s in manifest.splits.values())
     rows = sum(s.rows for s in manifest.splits.values())
     print(f"verify: {out}: {shards} shards, {rows} rows match the manifest")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m data_pipeline") -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         match args.command:
             case "prepare":
@@ -173,10 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if tracking.is_enabled(args.track):
                     tracking.record_in_background(args.out)
                 return 0
-    except (InputError, DataError, TooManyRejects, OutOfSpace) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 2
+    except (InputError, DataError, TooManyRejects) as exc:
+        return user_error(str(exc))
+    except OutOfSpace as exc:
+        # Not the user's input: the run failed for want of space (FAILURE); still one line, and nothing is lost.
+        print(PREFIX + str(exc), file=sys.stderr)
+        return FAILURE
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Prepare's options: their one typed definition (``PrepareOptions``, ``SourceSpec``) and how they are built.
 
-A prepare config is flat YAML whose keys are the ``PrepareOptions`` fields (see configs/data/). It is loaded by
+A prepare config is YAML whose keys are the ``PrepareOptions`` fields (see configs/data/), flat or grouped under the
+sections of ``SECTIONS`` (``data:``, ``limits:``, ``work:``); overrides are ``section.key=value`` like the run
+config's (``data.max_seq_len=4096``; the old flat ``max_seq_len=4096`` still works, with a note). It is loaded by
 the same strict machinery as the run config (sft_stack/common/strict_config.py): an unknown key, a value of the wrong type
 (a quoted ``"512"`` is not an integer) or a contradiction fails in one line that names the key, before any work.
 The command-line flags of ``python -m data_pipeline prepare`` are generated from these fields (data_pipeline/cli.py),
@@ -9,6 +11,7 @@ so a new option is a new field here and nothing else.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +55,9 @@ class PrepareOptions:
     out: str
     """Output directory: train/, val/, manifest.json, rejects.jsonl. Re-running into it resumes."""
     template: str = "auto"
-    """Chat template name (templates.TEMPLATE_NAMES) or "auto" (by tokenizer family, else its chat_template)."""
+    """Chat template name, or "auto": the template the tokenizer directory records (chat_format in its
+    tokenizer_config.json, written by `sft convert`), else the tokenizer's own chat_template ("tokenizer"), else
+    "default" (docs/templates.md)."""
     max_seq_len: int = 2048
     """Upper bound on tokens per row; longer samples are handled by `overlong`."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -117,10 +122,63 @@ OPTION_KEYS = tuple(PrepareOptions.__dataclass_fields__)
 """The keys of a prepare config, in definition order."""
 _SOURCE_KEYS = tuple(SourceSpec.__dataclass_fields__)
 
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "sources", "tokenizer", "out", "template", "max_seq_len", "overlong", "last_turn_only", "pack",
+        "val_fraction", "seed",
+    ),
+    "limits": ("max_bad_fraction", "max_dropped_fraction"),
+    "work": ("block_size", "workers", "num_tasks", "task_index", "progress"),
+}  # fmt: skip
+"""The sections of prepare's options, for ``section.key=value`` overrides and a sectioned YAML: ``data`` is what
+the shards hold (the run config's ``data`` section reads them), ``limits`` when prepare refuses its input,
+``work`` how the work is split and shown."""
+SECTION_OF = {key: section for section, keys in SECTIONS.items() for key in keys}
+"""Option -> its section (tests/unit/test_prepare_options.py checks that every field has exactly one)."""
+
+
+def _flatten_sections(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A prepare YAML's mapping with its ``data:``/``limits:``/``work:`` sections (if any) merged into one level."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            flat[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: section {key}: expected a mapping of key: value, got {value!r}")
+        unknown = [k for k in value if k not in SECTIONS[key]]
+        if unknown:
+            raise InputError(
+                f"{where}: unknown key {key}.{unknown[0]}; valid keys of {key}: {', '.join(SECTIONS[key])}"
+            )
+        flat.update(value)
+    return flat
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``section.key=value`` overrides (the old flat ``key=value`` with a note on stderr), the value parsed as YAML."""
+    merged = dict(raw)
+    for item in overrides:
+        key_path, value = strict_config.parse_override(item)
+        section, dot, key = key_path.rpartition(".")
+        if not dot:
+            if key in SECTION_OF:
+                print(
+                    f"prepare: note: `{item}` is the old flat form; write `{SECTION_OF[key]}.{item}`",
+                    file=sys.stderr,
+                )
+        elif section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; valid: {', '.join(SECTIONS)}")
+        elif key not in SECTIONS[section]:
+            raise ConfigError(f"unknown key {key_path}; valid keys of {section}: {', '.join(SECTIONS[section])}")
+        merged[key] = value
+    return merged
+
 
 def read_config(path: Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The raw mapping of a prepare YAML (or {}) with ``key=value`` overrides applied; types are checked later,
-    by ``build_options``. InputError in one line for a missing file, bad YAML, or a top level that is no mapping."""
+    """The flat mapping of a prepare YAML (or {}) with ``section.key=value`` overrides applied; types are checked
+    later, by ``build_options``. InputError in one line for a missing file, bad YAML, or a top level that is no
+    mapping."""
     raw: Any = {}
     if path is not None:
         try:
@@ -129,8 +187,9 @@ def read_config(path: Path | None, overrides: Sequence[str] = ()) -> dict[str, A
             raise InputError(f"--config {exc}") from None  # the message starts with the path
         if not isinstance(raw, dict):
             raise InputError(f"--config {path}: the top level must be a mapping of option: value")
+        raw = _flatten_sections(raw, f"--config {path}")
     try:
-        return strict_config.apply_flat_overrides(raw, overrides)
+        return _apply_overrides(raw, overrides)
     except ConfigError as exc:
         raise InputError(f"prepare: {exc}") from None
 

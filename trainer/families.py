@@ -163,7 +163,7 @@ def check_not_original(path: str, model_type: str) -> None:
     if model_type in ORIGINAL_MODEL_TYPES:
         raise ConfigError(
             f"{path}/config.json: model_type {model_type!r} is an original checkpoint that needs its vendor's "
-            f"modeling code; convert it once with `python -m trainer.convert {path} {path.rstrip('/')}-native` "
+            f"modeling code; convert it once with `sft convert {path} {path.rstrip('/')}-native` "
             "and set model.path to the output"
         )
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Preset = Literal["greedy", "beam", "top_k", "top_p", "seed"]
+Preset = Literal["greedy", "beam", "top_k", "top_p", "seed_readme"]
 
 
 class GenerateError(Exception):
@@ -69,13 +69,21 @@ PRESETS: dict[str, Decoding] = {
     "beam": Decoding(do_sample=False, num_beams=4),
     "top_k": Decoding(do_sample=True, top_k=50),
     "top_p": Decoding(do_sample=True, top_p=0.9),
-    # The seed README's configuration; it left top_k unset, so transformers' default of 50 applied.
-    "seed": Decoding(do_sample=True, temperature=0.6, top_p=0.8, top_k=50, repetition_penalty=2.0, max_new_tokens=512),
+    # The seed README's configuration; it left top_k unset, so transformers' default of 50 applied. Named
+    # `seed_readme`, not `seed`, so it does not read as the sampling seed (--seed).
+    "seed_readme": Decoding(
+        do_sample=True, temperature=0.6, top_p=0.8, top_k=50, repetition_penalty=2.0, max_new_tokens=512
+    ),
 }
+
+
+PRESET_ALIASES = {"seed": "seed_readme"}
+"""Old preset names that still work (not listed in help): ``seed`` was renamed ``seed_readme``."""
 
 
 def decoding_for(preset: str, **overrides: Any) -> Decoding:
     """The preset's options with every non-None override applied (e.g. ``top_k=5``)."""
+    preset = PRESET_ALIASES.get(preset, preset)
     if preset not in PRESETS:
         raise GenerateError(f"--preset {preset}: unknown; valid: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
@@ -106,8 +114,8 @@ def generation_config(decoding: Decoding, *, stop_token_ids: Sequence[int], pad_
 
 
 def read_prompts(path: str | Path) -> list[dict[str, str]]:
-    """Rows ``{prompt, system?, tools?, reference?}`` (tools: a list of function schemas) from JSON lines or the seed's CSV (``prompt,output``; output is the
-    reference). Raises GenerateError naming the file and line of the first bad record."""
+    """Rows ``{prompt, system?, tools?, reference?}`` (tools: a list of function schemas) from JSON lines (GSM8K's own
+    ``{question, answer}`` rows too) or the seed's CSV (``prompt,output``; output is the reference). Raises GenerateError naming the file and line of the first bad record."""
     path = Path(path)
     if not path.is_file():
         raise GenerateError(f"{path}: prompts file not found")
@@ -146,8 +154,11 @@ def _read_prompts_csv(path: Path, text: str) -> list[dict[str, str]]:
 
 
 def _prompt_row(record: Any, where: str) -> dict[str, str]:
+    if isinstance(record, dict) and "prompt" not in record and "question" in record:
+        # GSM8K's own rows, {question, answer "... #### N"}: the answer is the reference whose final number scores.
+        record = {"prompt": record["question"], "reference": record.get("answer")}
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-        raise GenerateError(f"{where}: expected an object with a non-empty string 'prompt'")
+        raise GenerateError(f"{where}: expected an object with a non-empty string 'prompt' (or GSM8K's 'question')")
     row = {"prompt": record["prompt"]}
     if record.get("tools") is not None:
         # The tools offered to the model, rendered as the template's family was trained to see them.

@@ -1,8 +1,10 @@
 """Memory planner: will this model train on this hardware, and with which DeepSpeed config?
 
-    python -m trainer.plan --model /models/llama-2-7b --gpus-per-node 8 --gpu-mem-gb 80 --nodes 2
-    python -m trainer.plan --params 13e9 --gpus-per-node 8 --gpu-mem-gb 80
-    python -m trainer.plan --params 7e9 --seq-len 32768 --sequence-parallel-size 4 --loss-tile-tokens 4096
+    sft plan --model /models/llama-2-7b --gpus-per-node 8 --gpu-mem-gb 80 --nodes 2
+    sft plan --params 13e9 --gpus-per-node 8 --gpu-mem-gb 80
+    sft plan --params 7e9 --seq-len 32768 --sequence-parallel-size 4 --loss-tile-tokens 4096
+
+(the command line is sft_stack/cli/plan.py; this module is the arithmetic).
 
 Model states (weights, gradients, optimizer) of full tuning come from DeepSpeed's own estimators
 (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``; ZeRO-1 has none and is
@@ -16,9 +18,9 @@ is the first that fits, fastest first.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,43 +275,7 @@ def report(
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n\n")[0])
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", type=Path, help="a local HF model directory (reads config.json only)")
-    what.add_argument("--params", type=float, help="a parameter count such as 7e9 (Llama proportions assumed)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size, with --params")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="CPU memory per node in GiB")
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row")
-    parser.add_argument("--micro-batch", type=int, default=1, help="train.micro_batch_size")
-    parser.add_argument("--lora-r", type=int, default=16, help="lora.r for the LoRA/QLoRA rows")
-    parser.add_argument(
-        "--loss-tile-tokens", type=int, default=0, help="train.loss_tile_tokens (0: the plain loss over full logits)"
-    )
-    parser.add_argument(
-        "--sequence-parallel-size",
-        type=int,
-        default=1,
-        help="train.sequence_parallel_size: GPUs sharing each row (Ulysses); divides the GPU count and the heads",
-    )
-    args = parser.parse_args(argv)
-    gpus = args.gpus_per_node * args.nodes
-    if args.sequence_parallel_size < 1 or gpus % args.sequence_parallel_size:
-        parser.error(f"--sequence-parallel-size {args.sequence_parallel_size} must divide the {gpus} GPUs")
-    shape = shape_from_config(args.model) if args.model is not None else llama_shape(args.params, args.vocab)
-    hw = Hardware(
-        gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb, nodes=args.nodes, cpu_mem_gb=args.cpu_mem_gb
-    )
-    print(
-        report(
-            shape, hw, args.seq_len, args.micro_batch, args.lora_r, args.loss_tile_tokens, args.sequence_parallel_size
-        )
-    )
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m trainer.plan`, the command's old name, runs `sft plan` (sft_stack/cli/plan.py) in a new process:
+    # trainer/ sits below the command-line package and never imports it.
+    os.execv(sys.executable, [sys.executable, "-m", "sft_stack.cli.plan", *sys.argv[1:]])

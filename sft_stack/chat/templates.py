@@ -242,7 +242,7 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ChatTempl
     needs is not one token of this vocabulary, no eos, no chat_template for ``tokenizer``).
     """
     if name == "auto":
-        # A converted checkpoint (python -m trainer.convert) records its family's template in tokenizer_config.json.
+        # A converted checkpoint (sft convert) records its family's template in tokenizer_config.json.
         recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get(CHAT_FORMAT_KEY)
         own = "tokenizer" if getattr(tokenizer, "chat_template", None) else "default"
         name = str(recorded) if recorded else own

@@ -1,10 +1,10 @@
 """Evaluate a trained model: loss and perplexity on a prepared split, and generation metrics on references.
 
-    python -m sft_stack.cli.evaluate --model OUT/final --data DATA --split val --out eval.json
-    python -m sft_stack.cli.evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
-    python -m sft_stack.cli.evaluate --predictions gen.jsonl --out eval.json            # score `cli.generate --out` rows
-    python -m sft_stack.cli.evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
-    python -m sft_stack.cli.evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
+    sft evaluate --model OUT/final --data DATA --split val --out eval.json
+    sft evaluate --model OUT/final --prompts-file gsm8k_test.jsonl --out eval.json
+    sft evaluate --predictions gen.jsonl --out eval.json            # score `sft generate --out` rows
+    sft evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
+    sft evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
 
 Loss is the training loop's validation loss (trainer/loss.py: one function for both), token-weighted over
 every label that is not IGNORE_INDEX, on batches built and padded exactly as the loop builds them.
@@ -32,6 +32,7 @@ from sft_stack.cli.flags import (
     setup_logging,
     template_from_args,
 )
+from sft_stack.common.errors import user_error
 from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
@@ -75,22 +76,38 @@ def score_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[st
     return summary, flagged
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m sft_stack.cli.evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_model_flags(parser, required=False)
-    parser.add_argument("--data", help="prepared data directory (python -m data_pipeline prepare) for loss/ppl")
-    parser.add_argument("--split", default="val", help="split of --data to score (default val)")
-    parser.add_argument("--batch-size", type=int, default=2, help="rows per forward pass (loss) / prompts per batch")
-    parser.add_argument("--max-batches", type=int, default=0, help="score only this many loss batches (0: all)")
-    parser.add_argument("--no-verify", action="store_true", help="skip re-hashing the split's shards")
-    parser.add_argument("--prompts-file", help="prompts with references (JSON lines or CSV) to generate and score")
-    parser.add_argument("--predictions", help="JSON lines with 'output' and 'reference' to score without a model")
+    parser.add_argument("--data", help="A prepared data directory (sft prepare) to score loss and perplexity on.")
+    parser.add_argument("--split", default="val", help="The split of --data to score. Default: val.")
+    parser.add_argument(
+        "--batch-size", type=int, default=2, help="Rows per forward pass (loss), prompts per batch. Default: 2."
+    )
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="Score only this many loss batches (0: all). Default: 0."
+    )
+    parser.add_argument("--no-verify", action="store_true", help="Skip re-hashing the split's shards.")
+    parser.add_argument(
+        "--prompts-file",
+        help="Prompts with references to generate and score: JSON lines {prompt, reference} (GSM8K's own "
+        "{question, answer} rows too) or a CSV with a prompt,output header.",
+    )
+    parser.add_argument(
+        "--predictions", help="JSON lines with 'output' and 'reference' to score without a model (sft generate --out)."
+    )
     add_decoding_flags(parser)
-    parser.add_argument("--out", default="eval_results.json", help="results JSON (default eval_results.json)")
-    parser.add_argument("--tracking-uri", help="log to MLflow at this URI (else $MLFLOW_TRACKING_URI with --run-id)")
-    parser.add_argument("--run-id", help="MLflow run to add the eval metrics to (e.g. the training run)")
-    parser.add_argument("--experiment", default="sft-eval", help="MLflow experiment for a new run (no --run-id)")
-    parser.add_argument("--metric-prefix", default="eval", help="MLflow metric and artifact prefix (default eval)")
+    parser.add_argument("--out", default="eval_results.json", help="The results JSON file. Default: eval_results.json.")
+    parser.add_argument(
+        "--tracking-uri", help="Log to MLflow at this URI. Default: $MLFLOW_TRACKING_URI when --run-id is given."
+    )
+    parser.add_argument("--run-id", help="The MLflow run to add the eval metrics to (e.g. the training run).")
+    parser.add_argument(
+        "--experiment",
+        default="sft-eval",
+        help="The MLflow experiment of a new run (without --run-id). Default: sft-eval.",
+    )
+    parser.add_argument("--metric-prefix", default="eval", help="The MLflow metric and artifact prefix. Default: eval.")
     return parser
 
 
@@ -167,14 +184,13 @@ def generate_for_scoring(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     setup_logging()
     try:
         results, rows = run(args)
     except (GenerateError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(str(exc))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rows is not None:

@@ -1,8 +1,8 @@
 """Export a run's checkpoint, or merge an exported adapter, into plain Hugging Face directories.
 
-    python -m sft_stack.cli.export --adapter OUT/final --merge --out OUT/merged
-    python -m sft_stack.cli.export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
-    python -m sft_stack.cli.export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
+    sft export --adapter OUT/final --merge --out OUT/merged
+    sft export --run OUT --out DIR [--merge]          # OUT's latest complete checkpoint
+    sft export --checkpoint OUT/checkpoints/step_00000010 --out DIR [--merge]
 
 The command only; what an export contains and how it is written is trainer/export.py.
 """
@@ -14,21 +14,29 @@ import logging
 import sys
 from pathlib import Path
 
+from sft_stack.common.errors import user_error
 from trainer.config import ConfigError, load_config
 from trainer.export import export_checkpoint, merge_adapter, resolve_checkpoint
 from trainer.run_dir import RUN_CONFIG_FILE
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.export", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", type=Path, help="an exported adapter directory (OUT/final of a lora run)")
+    source.add_argument("--adapter", type=Path, help="An exported adapter directory (OUT/final of a LoRA run).")
     source.add_argument(
-        "--checkpoint", "--run", type=Path, help="a run directory (its latest complete checkpoint) or a tag directory"
+        "--checkpoint",
+        "--run",
+        type=Path,
+        help="A run directory (its latest complete checkpoint is exported) or one checkpoint's tag directory.",
     )
-    parser.add_argument("--config", type=Path, help="the run's resolved config (default: TAG/run_config.yaml)")
-    parser.add_argument("--merge", action="store_true", help="lora/qlora: also write a merged full model")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--config", type=Path, help="The run's resolved config. Default: the checkpoint's own run_config.yaml."
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA and QLoRA runs: also write the adapter merged into a full model."
+    )
+    parser.add_argument("--out", type=Path, required=True, help="The output directory.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -47,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {tag_dir} -> {args.out}")
         return 0
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Generate from a trained model: one prompt, a prompts file, or an interactive chat.
 
-    python -m sft_stack.cli.generate --model OUT/final --prompt "1+1=?" --preset greedy
-    python -m sft_stack.cli.generate --model BASE --adapter OUT/final --prompts-file prompts.jsonl --out gen.jsonl
-    python -m sft_stack.cli.generate --model OUT/final --chat --preset seed
+    sft generate --model OUT/final --prompt "1+1=?" --preset greedy
+    sft generate --model BASE --adapter OUT/final --prompts-file prompts.jsonl --out gen.jsonl
+    sft chat --model OUT/final --preset seed_readme         # = sft generate --chat
 
 The command and the chat REPL; decoding is trainer/generation.py, loading the model, adapter and template is
 trainer/inference.py. The template in use is printed on one stderr line. See docs/generation.md.
@@ -27,6 +27,7 @@ from sft_stack.cli.flags import (
     setup_logging,
     template_from_args,
 )
+from sft_stack.common.errors import user_error
 from trainer.generation import (
     Decoding,
     GenerateError,
@@ -102,23 +103,29 @@ def stdin_turns() -> Iterator[str]:
         yield line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sft_stack.cli.generate", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m sft_stack.cli.generate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_model_flags(parser, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one user prompt")
-    source.add_argument("--prompts-file", help="JSON lines {prompt, system?, reference?} or CSV prompt,output")
-    source.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin, streamed")
-    parser.add_argument("--system", help="system prompt (a file's own 'system' field wins)")
-    parser.add_argument("--data", help="prepared data directory whose manifest names the template")
+    source.add_argument("--prompt", help="One user prompt; the reply is printed on stdout.")
+    source.add_argument(
+        "--prompts-file",
+        help="A prompts file: JSON lines {prompt, system?, tools?, reference?} (GSM8K's own {question, answer} "
+        "rows too) or a CSV with a prompt,output header.",
+    )
+    source.add_argument(
+        "--chat", action="store_true", help="An interactive multi-turn chat on stdin, the replies streamed."
+    )
+    parser.add_argument("--system", help="A system prompt (a prompts file's own 'system' field wins).")
+    parser.add_argument("--data", help="A prepared data directory whose manifest names the template.")
     add_decoding_flags(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--out", help="write rows as JSON lines here (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call. Default: 8.")
+    parser.add_argument("--out", help="Write the rows as JSON lines to this file. Default: stdout.")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.generate") -> int:
+    args = build_parser(prog).parse_args(argv)
     setup_logging()
     try:
         decoding = decoding_from_args(args)
@@ -126,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_from_args(args)
         choice = template_from_args(loaded, args)
     except GenerateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(str(exc))
     print(f"template: {choice.template.name} (from {choice.source})", file=sys.stderr)
     if args.chat:
         chat(loaded, choice.template, decoding, system=args.system, seed=args.seed, lines=stdin_turns())

@@ -66,6 +66,6 @@ def refuse_vendor_tokenizer(directory: Path) -> None:
         vendor = config.get("tokenizer_class", "a vendor tokenizer")
         raise TokenizerError(
             f"{directory}: {vendor} is vendor code (auto_map in tokenizer_config.json) that is not run; "
-            f"convert the model once with `python -m trainer.convert {directory} {str(directory).rstrip('/')}-native` "
+            f"convert the model once with `sft convert {directory} {str(directory).rstrip('/')}-native` "
             "and pass the output"
         )

@@ -23,7 +23,7 @@ import torch
 
 from tests.distributed.test_training import launch, losses
 from tests.helpers.data import TINY_LLAMA, make_prepared_dir, write_jsonl
-from trainer.convert.cli import convert_checkpoint
+from trainer.convert.checkpoint import convert_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -219,9 +219,11 @@ def test_cli_refusals_are_one_line(
     data_dirs: dict[str, Path], memorized_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, err = run_main(["--model", str(memorized_dir)], capsys)
-    assert code == 2 and err == ["error: nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F"]
+    assert code == 2 and err == [
+        "sft: error: nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F"
+    ]
     code, err = run_main(["--data", str(data_dirs["packed"])], capsys)
-    assert code == 2 and err == ["error: --data and --prompts-file need --model"]
+    assert code == 2 and err == ["sft: error: --data and --prompts-file need --model"]
     other = tmp_path / "other_tokenizer"
     shutil.copytree(data_dirs["packed"], other)
     manifest = json.loads((other / MANIFEST_FILE).read_text())
@@ -232,7 +234,7 @@ def test_cli_refusals_are_one_line(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"output": "x"}\n')
     code, err = run_main(["--predictions", str(bad)], capsys)
-    assert code == 2 and err == [f"error: {bad}:1: expected an object with string 'output' and 'reference'"]
+    assert code == 2 and err == [f"sft: error: {bad}:1: expected an object with string 'output' and 'reference'"]
 
 
 def test_logging_into_a_run_of_another_store_after_a_new_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

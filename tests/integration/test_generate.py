@@ -251,11 +251,13 @@ def test_seed_reproduces_its_output(tok: PreTrainedTokenizerBase, tpl: ChatTempl
     rows = [{"prompt": "Tell me a story"}, {"prompt": "你好"}]
 
     def run(seed: int) -> list[str]:
-        decoding = decoding_for("seed", max_new_tokens=10)
+        decoding = decoding_for("seed_readme", max_new_tokens=10)
         return [r["output"] for r in generate_rows(model, tok, tpl, rows, decoding, seed=seed, batch_size=2)]
 
     assert run(7) == run(7)
     assert run(7) != run(8)
+    # `seed`, the preset's old name (beside --seed SEED), still selects it.
+    assert decoding_for("seed") == decoding_for("seed_readme")
 
 
 def test_generate_samples_restores_mode_and_rng(memorized: LlamaForCausalLM, tok: PreTrainedTokenizerBase,
@@ -368,6 +370,10 @@ def test_read_prompts_jsonl_and_seed_csv(tmp_path: Path) -> None:
     seed_csv.write_text('prompt,output\n"1+1=?","#### 2"\n你好,"你好，有什么可以帮你"\n', encoding="utf-8")
     assert read_prompts(seed_csv) == [{"prompt": "1+1=?", "reference": "#### 2"},
                                       {"prompt": "你好", "reference": "你好，有什么可以帮你"}]  # fmt: skip
+    # GSM8K's own rows (the test split as published): the question is the prompt, the answer the reference.
+    gsm8k = tmp_path / "gsm8k_test.jsonl"
+    gsm8k.write_text('{"question": "2 apples and 3 more?", "answer": "2+3=5\\n#### 5"}\n', encoding="utf-8")
+    assert read_prompts(gsm8k) == [{"prompt": "2 apples and 3 more?", "reference": "2+3=5\n#### 5"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n', encoding="utf-8")
     with pytest.raises(GenerateError, match=r"bad.jsonl:2: expected an object with a non-empty string 'prompt'"):
@@ -384,7 +390,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 def test_cli_refuses_missing_model_dir_and_missing_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                              memorized_dir: Path) -> None:  # fmt: skip
     code, _, err = run_main(["--model", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
-    assert code == 2 and err.strip().splitlines() == [f"error: --model {tmp_path / 'nope'}: no such directory"]
+    assert code == 2 and err.strip().splitlines() == [f"sft: error: --model {tmp_path / 'nope'}: no such directory"]
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors", "generation_config.json"):

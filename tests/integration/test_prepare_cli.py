@@ -52,7 +52,7 @@ def test_inspect_marks_trained_spans_and_sample_boundaries(packed: Path, capsys:
     assert "--- sample 0 of " in text and "--- sample 1 of " in text  # a packed row shows its samples
     assert "[[" in text and "]]" in text and "\x1b[" not in text  # brackets, not colour, off a terminal
     assert "### Assistant:\n[[" in text  # the trained span starts right after the assistant header
-    assert main(["inspect", str(packed), "--split", "val", "--index", "99999"]) == 1
+    assert main(["inspect", str(packed), "--split", "val", "--index", "99999"]) == 2
     assert "out of range" in capsys.readouterr().err
 
 
@@ -157,20 +157,20 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path: Path, case: str, caps
     out = tmp_path / "out"
     args = prepare_args(out)
     # The later flag wins for single-valued options; a second --source is appended (and is the bad one).
-    assert main([*args, *extra]) == 1
+    assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("error: ") and needle in err[0]
+    assert err[0].startswith("sft: error: ") and needle in err[0]
     assert not out.exists()
 
 
 def test_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(f"sources: [{BELLE}]\ntokenizer: {TINY_LLAMA}\nout: {tmp_path / 'o'}\nmax_len: 5\n")
-    assert main(["prepare", "--config", str(config)]) == 1
+    assert main(["prepare", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key(s) max_len" in err[0] and "max_seq_len" in err[0]
-    assert main(["prepare", "--source", str(BELLE), "--tokenizer", str(TINY_LLAMA)]) == 1
+    assert main(["prepare", "--source", str(BELLE), "--tokenizer", str(TINY_LLAMA)]) == 2
     assert "--out is required" in capsys.readouterr().err
 
 
@@ -178,7 +178,7 @@ def test_too_many_rejects_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     lines = [json.dumps(r) for r in arithmetic_conversations(10)] + ["{broken", "{broken again"]
     source = tmp_path / "bad.jsonl"
     source.write_text("\n".join(lines) + "\n")
-    assert main(prepare_args(tmp_path / "out", source=source)) == 1
+    assert main(prepare_args(tmp_path / "out", source=source)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 of 12 records rejected" in err[0] and "malformed_json 2" in err[0]
     assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 2
@@ -192,5 +192,6 @@ def test_module_entry_point_exit_status(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "no manifest" in result.stderr
+    assert result.returncode == 2  # a user error (sft_stack/common/errors.py); 1 is kept for a failed verify
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("sft: error: ")
+    assert "no manifest" in result.stderr

@@ -1,4 +1,4 @@
-"""The shipped prepare config runs as its header says, with KEY=VALUE overrides, and writes what it declares."""
+"""The shipped prepare config runs as its header says, with section.key=value overrides, and writes what it declares."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.helpers.data import REPO
 def test_tiny_alpaca_config_runs_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository root, as its header says
     out = tmp_path / "tiny"
-    args = ["prepare", "--config", "configs/data/tiny_alpaca.yaml", f"out={out}", "max_seq_len=256"]
+    args = ["prepare", "--config", "configs/data/tiny_alpaca.yaml", f"data.out={out}", "data.max_seq_len=256"]
     assert main([*args, "--no-progress", "--no-track"]) == 0
     manifest = load_manifest(out)
     assert (manifest.max_seq_len, manifest.packed, manifest.template) == (256, True, "llama2")

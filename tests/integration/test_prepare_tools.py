@@ -116,7 +116,7 @@ def test_cli_reports_malformed_and_length_drops_on_their_own_lines(
     source = _policy_source(tmp_path)
     args = ["prepare", "--source", str(source), "--tokenizer", str(TINY_LLAMA), "--out", str(tmp_path / "out")]
     args += ["--no-progress", "--no-track", "--max-seq-len", "128", "--overlong", "drop", "--val-fraction", "0"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-bad-fraction" in err
     assert main([*args, "--max-bad-fraction", "0.02", "--max-dropped-fraction", "0.05"]) == 0

@@ -20,7 +20,7 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.convert import ConvertError, weights
-from trainer.convert.cli import convert_checkpoint
+from trainer.convert.checkpoint import convert_checkpoint
 from trainer.families import check_not_original, resolve_family
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "seed_models"
@@ -212,7 +212,7 @@ def test_bad_sources_fail_in_one_line(tmp_path: Path) -> None:
 def test_original_checkpoint_refused_at_start_up() -> None:
     for family in ("chatglm2", "baichuan2_7b", "moss"):
         raw = json.loads((SEED / family / "checkpoint" / "config.json").read_text())
-        with pytest.raises(ConfigError, match=r"python -m trainer\.convert /models/x /models/x-native") as caught:
+        with pytest.raises(ConfigError, match=r"sft convert /models/x /models/x-native") as caught:
             check_not_original("/models/x", raw["model_type"])
         assert "\n" not in str(caught.value)
     check_not_original("/models/x", "glm")  # converted: accepted
@@ -250,7 +250,7 @@ def test_prepare_refuses_a_vendor_tokenizer(tmp_path: Path) -> None:
     from sft_stack.chat.conversation import InputError
 
     for family in ("baichuan2_7b", "chatglm3"):
-        with pytest.raises(InputError, match=r"python -m trainer\.convert") as caught:
+        with pytest.raises(InputError, match=r"sft convert") as caught:
             load_tokenizer(str(SEED / family / "tokenizer"))
         assert "\n" not in str(caught.value)
 
@@ -271,5 +271,5 @@ def test_training_an_original_checkpoint_exits_with_the_converter_command(tmp_pa
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    (line,) = [line for line in result.stderr.splitlines() if "trainer.convert" in line]
-    assert f"python -m trainer.convert {original} {original}-native" in line
+    (line,) = [line for line in result.stderr.splitlines() if "sft convert" in line]
+    assert f"sft convert {original} {original}-native" in line

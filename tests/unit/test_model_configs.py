@@ -1,5 +1,5 @@
 """Every shipped run YAML loads, merges its DeepSpeed config, passes validate_method, and the large-model ones
-carry the planner verdict that `python -m trainer.plan` prints today for the command in their header."""
+carry the planner verdict that `sft plan` prints today for the command in their header."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from sft_stack.cli.plan import main as plan_main
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
 from trainer.model import validate_method
-from trainer.plan import main as plan_main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -47,9 +47,9 @@ def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch, t
 @pytest.mark.parametrize("name", sorted(PLANNED))
 def test_header_verdict_is_what_the_planner_prints(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     header = [line.removeprefix("#").strip() for line in (ROOT / "configs" / name).read_text().splitlines()]
-    (command,) = [line for line in header if line.startswith("Planner: python -m trainer.plan ")]
+    (command,) = [line for line in header if line.startswith("Planner: sft plan ")]
     (verdict,) = [line for line in header if line.startswith("verdict: ")]
-    assert plan_main(shlex.split(command.removeprefix("Planner: python -m trainer.plan "))) == 0
+    assert plan_main(shlex.split(command.removeprefix("Planner: sft plan "))) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict: ")]
     assert printed == [verdict.removesuffix(".")]
     method, ds_json, _ = PLANNED[name]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer.models  # noqa: F401  registers our model types
-from trainer.convert.cli import convert_checkpoint
+from trainer.convert.checkpoint import convert_checkpoint
 from trainer.models import baichuan_alibi, glm_v1
 from trainer.models.baichuan_alibi import alibi_slopes
 
@@ -299,7 +299,7 @@ def test_random_init_gradient_checkpointing_and_lora(converted: dict[str, Path],
 
 
 def test_cli_chatglm_v1_needs_weights_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.convert.cli import main
+    from sft_stack.cli.convert import main
 
     src = SEED_MODELS / "chatglm" / "checkpoint"
     assert main([str(src), str(tmp_path / "a")]) == 2

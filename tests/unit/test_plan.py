@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sft_stack.cli.plan import main
 from trainer.plan import (
     GIB,
     Hardware,
@@ -15,7 +16,6 @@ from trainer.plan import (
     activation_bytes,
     llama_shape,
     lora_params,
-    main,
     options,
     qlora_states,
     recommend,

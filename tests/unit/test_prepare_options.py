@@ -14,7 +14,7 @@ import pytest
 
 from data_pipeline.blocks import BLOCKS_DIR, BlockResult, SplitOutput, block_file, completed_block
 from data_pipeline.cli import _parser, options_from_args
-from data_pipeline.options import PrepareOptions, SourceSpec
+from data_pipeline.options import OPTION_KEYS, SECTION_OF, SECTIONS, PrepareOptions, SourceSpec
 from data_pipeline.schema import ShardInfo
 from sft_stack.chat.conversation import InputError
 from sft_stack.common.strict_config import field_docs
@@ -49,7 +49,11 @@ def one_line_error(tmp_path: Path, yaml_text: str, *args: str) -> str:
         ("", ("overlong=cut",), ("overlong='cut' must be one of truncate, drop",)),
         ("", ("seed=[1, 2]",), ("seed=[1, 2] must be an integer",)),
         ("", ("val_fraction=[oops",), ("prepare: override val_fraction='[oops': not a YAML value",)),
-        ("", ("max_seq_len",), ("prepare: override 'max_seq_len': expected key=value",)),
+        ("", ("max_seq_len",), ("prepare: override 'max_seq_len': expected section.key=value",)),
+        ("", ("length.max_seq_len=4",), ("unknown section 'length'; valid: data, limits, work",)),
+        ("", ("work.max_seq_len=4",), ("unknown key work.max_seq_len; valid keys of work: block_size",)),
+        ("work:\n  pack: true\n", (), ("prep.yaml: unknown key work.pack; valid keys of work: block_size",)),
+        ("", ("data.overlong=cut",), ("overlong='cut' must be one of truncate, drop",)),
         ("", ("task_index=3",), ("task_index=3 must be in 0..num_tasks-1",)),
     ],
 )
@@ -85,6 +89,28 @@ def test_precedence_yaml_then_overrides_then_flags(tmp_path: Path) -> None:
     assert options(tmp_path, BASE, "--format", "alpaca").sources == (SourceSpec(path=str(ALPACA), format="alpaca"),)
 
 
+def test_every_option_belongs_to_exactly_one_section() -> None:
+    listed = [key for keys in SECTIONS.values() for key in keys]
+    assert sorted(listed) == sorted(OPTION_KEYS)
+
+
+def test_sectioned_overrides_and_yaml_mean_what_the_flat_forms_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dotted = options(tmp_path, BASE, "data.max_seq_len=1024", "work.workers=3", "limits.max_bad_fraction=0.5")
+    sectioned = options(
+        tmp_path,
+        f"data:\n  sources: [{ALPACA}]\n  tokenizer: tok\n  out: o\n  max_seq_len: 1024\n"
+        "work:\n  workers: 3\nlimits:\n  max_bad_fraction: 0.5\n",
+    )
+    assert capsys.readouterr().err == ""
+    flat = options(tmp_path, BASE, "max_seq_len=1024", "workers=3", "max_bad_fraction=0.5")
+    assert dotted == sectioned == flat
+    assert (dotted.max_seq_len, dotted.workers, dotted.max_bad_fraction) == (1024, 3, 0.5)
+    # The old flat form still works, with a note naming the new one.
+    assert "`max_seq_len=1024` is the old flat form; write `data.max_seq_len=1024`" in capsys.readouterr().err
+
+
 def test_every_option_has_its_flag_typed_and_documented() -> None:
     """The flags are generated from PrepareOptions: each field (but sources) is a flag of its type and default."""
     commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -101,8 +127,12 @@ def test_every_option_has_its_flag_typed_and_documented() -> None:
         assert action.default is None  # only flags given override the YAML
         if hints[spec.name] in (int, float, str):
             assert action.type is hints[spec.name]
+        # The whole docstring (not its first sentence: `--num-tasks` once read "(e.g (default 1)"), the default and
+        # the override key.
+        assert " ".join(docs[spec.name].split()).replace("%", "%%") in (action.help or "")
+        assert f"Override: {SECTION_OF[spec.name]}.{spec.name}=VALUE." in (action.help or "")
         if spec.default is not dataclasses.MISSING:
-            assert f"(default {spec.default})" in (action.help or "")
+            assert f"Default: {spec.default}." in (action.help or "")
     flags = {flag for a in prepare._actions for flag in a.option_strings}
     assert {"--no-progress", "--pack", "--no-pack", "--last-turn-only", "--config", "--source", "--format"} <= flags
     assert _parser().parse_args(["prepare", "--no-progress"]).progress is False
@@ -112,7 +142,7 @@ def test_shipped_prepare_configs_validate() -> None:
     shipped = sorted((ROOT / "configs" / "data").glob("*.yaml"))
     assert [p.name for p in shipped] == ["belle_moss.yaml", "tiny_alpaca.yaml"]
     for path in shipped:
-        assert path.read_text(encoding="utf-8").startswith("# python -m data_pipeline prepare --config configs/data/")
+        assert path.read_text(encoding="utf-8").startswith("# sft prepare --config configs/data/")
         got = options_from_args(_parser().parse_args(["prepare", "--config", str(path)]))
         assert got.tokenizer and got.out and got.sources
     belle = options_from_args(_parser().parse_args(["prepare", "--config", str(shipped[0])]))

@@ -1,8 +1,8 @@
 """Convert an original (remote-code) checkpoint, once, into the transformers class it really is.
 
-``python -m trainer.convert SRC DST [--check]`` reads SRC's ``config.json``, finds the one source family whose
-``is_source`` accepts it (``registry.detect_source``), and writes DST: safetensors shards + index, ``config.json``,
-``generation_config.json``, a native fast tokenizer (``tokenizer.json``) and ``conversion.json`` (source,
+``sft convert SRC DST [--check]`` (sft_stack/cli/convert.py) reads SRC's ``config.json``, finds the one source
+family whose ``is_source`` accepts it (``registry.detect_source``), and writes DST: safetensors shards + index,
+``config.json``, ``generation_config.json``, a native fast tokenizer (``tokenizer.json``) and ``conversion.json`` (source,
 family, chat template). No vendor code is run or copied; the weights stream shard by shard (``weights.py``).
 
 The per-family interface
@@ -53,7 +53,7 @@ RawConfig = dict[str, Any]
 CONVERSION_FILE = "conversion.json"
 """Written into every converted directory: source path, source family, chat template, converter version."""
 
-CONVERT_COMMAND = "python -m trainer.convert"
+CONVERT_COMMAND = "sft convert"
 """How error messages elsewhere (trainer start-up, prepare) name the converter."""
 
 

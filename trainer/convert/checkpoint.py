@@ -1,4 +1,5 @@
-"""``python -m trainer.convert SRC DST [--check]``: write DST, the native form of the original checkpoint SRC.
+"""Write DST, the native form of the original checkpoint SRC (the library behind ``sft convert SRC DST [--check]``,
+whose command line is sft_stack/cli/convert.py).
 
 DST is written as DST.partial and renamed at the end, so a failed conversion never leaves a directory that
 looks complete.
@@ -6,10 +7,8 @@ looks complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,42 +109,3 @@ def check_forward(dst: Path) -> float:
     if not torch.isfinite(logits).all():
         raise ConvertError(f"{dst}: the converted model's logits are not finite; the conversion is wrong")
     return float(logits.abs().max())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.convert",
-        description="Convert an original ChatGLM2/3, Baichuan-7B/Baichuan2-7B or MOSS checkpoint into a native "
-        "transformers model directory, or a Baichuan-13B/Baichuan2-13B or ChatGLM-6B (v1) one into our own classes "
-        "(trainer/models; no vendor code is run).",
-    )
-    parser.add_argument("src", type=Path, help="original checkpoint directory (config.json, shards, tokenizer files)")
-    parser.add_argument("dst", type=Path, help="new output directory")
-    parser.add_argument(
-        "--chat-template", default=None, help="template name to record (default: the family's, from config.json)"
-    )
-    parser.add_argument("--check", action="store_true", help="reload the output and run one forward pass")
-    parser.add_argument(
-        "--weights-only",
-        action="store_true",
-        help="convert weights and configs, no tokenizer (ChatGLM-6B v1, whose tokenizer is not converted)",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        record = convert_checkpoint(
-            args.src, args.dst, chat_template=args.chat_template, with_tokenizer=not args.weights_only
-        )
-        print(
-            f"converted {record['source_family']} -> {record['architecture']} in {args.dst} "
-            f"({record['native_tensors']} tensors, {record['shards']} shards, template {record['chat_template']})"
-        )
-        if args.check:
-            print(f"check: forward pass finite, max |logit| {check_forward(args.dst):.4f}")
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
