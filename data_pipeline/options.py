@@ -127,7 +127,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "sources", "tokenizer", "out", "template", "max_seq_len", "overlong", "last_turn_only", "pack",
         "val_fraction", "seed",
     ),
-    "limits": ("max_bad_fraction", "max_dropped_fraction"),
+    "limits": ("max_bad_fraction", "max_dropped_fraction", "max_record_bytes"),
     "work": ("block_size", "workers", "num_tasks", "task_index", "progress"),
 }  # fmt: skip
 """The sections of prepare's options, for ``section.key=value`` overrides and a sectioned YAML: ``data`` is what

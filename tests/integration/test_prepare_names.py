@@ -16,6 +16,7 @@ import pytest
 from data_pipeline.cli import main
 from data_pipeline.prepare import BLOCKS_DIR
 from data_pipeline.schema import DataError, is_plain_file_name, load_manifest, load_split
+from sft_stack.common.errors import FAILURE, USER_ERROR
 from tests.helpers.data import TINY_LLAMA, arithmetic_conversations, write_jsonl
 
 
@@ -50,8 +51,10 @@ def edited_copy(prepared: Path, tmp_path: Path, edit: Callable[[dict[str, Any]],
     return out
 
 
-def verify_error(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    assert main(["verify", str(out)]) == 1
+def verify_error(out: Path, capsys: pytest.CaptureFixture[str], code: int = FAILURE) -> str:
+    """The one line ``verify`` prints. Exit 1 (FAILURE) when the shards no longer match what the manifest
+    claims; 2 (USER_ERROR) when the manifest itself cannot be used (README, "Exit status and errors")."""
+    assert main(["verify", str(out)]) == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
@@ -71,7 +74,7 @@ def test_a_manifest_shard_name_outside_its_folder_is_refused(
         raw["splits"]["train"]["shards"][0]["file"] = name
 
     out = edited_copy(prepared, tmp_path, plant)
-    line = verify_error(out, capsys)
+    line = verify_error(out, capsys, USER_ERROR)
     assert "manifest.json" in line and repr(name) in line and "not a plain file name" in line
     with pytest.raises(DataError, match="not a plain file name"):
         load_split(out, "train")
@@ -96,13 +99,13 @@ def test_verify_checks_split_totals_and_refuses_a_split_without_shards(
 
 def test_malformed_manifests_are_one_line(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = edited_copy(prepared, tmp_path / "list", lambda raw: {**raw, "splits": list(raw["splits"].values())})
-    line = verify_error(out, capsys)
+    line = verify_error(out, capsys, USER_ERROR)
     assert "'splits' is list" in line and "manifest.json" in line
 
     out = tmp_path / "latin1"
     shutil.copytree(prepared, out)
     (out / "manifest.json").write_bytes(b'{"schema_version": 1, "template": "caf\xe9"}')
-    line = verify_error(out, capsys)
+    line = verify_error(out, capsys, USER_ERROR)
     assert "unreadable manifest" in line and "utf-8" in line.lower()
 
 
@@ -123,7 +126,7 @@ def test_merge_refuses_a_block_record_naming_a_shard_outside_the_partial(
     record_path.write_text(json.dumps(record), encoding="utf-8")
     shutil.copy(parts[1] / "train" / "data-00001.arrow", tmp_path / "outside.arrow")
     merged = tmp_path / "deep" / "merged"
-    assert main(["merge", *map(str, parts), "--out", str(merged), "--no-track"]) == 1
+    assert main(["merge", *map(str, parts), "--out", str(merged), "--no-track"]) == USER_ERROR
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "block 1" in lines[0] and "outside its folder" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "outside.arrow", "part0", "part1", "src.jsonl"]

@@ -209,3 +209,9 @@ def test_config_file_problems_name_the_file(tmp_path: Path) -> None:
         options_from_args(_parser().parse_args(["prepare", "--config", str(missing)]))
     assert one_line_error(tmp_path, "sources: [a\n").startswith(f"--config {tmp_path / 'prep.yaml'}: invalid YAML (")
     assert "the top level must be a mapping of option: value" in one_line_error(tmp_path, "- a\n- b\n")
+
+
+def test_every_option_has_one_section() -> None:
+    """A new PrepareOptions field must be given a section, or sectioned YAML and overrides cannot reach it."""
+    assert sorted(SECTION_OF) == sorted(OPTION_KEYS)
+    assert sum(len(keys) for keys in SECTIONS.values()) == len(OPTION_KEYS)
