@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from data_pipeline.schema import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
+from trainer.write_errors import WriteFailedError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -71,6 +72,8 @@ def main(argv: list[str]) -> int:
     try:
         ds_config = build_ds_config(cfg, dist.get_world_size())
         train(cfg, ds_config)
+    except WriteFailedError:  # rank 0 printed its one line before any rank left (trainer/write_errors.py)
+        return 2
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

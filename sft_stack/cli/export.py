@@ -17,6 +17,7 @@ from pathlib import Path
 from trainer.config import ConfigError, load_config
 from trainer.export import export_checkpoint, merge_adapter, resolve_checkpoint
 from trainer.run_dir import RUN_CONFIG_FILE
+from trainer.write_errors import WriteFailedError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteFailedError:  # a full disk: its one line is printed already (trainer/write_errors.py)
+        return 1
 
 
 if __name__ == "__main__":
