@@ -2,8 +2,8 @@
 
 A full disk does not look the same from every call that hits it: ``open``/``write`` raise ``OSError(ENOSPC)``,
 while ``torch.save`` into a zip archive raises ``RuntimeError: [enforce fail at inline_container.cc:…] unexpected
-pos …``. Both are caught where a checkpoint or an export is written and turned into one line by ``describe``,
-with the space left on that file system measured at the moment of the failure.
+pos …``, and safetensors its own ``SafetensorError``. All are caught where a checkpoint or an export is written and
+turned into one line by ``describe``, with the space left on that file system measured at the moment of failure.
 
 A rank whose write failed must not leave the collective its peers wait in: each rank writes what it can, then
 every rank reports its outcome (``gather_failures``) before any rank decides, and all of them raise the same
@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch.distributed as dist
+from safetensors import SafetensorError
 
-WRITE_ERRORS = (OSError, RuntimeError)
-"""What a write into a full (or failing) file system raises: OSError from plain files and from safetensors and
-torch.save's legacy format; RuntimeError from torch.save's zip writer (``unexpected pos``)."""
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What a write into a full (or failing) file system raises: OSError from plain files and torch.save's legacy
+format; RuntimeError from torch.save's zip writer (``unexpected pos``); SafetensorError from safetensors
+(``Error while serializing: I/O error: No space left on device``), which is neither."""
 
 
 class WriteFailedError(Exception):
