@@ -8,7 +8,8 @@ Layout under ``OUT/checkpoints/``::
         trainer_state.json      step, data cursor, tokens seen, world size, tracking run id
         run_config.yaml, ds_config.json
         COMPLETE                written by rank 0 after every rank finished saving: JSON with the step, the
-                                run id and the sha256 of every file of the checkpoint (the marker)
+                                run id, the parent (the checkpoint this one continues) and the sha256 of
+                                every file of the checkpoint (the marker)
     latest_complete             the tag of the newest COMPLETE checkpoint, replaced atomically
     universal/step_.../         ds_to_universal output, made when resuming on another world size (same marker)
 
@@ -59,9 +60,9 @@ KILL_HOOK_ENV = "SFT_TEST_SIGKILL_IN_SAVE_AT_STEP"
 """Test hook: rank 0 SIGKILLs itself after DeepSpeed wrote a checkpoint at this step, before COMPLETE (any
 rank and point: trainer.progress.FAULT_ENV)."""
 MARKER_FORMAT = "sft-stack checkpoint v1"
+"""The ``format`` of a COMPLETE marker; a COMPLETE file without it was not written by this trainer."""
 TAG_PATTERN = re.compile(r"step_[0-9]+")
 """A checkpoint tag: a plain directory name inside checkpoints/, never a path (see is_tag)."""
-"""The ``format`` of a COMPLETE marker; a COMPLETE file without it was not written by this trainer."""
 
 
 class CheckpointError(Exception):
@@ -193,10 +194,13 @@ def save(
         UNIVERSAL_CHECKPOINT_INFO: {},
     }
     failure = _save_engine(engine, root, tag, client_state)
-    for name, write in _own_files(state, rank, run_config_yaml, ds_config_json).items():
+    for name, content in _own_files(state, rank, run_config_yaml, ds_config_json).items():
         if failure is None:
             try:
-                write(ckpt / name)
+                if isinstance(content, str):
+                    (ckpt / name).write_text(content, encoding="utf-8")
+                else:
+                    torch.save(content, ckpt / name)
             except WRITE_ERRORS as exc:
                 failure = describe(exc, ckpt / name)
     if os.environ.get(KILL_HOOK_ENV) == str(state.step) and rank == 0:
@@ -265,16 +269,12 @@ def _save_engine(engine: Any, root: Path, tag: str, client_state: dict[str, Any]
 
 
 def _own_files(state: TrainState, rank: int, run_config_yaml: str, ds_config_json: str) -> dict[str, Any]:
-    """The files this rank adds to a checkpoint besides DeepSpeed's: name -> a function writing it to a path."""
-    files: dict[str, Any] = {f"rng_rank{rank}.pt": lambda path: torch.save(rng_state(), path)}
+    """The files this rank adds to a checkpoint besides DeepSpeed's: name -> text, or an object for torch.save."""
+    files: dict[str, Any] = {f"rng_rank{rank}.pt": rng_state()}
     if rank == 0:
-        texts = {
-            STATE_FILE: json.dumps(state.to_dict(), indent=2) + "\n",
-            RUN_CONFIG_FILE: run_config_yaml,
-            DS_CONFIG_FILE: ds_config_json,
-        }
-        for name, text in texts.items():
-            files[name] = lambda path, text=text: path.write_text(text, encoding="utf-8")
+        files[STATE_FILE] = json.dumps(state.to_dict(), indent=2) + "\n"
+        files[RUN_CONFIG_FILE] = run_config_yaml
+        files[DS_CONFIG_FILE] = ds_config_json
     return files
 
 

@@ -107,6 +107,7 @@ def test_full_disk_during_save_ends_every_rank_with_one_line(small_fs: Path, dri
     lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, stderrs[0][-3000:]
     (line,) = lines
+    print(line)
     assert line.startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} failed: rank ")
     assert " writing " in line and "MiB free)" in line
     assert f"{previous} is untouched and stays the resume point" in line
@@ -159,4 +160,5 @@ def test_full_disk_during_export_is_one_line_and_leaves_nothing(
     assert len(lines) == 1 and lines[0].startswith(f"error: exporting to {out} failed: "), err[-3000:]
     assert "MiB free)" in lines[0] and f"nothing was written to {out}" in lines[0]
     assert "Traceback" not in err
+    print(lines[0])
     assert "exported" not in left and "exported.partial" not in left  # no partial output presented as good
