@@ -81,11 +81,17 @@ def launch(
 
 
 def start_by_hand(
-    out: Path, data: Path, *overrides: str, env: dict[str, str] | None = None, world: int = 2
+    out: Path,
+    data: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    world: int = 2,
+    preexec: dict[int, Callable[[], None]] | None = None,
 ) -> list[subprocess.Popen[str]]:
     """``world`` ranks of the drill config started by hand, as ``srun`` does: no launcher ends a rank's peers.
 
-    Each rank's stdout and stderr are pipes (text); the caller waits for them and kills what is left.
+    Each rank's stdout and stderr are pipes (text); the caller waits for them (``collect``). ``preexec`` runs a
+    function in the child of the ranks it names, before the trainer starts (a resource limit, say).
     """
     port = str(free_port())
     command = [
@@ -109,7 +115,15 @@ def start_by_hand(
             "MASTER_PORT": port,
         }
         ranks.append(
-            subprocess.Popen(command, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=(preexec or {}).get(rank),
+            )
         )
     return ranks
 

@@ -131,6 +131,29 @@ def limit_file_size(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+def test_one_rank_that_cannot_write_ends_both(drill_data: Path, tmp_path: Path) -> None:
+    """Only rank 1 fails (its files may not grow past 1 MiB; its 2 MB optimizer partition does), rank 0 succeeds.
+
+    The asymmetric case: rank 0 finishes its writes and waits in DeepSpeed's barrier at the end of save_checkpoint,
+    which rank 1 reaches only because its failure is recorded instead of raised. Both still exit 2 with one line.
+    Needs no root (RLIMIT_FSIZE), so it also stands in for the tmpfs drill where mounting is not permitted.
+    """
+    out = tmp_path / "run"
+    ranks = start_by_hand(out, drill_data, "train.stop_at_step=2", preexec={1: lambda: limit_file_size(2**20)})
+    started = time.monotonic()
+    _, stderrs = collect(ranks)
+    print(f"whole run with the failing save: {time.monotonic() - started:.1f} s")
+    assert [process.returncode for process in ranks] == [2, 2], stderrs[0][-3000:] + stderrs[1][-3000:]
+    lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderrs[0][-3000:]
+    print(lines[0])
+    assert lines[0].startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000002'} failed: rank 1: ")
+    assert "rank 0:" not in lines[0]  # rank 0 wrote everything it had to
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in lines[0] and "no earlier checkpoint" in lines[0]
+    assert "Traceback" not in stderrs[0] + stderrs[1]
+    assert not (out / "checkpoints" / "step_00000002").exists() and latest_complete(out) is None
+
+
 def test_full_disk_during_export_is_one_line_and_leaves_nothing(
     tmp_path: Path, reference: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
