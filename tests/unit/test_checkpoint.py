@@ -157,3 +157,17 @@ def test_resume_on_another_world_size_names_the_accumulation_that_keeps_the_glob
     assert batch_change_note(tmp_path, tag_for(3), state, kept, world=1) is None
     odd = load_config(root / "configs" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path}", "train.micro_batch_size=3"])
     assert batch_change_note(tmp_path, tag_for(3), state, odd, world=1).endswith("no grad_accum_steps keeps it")
+
+
+def test_a_failed_write_is_one_line_with_the_file_and_the_free_space(tmp_path: Path) -> None:
+    import errno
+
+    from trainer.write_errors import describe
+
+    enospc = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "a.pt"))
+    line = describe(enospc, tmp_path)
+    assert line.startswith(f"No space left on device writing {tmp_path / 'a.pt'} (") and line.endswith(" MiB free)")
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0\nframe #0: ...")
+    line = describe(torch_error, tmp_path / "missing" / "b.pt")  # free space of the nearest existing parent
+    assert line.startswith("RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0 writing ")
+    assert "\n" not in line and line.endswith(" MiB free)")
