@@ -126,6 +126,34 @@ def test_full_disk_during_save_ends_every_rank_with_one_line(small_fs: Path, dri
     assert_same_weights(final_weights(out), final_weights(reference))
 
 
+def test_full_disk_during_the_final_export_ends_both_ranks(small_fs: Path, drill_data: Path, reference: Path) -> None:
+    """Checkpoint only at the end; the disk has room for that checkpoint and 300 KiB, not for the 1.3 MB export.
+
+    The ZeRO gather runs on both ranks, rank 0's write fails, both exit 2 with one line; no final/ and no
+    final.partial; the step-6 checkpoint is complete. With space freed, the same command exports from it.
+    """
+    out = small_fs / "run"
+    need = checkpoint_bytes(reference / "checkpoints" / "step_00000006") + 2**18
+    filler = fill(small_fs, need + 2**18)
+    ranks = start_by_hand(out, drill_data, "train.save_every_steps=0")
+    _, stderrs = collect(ranks)
+    assert [process.returncode for process in ranks] == [2, 2], stderrs[0][-3000:] + stderrs[1][-3000:]
+    lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderrs[0][-3000:]
+    print(lines[0])
+    assert lines[0].startswith(f"error: exporting to {out / 'final'} failed: rank 0: ")
+    assert "MiB free)" in lines[0] and f"nothing was written to {out / 'final'}" in lines[0]
+    assert "Traceback" not in stderrs[0] + stderrs[1]
+    assert not (out / "final").exists() and not (out / "final.partial").exists()
+    assert latest_complete(out) == "step_00000006"
+
+    filler.unlink()
+    rerun = launch(out, drill_data, "train.save_every_steps=0")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in rerun.stdout
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
 def limit_file_size(limit: int) -> None:
     """In the child: no file may grow past ``limit`` bytes (writes past it fail with EFBIG)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
