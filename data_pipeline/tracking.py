@@ -10,7 +10,8 @@ tags its run with ``data.prepare_run_id``.
   detached process and returns at once: opening MLflow costs seconds (importing mlflow, and on a fresh
   embedded store creating its tables) that the user would otherwise wait for after the data is written. Its
   output goes to ``OUT/mlflow_prepare_run.log``.
-- Store: ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store ``<OUT's parent>/mlruns``.
+- Store: ``$MLFLOW_TRACKING_URI``, else the default sqlite store ``./mlruns`` in the current directory (the
+  one training and ``python -m tracking dashboard`` use). The URI is written and printed redacted.
 - Off with ``--no-track`` or ``SFT_TRACKING=0``; mlflow is then not imported.
 - Never fails the prepare: if the server does not answer, one line says so and how to log later.
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 from data_pipeline.schema import Manifest, load_manifest, rejects_summary
 from sft_stack.common.atomic import write_json_atomic
-from tracking.naming import flatten_dict, resolve_tracking_uri
+from tracking.naming import flatten_dict, redact_text, resolve_tracking_uri
 from tracking.records import PREPARE_RUN_FILE, PrepareRecord, dumps
 from tracking.records import log_prepare_run as log_record
 from tracking.sender import short
@@ -115,7 +116,7 @@ def log_prepare_run(manifest: Manifest, out_dir: str | Path, options: Any = None
     output (same fingerprint, same store) again returns the existing run instead of a duplicate.
     """
     out_dir = Path(out_dir)
-    uri, _ = resolve_tracking_uri(None, out_dir)
+    uri = redact_text(resolve_tracking_uri(None)[0])
     previous = _read_prepare_file(out_dir)
     if previous and previous.get("tracking_uri") == uri and previous.get("fingerprint") == manifest.fingerprint:
         return str(previous["run_id"])

@@ -37,10 +37,11 @@ from typing import Any
 
 from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
 from sft_stack.demo.tokenizer import train_char_tokenizer
+from tracking.naming import STORE_DIR, store_uri
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
-GENERATOR_FILES = (ROOT / "demo" / "arithmetic.py", ROOT / "demo" / "tokenizer.py")
+GENERATOR_FILES = (Path(__file__).with_name("arithmetic.py"), Path(__file__).with_name("tokenizer.py"))
 TEMPLATE = "plain"
 """Prompt, newline, answer, eos: no chat markup to learn for a model that starts from nothing."""
 
@@ -320,6 +321,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     # machine, and several times faster when another process competes for the cores.
     torch.set_num_threads(1)
     opts.out.mkdir(parents=True, exist_ok=True)
+    # The demo keeps its own store, OUT/mlruns, for its prepare, training and evaluation processes alike
+    # (they inherit this); a store the user chose with MLFLOW_TRACKING_URI wins.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", store_uri(opts.out / STORE_DIR))
     csvs = write_data(opts)
     model_dir = opts.out / "model"
     cot_data, control_data, control_len = prepare_both(opts, csvs, model_dir)
