@@ -26,6 +26,7 @@ from data_pipeline.schema import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.preflight import find_problems
+from trainer.write_errors import WriteFailedError
 
 USER_ERROR = 2
 """Exit code for anything the user must fix (config, data, model folder, a stale build lock)."""
@@ -108,6 +109,8 @@ def main(argv: list[str]) -> int:
     try:
         ds_config = build_ds_config(cfg, dist.get_world_size())
         train(cfg, ds_config)
+    except WriteFailedError:  # rank 0 printed its one line before any rank left (trainer/write_errors.py)
+        return USER_ERROR
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return USER_ERROR

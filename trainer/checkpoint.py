@@ -8,7 +8,8 @@ Layout under ``OUT/checkpoints/``::
         trainer_state.json      step, data cursor, tokens seen, world size, tracking run id
         run_config.yaml, ds_config.json
         COMPLETE                written by rank 0 after every rank finished saving: JSON with the step, the
-                                run id and the sha256 of every file of the checkpoint (the marker)
+                                run id, the parent (the checkpoint this one continues) and the sha256 of
+                                every file of the checkpoint (the marker)
     latest_complete             the tag of the newest COMPLETE checkpoint, replaced atomically
     universal/step_.../         ds_to_universal output, made when resuming on another world size (same marker)
 
@@ -31,6 +32,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +52,7 @@ from trainer import progress
 from trainer.config import RunConfig
 from trainer.data import DataCursor
 from trainer.run_dir import DS_CONFIG_FILE, LATEST_FILE, RUN_CONFIG_FILE, UNIVERSAL_DIR, RunDir
+from trainer.write_errors import WRITE_ERRORS, describe, fail_together, gather_failures
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -58,6 +61,8 @@ KILL_HOOK_ENV = "SFT_TEST_SIGKILL_IN_SAVE_AT_STEP"
 rank and point: trainer.progress.FAULT_ENV)."""
 MARKER_FORMAT = "sft-stack checkpoint v1"
 """The ``format`` of a COMPLETE marker; a COMPLETE file without it was not written by this trainer."""
+TAG_PATTERN = re.compile(r"step_[0-9]+")
+"""A checkpoint tag: a plain directory name inside checkpoints/, never a path (see is_tag)."""
 
 
 class CheckpointError(Exception):
@@ -76,6 +81,9 @@ class TrainState:
     world_size: int
     run_id: str | None = None
     """Tracking run id, so a resumed run keeps logging into the same run."""
+    last_checkpoint: str | None = None
+    """The checkpoint this state continues from: the tag resumed from, then each tag saved. A save records it in its
+    marker as ``parent``, so retention counts this run's own line of checkpoints and nothing it skipped (prune)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +117,15 @@ def batch_change_note(output_dir: str | Path, tag: str, state: TrainState, cfg: 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def is_tag(name: str) -> bool:
+    """Whether ``name`` (read from disk: ``latest_complete``, a marker's parent) is a checkpoint tag.
+
+    Only ``step_<digits>`` passes: no separator, no ``..``, no absolute path, so a pointer someone edited can never
+    lead the trainer or ``cli.export`` outside the run's checkpoints/ folder.
+    """
+    return TAG_PATTERN.fullmatch(name) is not None
 
 
 def step_of(tag: str) -> int:
@@ -152,8 +169,10 @@ def save(
 ) -> Path:
     """Save on every rank; mark COMPLETE (with hashes) and move ``latest_complete`` once all ranks finished.
 
-    A failed write (a full disk: ENOSPC) on any rank raises CheckpointError on every rank, naming the file; the
-    previous checkpoint and ``latest_complete`` are untouched, so rerunning the same command resumes from it.
+    Every rank reports its outcome before any rank decides: a write that failed on any rank (a full disk raises
+    OSError or, from torch.save, RuntimeError) makes every rank raise the same WriteFailedError, naming each failed
+    file and the free space. The failed tag is removed, never marked or pointed at, and the previous checkpoint
+    (``state.last_checkpoint``) stays the resume point: rerunning the same command resumes from it.
     """
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
@@ -161,44 +180,118 @@ def save(
     tag = tag_for(state.step)
     ckpt = root / tag
     rank = dist.get_rank()
+    failure: str | None = None
     if rank == 0:  # a tag left by an earlier attempt (killed, or damaged and fallen back from): start it afresh
         shutil.rmtree(ckpt, ignore_errors=True)
-    dist.barrier()
+        try:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            failure = describe(exc, ckpt)
+    _decide(gather_failures(failure), ckpt, state)
     client_state = {
         "trainer_state": state.to_dict(),
         # Present (even empty) so ds_to_universal accepts the checkpoint for resuming on another world size.
         UNIVERSAL_CHECKPOINT_INFO: {},
     }
-    failure: str | None = None
-    try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), ckpt / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (ckpt / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n", encoding="utf-8")
-            (ckpt / RUN_CONFIG_FILE).write_text(run_config_yaml, encoding="utf-8")
-            (ckpt / DS_CONFIG_FILE).write_text(ds_config_json, encoding="utf-8")
-    except OSError as exc:  # ENOSPC, EDQUOT, EIO: the same on every rank that shares the file system
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        failure = f"rank {rank}: {reason} writing {exc.filename or ckpt}"
+    failure = _save_engine(engine, root, tag, client_state)
+    for name, content in _own_files(state, rank, run_config_yaml, ds_config_json).items():
+        if failure is None:
+            try:
+                if isinstance(content, str):
+                    (ckpt / name).write_text(content, encoding="utf-8")
+                else:
+                    torch.save(content, ckpt / name)
+            except WRITE_ERRORS as exc:
+                failure = describe(exc, ckpt / name)
     if os.environ.get(KILL_HOOK_ENV) == str(state.step) and rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     progress.fault_hook("save", state.step, rank)
-    failures: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    if any(failures):
-        previous = latest_tag_text(root)
-        raise CheckpointError(
-            f"saving {ckpt} failed ({'; '.join(f for f in failures if f)}); "
-            f"{LATEST_FILE} still points at {previous or 'nothing (no earlier checkpoint)'}, which is intact: "
-            "free space (or set train.output_dir elsewhere) and rerun the same command to resume from it"
-        )
+    _decide(gather_failures(failure), ckpt, state)
     files = hash_files(ckpt, sorted(_checkpoint_files(ckpt)))
     if rank == 0:
-        write_marker(ckpt, files, step=state.step, world_size=state.world_size, run_id=state.run_id)
-        write_text_atomic(root / LATEST_FILE, tag + "\n")
-        prune(root, keep_last)
+        try:
+            write_marker(
+                ckpt,
+                files,
+                step=state.step,
+                world_size=state.world_size,
+                run_id=state.run_id,
+                parent=state.last_checkpoint,
+            )
+            write_text_atomic(root / LATEST_FILE, tag + "\n")
+        except WRITE_ERRORS as exc:
+            failure = describe(exc, ckpt / COMPLETE)
+    _decide(gather_failures(failure), ckpt, state)
+    if rank == 0:
+        prune(root, keep_last, written=tag)
     dist.barrier()
     return ckpt
+
+
+class _RecordingEngine:
+    """DeepSpeed's checkpoint engine with a failed write recorded instead of raised.
+
+    ``engine.save_checkpoint`` ends in a barrier: a rank whose ``torch.save`` raised would skip it and leave the
+    others waiting there for train.collective_timeout_s. Recorded, the failure lets the rank run every collective
+    of save_checkpoint and report it afterwards; its later writes are skipped (the checkpoint is lost already).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failure: str | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.inner.save(state_dict, path)
+        except WRITE_ERRORS as exc:
+            self.failure = describe(exc, Path(path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _save_engine(engine: Any, root: Path, tag: str, client_state: dict[str, Any]) -> str | None:
+    """``engine.save_checkpoint`` on this rank; the failure (one line) or None."""
+    recorder = _RecordingEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = recorder
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as exc:
+        # Only a plain file write raises out of save_checkpoint (rank 0 copies zero_to_fp32.py after its own
+        # writes), which is past every collective but the final barrier: join that barrier the peers wait in.
+        recorder.failure = recorder.failure or describe(exc, root / tag)
+        dist.barrier()
+    finally:
+        engine.checkpoint_engine = recorder.inner
+    return recorder.failure
+
+
+def _own_files(state: TrainState, rank: int, run_config_yaml: str, ds_config_json: str) -> dict[str, Any]:
+    """The files this rank adds to a checkpoint besides DeepSpeed's: name -> text, or an object for torch.save."""
+    files: dict[str, Any] = {f"rng_rank{rank}.pt": rng_state()}
+    if rank == 0:
+        files[STATE_FILE] = json.dumps(state.to_dict(), indent=2) + "\n"
+        files[RUN_CONFIG_FILE] = run_config_yaml
+        files[DS_CONFIG_FILE] = ds_config_json
+    return files
+
+
+def _decide(failures: list[str], ckpt: Path, state: TrainState) -> None:
+    """When any rank failed: rank 0 removes the failed tag, then every rank raises WriteFailedError (fail_together)."""
+    if not failures:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)  # never marked, never pointed at; gives the space back
+    previous = ckpt.parent / state.last_checkpoint if state.last_checkpoint else None
+    resume = (
+        f"{previous} is untouched and stays the resume point" if previous else "no earlier checkpoint to resume from"
+    )
+    fail_together(
+        f"saving checkpoint {ckpt} failed: {'; '.join(failures)}. {resume}: free space (or set train.output_dir "
+        "elsewhere) and rerun the same command"
+    )
 
 
 def write_marker(ckpt: Path, files: dict[str, str], **fields: Any) -> None:
@@ -268,18 +361,61 @@ def complete_tags(root: Path) -> list[str]:
     """Tags with a COMPLETE marker, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return sorted(p.name for p in root.glob("step_*") if is_tag(p.name) and (p / COMPLETE).is_file())
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and partial ones older than the newest."""
+def lineage(root: Path, written: str) -> list[str]:
+    """``written`` and the complete checkpoints it descends from, newest first, following each marker's ``parent``.
+
+    A marker without the key (written before it existed) names the next older complete tag. The line stops at a
+    parent that is gone, not complete, not a tag, or not older (a marker someone edited cannot loop).
+    """
+    complete = set(complete_tags(root))
+    line: list[str] = []
+    tag: str | None = written
+    while tag is not None and tag in complete and (not line or step_of(tag) < step_of(line[-1])):
+        line.append(tag)
+        try:
+            marker = json.loads((root / tag / COMPLETE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            break
+        if not isinstance(marker, dict):
+            break
+        if "parent" in marker:
+            parent = marker["parent"]
+            tag = parent if isinstance(parent, str) and is_tag(parent) else None
+        else:
+            older = [t for t in complete if step_of(t) < step_of(tag)]
+            tag = max(older, key=step_of) if older else None
+    return line
+
+
+def tags_to_prune(
+    complete: list[str], partial: list[str], *, line: list[str], written: str, pointed: str | None, keep_last: int
+) -> list[str]:
+    """The tags a save of ``written`` deletes, oldest first (the ranking, without touching the disk).
+
+    Counted toward ``keep_last``: ``line``, the run's own checkpoints (``written`` and its ancestors, newest first;
+    ``written`` was verified as it was hashed). A complete tag outside it was skipped by a resume (damaged, newer
+    than the pointer, or left by another run under train.resume=never): it never counts and is never deleted here,
+    and a later save at its step replaces it. Never deleted either: ``written`` and the tag ``latest_complete``
+    names. Partial tags (no marker) older than ``written`` are leftovers of killed saves and go.
+    """
+    keep = {written, pointed}
+    doomed = [tag for tag in line[keep_last:] if tag in complete and tag not in keep]
+    doomed += [tag for tag in partial if step_of(tag) < step_of(written) and tag not in keep]
+    return sorted(doomed, key=step_of)
+
+
+def prune(root: Path, keep_last: int, *, written: str) -> None:
+    """Delete what tags_to_prune says for a save of ``written`` (and their universal conversions); rank 0 only."""
     complete = complete_tags(root)
-    if not complete:
-        return
-    doomed = set(complete[:-keep_last])
-    newest = step_of(complete[-1])
-    doomed |= {p.name for p in root.glob("step_*") if not (p / COMPLETE).is_file() and step_of(p.name) < newest}
-    for name in sorted(doomed):
+    partial = [p.name for p in root.glob("step_*") if is_tag(p.name) and not (p / COMPLETE).is_file()]
+    pointed = latest_tag_text(root)
+    doomed = tags_to_prune(
+        complete, partial, line=lineage(root, written), written=written, pointed=pointed, keep_last=keep_last
+    )
+    for name in doomed:
         shutil.rmtree(root / name, ignore_errors=True)
         shutil.rmtree(root / UNIVERSAL_DIR / name, ignore_errors=True)
 
@@ -306,7 +442,7 @@ def latest_complete(output_dir: str | Path) -> str | None:
     if pointed is None and not candidates:
         return None
     problems: list[str] = []
-    if pointed is not None and pointed not in candidates:
+    if pointed is not None and (not is_tag(pointed) or pointed not in candidates):
         problems.append(f"{root / LATEST_FILE}: points at {pointed[:80]!r}, which is not a complete checkpoint")
     elif pointed is not None:
         # Newer complete tags than the pointer are from a save that died between COMPLETE and the pointer.

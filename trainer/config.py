@@ -115,7 +115,11 @@ class TrainConfig:
     stop_at_step: int | None = None
     """Save and stop cleanly after this step, without changing the LR schedule (a job with a time limit)."""
     keep_last_checkpoints: int = 2
-    """Complete checkpoints to keep; older ones are deleted after a newer one is marked complete."""
+    """Complete checkpoints of this run's own line to keep (>= 1); older ones are deleted only after a newer one is
+    complete, hashed and named by latest_complete. A damaged or skipped tag never counts, and the tag just written
+    and the one latest_complete names are never deleted. 1 is allowed (unlike torchtitan's keep_latest_k, whose
+    purge may run while an async save is unfinished): there is always one complete checkpoint, but none to fall
+    back to if it is damaged later, and a save still needs room for two (docs/RELIABILITY.md, Retention)."""
     warmup_steps: int = 0
     """Linear warmup from 0 to lr over this many optimizer steps."""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"

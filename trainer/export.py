@@ -31,8 +31,13 @@ from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, rank
 from trainer.model import DTYPES, LoadedModel, load_model
 from trainer.run_dir import EXPORT_INFO_FILE, LATEST_FILE, RunDir
+from trainer.write_errors import WRITE_ERRORS, describe, fail_together, gather_failures
 
 log = logging.getLogger(__name__)
+
+
+class EmptyAdapterError(RuntimeError):
+    """An adapter with nothing trained in it (adapter_problem), refused instead of written."""
 
 
 def gathered_state_dict(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> dict[str, torch.Tensor]:
@@ -115,8 +120,13 @@ def _replace_dir(partial: Path, final: Path) -> None:
     partial.rename(final)
 
 
+def _partial_of(out_dir: Path) -> Path:
+    """Where an export is written before it is moved to ``out_dir``."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
 def _fresh_partial(out_dir: Path) -> Path:
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial = _partial_of(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     return partial
@@ -149,7 +159,7 @@ def write_adapter(
     """Rank 0: PEFT adapter (adapter_model.safetensors + adapter_config.json) + tokenizer + sft_export.json."""
     problem = adapter_problem(state_dict)
     if problem is not None:
-        raise RuntimeError(f"refusing to write an empty LoRA adapter to {out_dir}: {problem}")
+        raise EmptyAdapterError(f"refusing to write an empty LoRA adapter to {out_dir}: {problem}")
     partial = _fresh_partial(out_dir)
     model.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(partial)
@@ -179,17 +189,27 @@ def export_model(model: nn.Module, loaded: LoadedModel, cfg: RunConfig, out_dir:
         state_dict = gathered_state_dict(model, keep=lambda _name, param: param.requires_grad)
         writer = write_adapter
     progress.fault_hook("export", cfg.train.max_steps, rank())  # drills: a rank dies between gather and write
-    error = [""]
-    failure: Exception | None = None
+    other: Exception | None = None
+    failure: str | None = None
     if is_rank0():
         try:
             writer(model, state_dict, loaded.tokenizer, info, out_dir)
-        except Exception as exc:  # any failure (refused adapter, full disk) must reach the other ranks
-            failure, error[0] = exc, str(exc)
+        except EmptyAdapterError as exc:
+            other = exc
+        except WRITE_ERRORS as exc:  # a full disk: OSError, or RuntimeError from torch's or safetensors' writer
+            failure = describe(exc, out_dir)
+            shutil.rmtree(_partial_of(out_dir), ignore_errors=True)  # never presented as an export; frees the space
+        except Exception as exc:  # anything else must reach the other ranks too
+            other = exc
+    failures = gather_failures(failure)  # every rank hears rank 0's outcome; none is left waiting in a collective
+    if failures:
+        kept = f"the previous {out_dir} is untouched" if out_dir.exists() else f"nothing was written to {out_dir}"
+        fail_together(f"exporting to {out_dir} failed: {'; '.join(failures)}; {kept}: free space and export again")
+    error = [str(other) if other is not None else ""]
     if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(error, src=0)  # every rank fails the same way, none hangs
-    if failure is not None:
-        raise failure
+        torch.distributed.broadcast_object_list(error, src=0)
+    if other is not None:
+        raise other
     if error[0]:
         raise RuntimeError(error[0])
     barrier()
@@ -218,10 +238,15 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     base = AutoModelForCausalLM.from_pretrained(info["base_model_path"], dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     partial = _fresh_partial(out_dir)
-    merged.save_pretrained(partial, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
-    merged_info = {**info, "merged_from": str(adapter_dir)}
-    (partial / EXPORT_INFO_FILE).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
+    try:
+        merged.save_pretrained(partial, safe_serialization=True)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(partial)
+        merged_info = {**info, "merged_from": str(adapter_dir)}
+        (partial / EXPORT_INFO_FILE).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
+    except WRITE_ERRORS as exc:  # a full disk: the partial merge is removed, never presented as a model
+        failure = describe(exc, out_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+        fail_together(f"merging into {out_dir} failed: {failure}; free space and merge again")
     _replace_dir(partial, out_dir)
     return out_dir
 
@@ -232,12 +257,18 @@ def resolve_checkpoint(path: Path) -> Path:
     The directory must carry our COMPLETE marker and match its hashes (trainer.checkpoint.verify) before
     anything in it is unpickled: DeepSpeed's files are loaded with ``torch.load(weights_only=False)``.
     """
-    from trainer.checkpoint import COMPLETE, CheckpointError, verify
+    from trainer.checkpoint import COMPLETE, CheckpointError, is_tag, latest_tag_text, verify
 
     if RunDir.of(path).checkpoints.is_dir():
         path = RunDir.of(path).checkpoints
-    if (path / LATEST_FILE).is_file():
-        path = path / (path / LATEST_FILE).read_text(encoding="utf-8").strip()
+    pointed = latest_tag_text(path)
+    if pointed is not None:
+        if not is_tag(pointed):  # the trainer refuses the same pointer (checkpoint.latest_complete)
+            raise ConfigError(
+                f"--checkpoint {path / LATEST_FILE}: names {pointed[:80]!r}, not a checkpoint tag (a plain step_N "
+                "directory inside checkpoints/); pass --checkpoint with the tag directory to export"
+            )
+        path = path / pointed
     if not (path / COMPLETE).is_file():
         raise ConfigError(f"--checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker); pick another tag")
     try:

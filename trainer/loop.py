@@ -152,7 +152,7 @@ def train(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
                 evaluate(run, cfg, state.step)
             preempted = preemption.is_preemption_requested()  # SIGUSR1/SIGTERM on any rank (slurm time limit, scancel)
             if should_save(state.step, cfg) or preempted:
-                save(run, cfg, state)
+                state = save(run, cfg, state)
             if preempted:
                 break
             progress.mark(state.step, "done", run.rank)
@@ -247,7 +247,7 @@ def resume_point(
     tag = checkpoint.latest_complete(out.root) if cfg.train.resume == "auto" else None
     if not tag:
         return None, checkpoint.TrainState(step=0, cursor=DataCursor(), tokens_seen=0, world_size=world), ds_config
-    state = checkpoint.read_state(out.root, tag)
+    state = dataclasses.replace(checkpoint.read_state(out.root, tag), last_checkpoint=tag)
     if state.world_size != world:
         sequence_parallel.check_resume(out.checkpoint(tag), state.world_size, cfg, world)
         ds_config = with_universal_load(ds_config)
@@ -485,7 +485,8 @@ def generate(run: Run, cfg: RunConfig, step: int) -> None:
     run.tracker.log_table(samples, f"samples/step_{step:08d}.json")
 
 
-def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> None:
+def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> checkpoint.TrainState:
+    """Save a checkpoint of ``state``; the state to continue with (its ``last_checkpoint`` is the new tag)."""
     started = time.monotonic()
     path = checkpoint.save(
         run.engine,
@@ -497,6 +498,7 @@ def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> None:
     )
     if run.rank == 0:
         print(f"saved {path} in {time.monotonic() - started:.1f}s", flush=True)
+    return dataclasses.replace(state, last_checkpoint=path.name)
 
 
 def export(run: Run, cfg: RunConfig) -> None:

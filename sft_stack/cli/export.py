@@ -14,10 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-from sft_stack.common.errors import user_error
+from sft_stack.common.errors import FAILURE, user_error
 from trainer.config import ConfigError, load_config
 from trainer.export import export_checkpoint, merge_adapter, resolve_checkpoint
 from trainer.run_dir import RUN_CONFIG_FILE
+from trainer.write_errors import WriteFailedError
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.export") -> int:
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.exp
         return 0
     except ConfigError as exc:
         return user_error(str(exc))
+    except WriteFailedError:  # a full disk: its one line is printed already (trainer/write_errors.py)
+        return FAILURE
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,6 +78,91 @@ def launch(
     return subprocess.run(
         command, cwd=ROOT, env=env or drill_env(), capture_output=True, text=True, timeout=900, check=False
     )
+
+
+def start_by_hand(
+    out: Path,
+    data: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    world: int = 2,
+    preexec: dict[int, Callable[[], None]] | None = None,
+) -> list[subprocess.Popen[str]]:
+    """``world`` ranks of the drill config started by hand, as ``srun`` does: no launcher ends a rank's peers.
+
+    Each rank's stdout and stderr are pipes (text); the caller waits for them (``collect``). ``preexec`` runs a
+    function in the child of the ranks it names, before the trainer starts (a resource limit, say).
+    """
+    port = str(free_port())
+    command = [
+        sys.executable,
+        str(ROOT / "launcher" / "run.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny_cpu.yaml"),
+        f"data.path={data}",
+        f"train.output_dir={out}",
+        *DRILL_OVERRIDES,
+        *overrides,
+    ]
+    ranks = []
+    for rank in range(world):
+        rank_env = {
+            **(env or drill_env()),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        ranks.append(
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=(preexec or {}).get(rank),
+            )
+        )
+    return ranks
+
+
+def collect(
+    ranks: list[subprocess.Popen[str]], on_line: Callable[[str], None] | None = None, timeout: float = 900
+) -> tuple[list[str], list[str]]:
+    """Wait for every rank (killing what is left after ``timeout``); their stdouts and stderrs.
+
+    ``on_line`` sees each line of rank 0's stdout as it arrives. Every pipe is drained by its own thread, so no
+    rank blocks on a full pipe.
+    """
+    outs: list[list[str]] = [[] for _ in ranks]
+    errs: list[list[str]] = [[] for _ in ranks]
+
+    def drain(stream: Any, into: list[str], callback: Callable[[str], None] | None) -> None:
+        for line in stream:
+            into.append(line)
+            if callback is not None:
+                callback(line)
+
+    threads = [
+        threading.Thread(target=drain, args=(process.stdout, outs[rank], on_line if rank == 0 else None))
+        for rank, process in enumerate(ranks)
+    ] + [threading.Thread(target=drain, args=(process.stderr, errs[rank], None)) for rank, process in enumerate(ranks)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for process in ranks:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for thread in threads:
+            thread.join()
+    return ["".join(lines) for lines in outs], ["".join(lines) for lines in errs]
 
 
 def losses(out: Path) -> dict[int, float]:

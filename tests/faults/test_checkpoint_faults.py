@@ -179,3 +179,17 @@ def test_malicious_weights_in_a_model_directory_are_refused(tmp_path: Path) -> N
     with pytest.raises(Exception, match=r"(?i)weights.only|unpickl|weights_only"):
         load_for_inference(model_dir)
     assert not target.exists()
+
+
+def test_export_does_not_follow_a_pointer_out_of_the_run(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A complete, verifying checkpoint outside the run folder, and a pointer edited to lead to it.
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(ckpt(run), outside / NEWEST)
+    (run / "checkpoints" / LATEST).write_text(f"../../elsewhere/{NEWEST}\n")
+    assert latest_complete(run) == NEWEST  # the trainer names the pointer and uses its own newest tag
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints' / LATEST}: names '../../elsewhere/{NEWEST}', not a checkpoint tag" in err
+    assert not (tmp_path / "exported").exists()
