@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="prepare YAML: keys are the options below (see configs/data/)")
     p.add_argument("--source", action="append", default=[], help="corpus file or MOSS directory (repeatable)")
     p.add_argument("--format", help="force this format for every source (default: detect)")
+    p.add_argument(
+        "--columns",
+        help="column mapping for every source, field=column pairs: read the format's field from that column, "
+        "e.g. instruction=question,output=answer (docs/formats.md, Column mapping)",
+    )
     add_option_flags(p)
     p.add_argument(
         "--track",
@@ -116,6 +121,10 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     options = build_options(values, where)
     if args.format:
         sources = tuple(dataclasses.replace(s, format=args.format) for s in options.sources)
+        options = dataclasses.replace(options, sources=sources)
+    if args.columns:
+        pairs = tuple(pair for pair in args.columns.split(",") if pair)
+        sources = tuple(dataclasses.replace(s, columns=pairs) for s in options.sources)
         options = dataclasses.replace(options, sources=sources)
     return options
 
