@@ -41,9 +41,10 @@ test-fast: venv
 test-faults: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -m faults tests
 
-# MLflow UI on the embedded store: STORE is the mlruns/ folder next to the runs' output dirs. Loopback unless HOST is set.
+# MLflow UI on a sqlite store: by default ./mlruns, where prepare and training log unless MLFLOW_TRACKING_URI or
+# tracking.uri says otherwise (the demo keeps its own: make dashboard STORE=demo_cot_out/mlruns). Loopback unless HOST is set.
 # Exposing it: docs/tracking.md (basic-auth app, --allowed-hosts, a TLS reverse proxy).
-STORE ?= demo_cot_out/mlruns
+STORE ?= mlruns
 HOST ?= 127.0.0.1
 PORT ?= 5000
 dashboard: venv

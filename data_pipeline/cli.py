@@ -19,6 +19,7 @@ from data_pipeline.inspect import rejects_summary
 from data_pipeline.options import OPTION_KEYS, PrepareOptions, build_options, read_config
 from data_pipeline.prepare import LIMIT_OPTIONS, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
+from data_pipeline.space import OutOfSpace
 from sft_stack.common.strict_config import field_docs
 
 _CONFIG_KEYS = OPTION_KEYS
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if tracking.is_enabled(args.track):
                     tracking.record_in_background(args.out)
                 return 0
-    except (InputError, DataError, TooManyRejects) as exc:
+    except (InputError, DataError, TooManyRejects, OutOfSpace) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 2

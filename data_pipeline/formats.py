@@ -21,6 +21,7 @@ from typing import Any, Literal
 import ijson
 import orjson
 
+from data_pipeline import bounded_json
 from data_pipeline.conversation import (
     Conversation,
     InputError,
@@ -72,6 +73,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "malformed_tools",
     "malformed_tool_call",
     "multimodal",
+    "too_large",
+    "invalid_unicode",
 )
 """Every ``Reject.reason`` a reader can give. Stable keys: manifests and rejects.jsonl count by them."""
 
@@ -80,9 +83,18 @@ RAW_LIMIT = 500
 
 _SNIFF_LINES = 20
 """Leading non-empty lines looked at when the first one is not JSON (a malformed first record)."""
+_SNIFF_BYTES = 1 << 20
+"""Bytes of each leading line kept for detection; a longer line is cut there (and is a record of a JSON-lines file)."""
+
+MAX_RECORD_BYTES = 4 << 20
+"""Default bound on one record's size (PrepareOptions.max_record_bytes); see ``read_records``."""
+MAX_DEPTH = 512
+"""Deepest nesting of arrays and objects a record may have; deeper ones are rejected as malformed_json. Python's
+own parser and printer recurse once per level (about 1,000 levels at most); real records nest under 20."""
+_DEEP = "nested deeper than Python's JSON parser allows"
 
 _WHITESPACE = b" \t\r\n"
-_BOM = b"\xef\xbb\xbf"
+_BOM = bounded_json.BOM
 
 # ShareGPT dumps name the speakers many ways; these are the ones that mean a plain chat role.
 _SHAREGPT_ROLES: dict[str, Role] = {
@@ -144,6 +156,8 @@ class _Item:
     """The record as read (a JSON line, a file's text); None when only the parsed value exists (array items)."""
     error: str | None = None
     """Why the record could not be parsed; ``value`` is None then."""
+    reason: str = "malformed_json"
+    """The reject reason when ``error`` is set: malformed_json, or too_large for a record over the size bound."""
     where: str = ""
     """Prefix for a Reject's detail, e.g. the file name inside a MOSS directory."""
 
@@ -188,13 +202,21 @@ def detect_format(path: Path, columns: Mapping[str, str] | None = None) -> str:
     return fmt
 
 
-def read_records(path: Path, fmt: str, columns: Mapping[str, str] | None = None) -> Iterator[Record]:
+def read_records(
+    path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES, columns: Mapping[str, str] | None = None
+) -> Iterator[Record]:
     """Yield one Conversation, Text or Reject per record of ``path`` read as ``fmt``, in file order.
 
     Every record carries ``source=str(path)`` and a stable ``index``: line number - 1 for JSON lines, array index
     for a JSON array, running index across scenarios for safety, data-row index for csv, sorted-file index for a
     MOSS directory. Problems with the whole input (missing file, unknown format, a csv without a prompt,output
-    header, a JSON array broken mid-file) raise InputError; problems with one record yield a Reject. ``columns``
+    header, a JSON array broken mid-file) raise InputError; problems with one record yield a Reject.
+
+    A record over ``max_bytes`` is rejected as ``too_large`` before it is parsed: a JSON line, a document (a MOSS
+    file, a .txt file) by its bytes, without reading it whole; an element of a JSON array or of a safety scenario
+    while it streams, by the characters of its strings and keys (plus one per value), so at most its largest single
+    string is held; a csv row by its fields' characters. Nesting deeper than MAX_DEPTH, and text holding lone
+    UTF-16 surrogates (valid JSON escapes, but no text a tokenizer encodes), are rejected too. ``columns``
     (field -> column, JSON-record formats only) renames a record's columns to the fields ``fmt`` reads.
     """
     path = Path(path)
@@ -204,17 +226,17 @@ def read_records(path: Path, fmt: str, columns: Mapping[str, str] | None = None)
     if path.is_dir():
         if fmt != "moss":
             raise InputError(f"{path} is a directory; only the moss format reads directories; pass a file instead")
-        return _read_moss_directory(path)
+        return _read_moss_directory(path, max_bytes)
     _require_nonempty(path)
     match fmt:
         case "csv":
-            return _read_csv(path, _csv_columns(path))
+            return _read_csv(path, _csv_columns(path), max_bytes)
         case "text" if path.suffix.lower() == ".txt":
-            return _read_txt(path)
+            return _read_txt(path, max_bytes)
         case "safety":
-            return _read_safety(path)
+            return _read_safety(path, max_bytes)
         case _:
-            return _convert_items(path, fmt, _iter_json_items(path), tuple((columns or {}).items()))
+            return _convert_items(path, fmt, _iter_json_items(path, max_bytes), tuple((columns or {}).items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,10 +253,13 @@ class Line:
     """The source's column mapping, (field, column) pairs."""
 
 
-def read_lines(path: Path, fmt: str, columns: Mapping[str, str] | None = None) -> Iterator[Line] | None:
+def read_lines(
+    path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES, columns: Mapping[str, str] | None = None
+) -> Iterator[Line | Record] | None:
     """The records of ``path`` as unparsed Lines when it is a JSON-lines file read as ``fmt``, else None.
 
-    ``convert_line`` of each yields exactly the records ``read_records(path, fmt)`` yields, in the same order."""
+    ``convert_line`` of each yields exactly the records ``read_records(path, fmt)`` yields, in the same order. A
+    line over ``max_bytes`` comes as its Reject (too_large), never read whole."""
     path = Path(path)
     is_json_reader = (
         fmt in FORMATS and fmt not in ("csv", "safety") and not (fmt == "text" and path.suffix.lower() == ".txt")
@@ -243,7 +268,10 @@ def read_lines(path: Path, fmt: str, columns: Mapping[str, str] | None = None) -
         return None
     source, mapping = str(path), tuple((columns or {}).items())
     return (
-        Line(source=source, fmt=fmt, index=number, data=line, columns=mapping) for number, line in _record_lines(path)
+        Line(source=source, fmt=fmt, index=number, data=line, columns=mapping)
+        if isinstance(line, bytes)
+        else _convert_item(fmt, line, source, mapping)
+        for number, line in _record_lines(path, max_bytes)
     )
 
 
@@ -324,8 +352,9 @@ def _peek_first_record(path: Path) -> tuple[frozenset[str], frozenset[str]] | No
     keys: list[str] = []
     item_keys: list[str] = []
     try:
-        if _peek_events(path, keys, item_keys):
-            return frozenset(keys), frozenset(item_keys)
+        with path.open("rb") as f:
+            if bounded_json.peek_keys(bounded_json.skip_bom(f), keys, item_keys):
+                return frozenset(keys), frozenset(item_keys)
     except (ijson.JSONError, UnicodeDecodeError):
         # A record broken after its keys still says what it is (its reader then rejects it as malformed_json).
         shape = frozenset(keys), frozenset(item_keys)
@@ -335,47 +364,11 @@ def _peek_first_record(path: Path) -> tuple[frozenset[str], frozenset[str]] | No
         for line in _leading_lines(f):
             try:
                 value = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 continue
             if isinstance(value, dict):
                 return frozenset(value), _first_item_keys(value)
     return None
-
-
-def _peek_events(path: Path, keys: list[str], item_keys: list[str]) -> bool:
-    """Fill ``keys`` and ``item_keys`` (see _peek_first_record) from ijson events; False if the file holds no object."""
-    item_prefix: str | None = None
-    item_open = False
-    with path.open("rb") as f:
-        events = ijson.parse(f, multiple_values=True)
-        match next(events, None):
-            case ("", "start_map", _):
-                base = ""
-            case ("", "start_array", _):
-                if next(events, (None, None, None))[:2] != ("item", "start_map"):
-                    return False
-                base = "item"
-            case _:
-                return False
-        for prefix, event, value in events:
-            if prefix == base:
-                if event == "end_map":
-                    break
-                keys.append(value)  # the only other event at the record's own prefix is map_key
-                if len(keys) == 1:
-                    item_prefix = f"{base}.{value}.item" if base else f"{value}.item"
-            elif prefix == item_prefix:
-                # The first element of the record's first value: collect its keys until it closes.
-                if event == "start_map" and not item_open:
-                    item_open = True
-                elif event == "map_key" and item_open:
-                    item_keys.append(value)
-                else:
-                    item_prefix = None
-                    # A Safety-Prompts object may be one huge minified line: decide without reading further.
-                    if {"prompt", "response"} <= set(item_keys) and len(keys) == 1:
-                        break
-    return True
 
 
 def _first_item_keys(record: dict[str, Any]) -> frozenset[str]:
@@ -387,10 +380,11 @@ def _first_item_keys(record: dict[str, Any]) -> frozenset[str]:
 
 
 def _leading_lines(f: Any) -> Iterator[bytes]:
-    """Up to _SNIFF_LINES non-empty lines from the start of a binary file, stripped."""
+    """Up to _SNIFF_LINES non-empty lines from the start of a binary file, stripped; a line is cut at _SNIFF_BYTES."""
     found = 0
-    for number, line in enumerate(f):
-        stripped = (line[len(_BOM) :] if number == 0 and line.startswith(_BOM) else line).strip(_WHITESPACE)
+    bounded_json.skip_bom(f)
+    while (read := bounded_json.read_line(f, _SNIFF_BYTES)) is not None:
+        stripped = read[0].strip(_WHITESPACE)
         if not stripped:
             continue
         yield stripped
@@ -414,41 +408,50 @@ def _json_layout(path: Path) -> Layout:
         return "lines"
     if lines[0] == b"{":  # json.dump(indent=...) opens every document on a line of its own
         return "document"
-    if any(_is_json(line) for line in lines[1:]):
-        return "lines"  # JSON lines whose first record is malformed
+    if any(_is_json(line) or len(line) >= _SNIFF_BYTES for line in lines):
+        # JSON lines whose first record is malformed, or a line too long to sniff: a record of JSON lines, or a
+        # minified one-line document, which reads as the same one record either way.
+        return "lines"
     return "document"
 
 
 def _is_json(line: bytes) -> bool:
     try:
         json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
     return True
 
 
-def _iter_json_items(path: Path) -> Iterator[_Item]:
+def _iter_json_items(path: Path, max_bytes: int) -> Iterator[_Item]:
     match _json_layout(path):
         case "array":
-            return _iter_array(path)
+            return _iter_array(path, max_bytes)
         case "lines":
-            return _iter_lines(path)
+            return _iter_lines(path, max_bytes)
         case "document":
-            return iter([_read_document(path, index=0)])
+            return iter([_read_document(path, index=0, max_bytes=max_bytes)])
 
 
-def _iter_lines(path: Path) -> Iterator[_Item]:
-    for number, line in _record_lines(path):
-        yield _parse_line(number, line)
+def _iter_lines(path: Path, max_bytes: int) -> Iterator[_Item]:
+    for number, line in _record_lines(path, max_bytes):
+        yield line if isinstance(line, _Item) else _parse_line(number, line)
 
 
-def _record_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of every non-blank line: the records of a JSON-lines file, not yet parsed."""
+def _record_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, bytes | _Item]]:
+    """(line number, bytes) of every non-blank line: the records of a JSON-lines file, not yet parsed. A line over
+    ``max_bytes`` comes as its refused _Item (too_large), with only its first bytes read into memory."""
     with path.open("rb") as f:
-        for number, line in enumerate(f):
-            if number == 0 and line.startswith(_BOM):
-                line = line[len(_BOM) :]
-            if line.strip(_WHITESPACE):  # a blank line is no record; the line numbering of the others is kept
+        bounded_json.skip_bom(f)
+        number = -1
+        while (read := bounded_json.read_line(f, max_bytes)) is not None:
+            number += 1
+            line, size = read
+            if size > max_bytes:
+                raw = line[: RAW_LIMIT * 4].decode("utf-8", errors="replace")
+                detail = f"line of {size} bytes > max_record_bytes {max_bytes}; not parsed"
+                yield number, _Item(index=number, value=None, raw=raw, error=detail, reason="too_large")
+            elif line.strip(_WHITESPACE):  # a blank line is no record; the line numbering of the others is kept
                 yield number, line
 
 
@@ -462,6 +465,8 @@ def _parse_line(number: int, line: bytes) -> _Item:
         value = _loads_line(text)
     except json.JSONDecodeError as error:
         return _Item(index=number, value=None, raw=text, error=f"not JSON: {error.msg} at column {error.colno}")
+    except RecursionError:
+        return _Item(index=number, value=None, raw=text, error=f"not JSON: {_DEEP}")
     return _Item(index=number, value=value, raw=text)
 
 
@@ -477,13 +482,13 @@ def _loads_line(text: str) -> Any:
         return json.loads(text)
 
 
-def _iter_array(path: Path) -> Iterator[_Item]:
+def _iter_array(path: Path, max_bytes: int) -> Iterator[_Item]:
     with path.open("rb") as f:
-        items = ijson.items(f, "item", use_float=True)
+        items = bounded_json.iter_array(bounded_json.skip_bom(f), max_bytes, MAX_DEPTH)
         index = 0
         while True:
             try:
-                value = next(items)
+                built = next(items)
             except StopIteration:
                 return
             except (ijson.JSONError, UnicodeDecodeError) as error:
@@ -492,17 +497,31 @@ def _iter_array(path: Path) -> Iterator[_Item]:
                     f"{path}: the JSON array is broken after record {index}: {_first_line(error)}; "
                     f"fix the file or convert it to JSON lines"
                 ) from error
-            yield _Item(index=index, value=value, raw=None)
+            yield _built_item(index, built)
             index += 1
 
 
-def _read_document(path: Path, *, index: int, where: str = "") -> _Item:
+def _built_item(index: int, built: bounded_json.Built) -> _Item:
+    if built.reason:
+        return _Item(index=index, value=None, raw="", error=built.detail, reason=built.reason)
+    return _Item(index=index, value=built.value, raw=None)
+
+
+def _read_document(path: Path, *, index: int, max_bytes: int, where: str = "") -> _Item:
+    size = path.stat().st_size
+    if size > max_bytes:
+        with path.open("rb") as f:
+            raw = f.read(RAW_LIMIT * 4).decode("utf-8", errors="replace")
+        detail = f"file of {size} bytes > max_record_bytes {max_bytes}; not parsed"
+        return _Item(index=index, value=None, raw=raw, error=detail, reason="too_large", where=where)
     data = path.read_bytes()
     raw = data.decode("utf-8", errors="replace")
     try:
         value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return _Item(index=index, value=None, raw=raw, error=f"not JSON: {_first_line(error)}", where=where)
+    except RecursionError:
+        return _Item(index=index, value=None, raw=raw, error=f"not JSON: {_DEEP}", where=where)
     return _Item(index=index, value=value, raw=raw, where=where)
 
 
@@ -517,20 +536,51 @@ def _convert_items(
 def _convert_item(fmt: str, item: _Item, source: str, columns: tuple[tuple[str, str], ...] = ()) -> Record:
     try:
         if item.error is not None:
-            raise _Refused("malformed_json", item.error)
+            raise _Refused(item.reason, item.error)
         if not isinstance(item.value, dict):
             raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
         _refuse_media_fields(item.value)
-        return _convert(fmt, _mapped(item.value, columns), source, item.index)
-    except _Refused as refused:
-        raw = item.raw if item.raw is not None else _dump(item.value)
-        return Reject(
-            reason=refused.reason,
-            source=source,
-            index=item.index,
-            raw=_truncate(raw),
-            detail=item.where + refused.detail,
-        )
+        return _checked_unicode(_convert(fmt, _mapped(item.value, columns), source, item.index))
+    except RecursionError:
+        # Parsed (orjson reads up to 1,024 levels), but deeper than the standard library's printer goes.
+        refused = _Refused("malformed_json", _DEEP)
+    except _Refused as caught:
+        refused = caught
+    return Reject(
+        reason=refused.reason,
+        source=source,
+        index=item.index,
+        raw=_truncate(item.raw if item.raw is not None else _safe_dump(item.value)),
+        detail=item.where + refused.detail,
+    )
+
+
+def _safe_dump(value: Any) -> str:
+    try:
+        return _dump(value)
+    except RecursionError:
+        return f"[a JSON value {_DEEP}]"
+
+
+def _checked_unicode(record: Conversation | Text) -> Conversation | Text:
+    """``record``, or _Refused(invalid_unicode) when a string of it holds a lone UTF-16 surrogate: "\\ud800" is a
+    valid JSON escape (the standard library parses it), but no UTF-8 text, so no tokenizer can encode it."""
+    if isinstance(record, Text):
+        strings: list[str] = [record.text]
+    else:
+        strings = [*record.tools]
+        for m in record.messages:
+            strings += [m.content, m.name, *(part for c in m.tool_calls for part in (c.name, c.arguments))]
+    for text in strings:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise _Refused(
+                "invalid_unicode",
+                f"a lone UTF-16 surrogate \\u{ord(text[error.start]):04x} at character {error.start} of "
+                f"{text[max(0, error.start - 20) : error.start]!r}...: valid JSON, but not text; fix the source",
+            ) from None
+    return record
 
 
 def _mapped(record: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
@@ -979,54 +1029,60 @@ def _moss_files(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
 
 
-def _read_moss_directory(directory: Path) -> Iterator[Record]:
+def _read_moss_directory(directory: Path, max_bytes: int) -> Iterator[Record]:
     files = _moss_files(directory)
     if not files:
         raise InputError(f"{directory} is a directory without .json files; a moss directory holds one .json per chat")
     items = (
-        _read_document(file, index=index, where=f"{file.relative_to(directory).as_posix()}: ")
+        _read_document(file, index=index, max_bytes=max_bytes, where=f"{file.relative_to(directory).as_posix()}: ")
         for index, file in enumerate(files)
     )
     return _convert_items(directory, "moss", items)
 
 
-def _read_safety(path: Path) -> Iterator[Record]:
+def _read_safety(path: Path, max_bytes: int) -> Iterator[Record]:
     with path.open("rb") as f:
         if _first_byte(f) != b"{":
             raise InputError(
                 f"{path}: the safety format is one JSON object mapping scenario -> [{{prompt, response, type}}]; "
                 f"this file does not start with an object"
             )
-    return _iter_safety(path)
+    return _iter_safety(path, max_bytes)
 
 
-def _iter_safety(path: Path) -> Iterator[Record]:
+def _iter_safety(path: Path, max_bytes: int) -> Iterator[Record]:
     source = str(path)
     index = 0
     with path.open("rb") as f:
-        scenarios = ijson.kvitems(f, "", use_float=True)
+        scenarios = bounded_json.iter_scenarios(bounded_json.skip_bom(f), max_bytes, MAX_DEPTH)
         while True:
             try:
-                scenario, items = next(scenarios)
+                scenario, is_element, built = next(scenarios)
             except StopIteration:
                 return
             except (ijson.JSONError, UnicodeDecodeError) as error:
                 raise InputError(
                     f"{path}: the JSON object is broken after record {index}: {_first_line(error)}; fix the file"
                 ) from error
-            if not isinstance(items, list):
+            if built.reason:
+                yield Reject(
+                    reason=built.reason,
+                    source=source,
+                    index=index,
+                    raw="",
+                    detail=f"scenario {scenario!r}: {built.detail}",
+                )
+            elif not is_element:
                 yield Reject(
                     reason="non_string_field",
                     source=source,
                     index=index,
-                    raw=_truncate(_dump({scenario: items})),
-                    detail=f"scenario {scenario!r} is {_type_name(items)}, not a list",
+                    raw=_truncate(_safe_dump({scenario: built.value})),
+                    detail=f"scenario {scenario!r} is {_type_name(built.value)}, not a list",
                 )
-                index += 1
-                continue
-            for item in items:
-                yield _safety_record(item, scenario, source, index)
-                index += 1
+            else:
+                yield _safety_record(built.value, scenario, source, index)
+            index += 1
 
 
 def _safety_record(item: Any, scenario: str, source: str, index: int) -> Record:
@@ -1038,13 +1094,14 @@ def _safety_record(item: Any, scenario: str, source: str, index: int) -> Record:
             ("assistant", _text_field(item, "response")),
         ]
         messages, dropped = _validated(turns)
-        return Conversation(messages=messages, source=source, index=index, dropped_turns=dropped)
+        conversation = Conversation(messages=messages, source=source, index=index, dropped_turns=dropped)
+        return _checked_unicode(conversation)
     except _Refused as refused:
         return Reject(
             reason=refused.reason,
             source=source,
             index=index,
-            raw=_truncate(_dump(item)),
+            raw=_truncate(_safe_dump(item)),
             detail=f"scenario {scenario!r}: {refused.detail}",
         )
 
@@ -1072,7 +1129,7 @@ def _csv_columns(path: Path) -> tuple[int, int, int]:
     return names.index("prompt"), names.index("output"), len(names)
 
 
-def _read_csv(path: Path, columns: tuple[int, int, int]) -> Iterator[Record]:
+def _read_csv(path: Path, columns: tuple[int, int, int], max_bytes: int) -> Iterator[Record]:
     prompt_at, output_at, width = columns
     source = str(path)
     # One answer may be longer than the csv module's default 128 KiB field limit; raising it affects nothing else.
@@ -1095,7 +1152,16 @@ def _read_csv(path: Path, columns: tuple[int, int, int]) -> Iterator[Record]:
                 index += 1
                 continue  # a blank line is no row
             record: Record
-            if len(row) != width:
+            size = sum(len(field) for field in row)
+            if size > max_bytes:
+                record = Reject(
+                    reason="too_large",
+                    source=source,
+                    index=index,
+                    raw=_truncate(_csv_line([field[:RAW_LIMIT] for field in row])),
+                    detail=f"row of {size} characters > max_record_bytes {max_bytes}",
+                )
+            elif len(row) != width:
                 record = Reject(
                     reason="malformed_csv",
                     source=source,
@@ -1120,8 +1186,14 @@ def _csv_line(row: list[str]) -> str:
     return buffer.getvalue().rstrip("\r\n")
 
 
-def _read_txt(path: Path) -> Iterator[Record]:
+def _read_txt(path: Path, max_bytes: int) -> Iterator[Record]:
     """A .txt file is one document: every token of it is trained (prepare cuts it into max-seq-len chunks)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        with path.open("rb") as f:
+            raw = f.read(RAW_LIMIT * 4).decode("utf-8", errors="replace")
+        detail = f"file of {size} bytes > max_record_bytes {max_bytes}: split it, or convert it to JSON lines of text"
+        return iter([Reject(reason="too_large", source=str(path), index=0, raw=_truncate(raw), detail=detail)])
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.conversation import InputError
-from data_pipeline.formats import COLUMN_FIELDS
+from data_pipeline.formats import COLUMN_FIELDS, MAX_RECORD_BYTES
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError, WrongTypeError
 
@@ -102,6 +102,11 @@ class PrepareOptions:
     read. They are not bad data but a max_seq_len too small for it: real corpora at usual lengths drop well under
     1%, so 10% stops a run whose max_seq_len is badly off without failing one that merely has a few long
     records."""
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """Bound on one record's size in bytes (default 4 MiB): a record over it is rejected as too_large before it is
+    parsed or tokenized (a JSON line or a file by its bytes, never read whole; a JSON array element by its
+    characters as it streams). Tokenizing costs about 250x a record's size in memory, so this bounds what one record
+    costs a worker (about 1 GB at the default; docs/data.md, "Memory"). Counted with the length policy's drops."""
     seed: int = 0
     """Seeds the val split and the weight sampling."""
     block_size: int = 8192
@@ -125,6 +130,7 @@ class PrepareOptions:
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
             (0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]"),
             (0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]"),
+            (self.max_record_bytes >= 1, "max_record_bytes", "must be >= 1"),
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.workers >= 1, "workers", "must be >= 1"),
             (self.num_tasks >= 1, "num_tasks", "must be >= 1"),

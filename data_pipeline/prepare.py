@@ -55,6 +55,7 @@ from data_pipeline.schema import (
     tokenizer_fingerprint,
 )
 from data_pipeline.shards import link_or_copy, write_shard, write_split_metadata
+from data_pipeline.space import is_out_of_space, out_of_space
 from sft_stack.common.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -68,8 +69,9 @@ RAW_CHARS = 500
 EXECUTION_OPTIONS = ("out", "workers", "progress", "num_tasks", "task_index")
 # Options that only decide pass/fail: in the manifest, not in the plan fingerprint (changing them keeps the blocks).
 LIMIT_OPTIONS = ("max_bad_fraction", "max_dropped_fraction")
-LENGTH_REASONS = ("too_long", "no_supervised_tokens")
-"""Reject reasons of the length policy (max_seq_len, overlong): records dropped whole, not malformed ones."""
+LENGTH_REASONS = ("too_long", "no_supervised_tokens", "too_large")
+"""Reject reasons of the length policy (max_seq_len, overlong, max_record_bytes): records dropped whole, not malformed
+ones."""
 
 
 class TooManyRejects(Exception):
@@ -214,9 +216,11 @@ def iter_samples(plan: Plan) -> Iterator[Sample]:
     for position, (spec, info) in enumerate(zip(plan.specs, plan.sources, strict=True)):
         path = Path(info.path)
         # A weighted source is parsed here: a Reject is never copied, so each record must be known to be one.
-        columns = spec.column_map()
-        lines = read_lines(path, info.format, columns) if spec.weight is None else None
-        records: Iterator[Record | Line] = lines if lines is not None else read_records(path, info.format, columns)
+        columns, max_bytes = spec.column_map(), int(plan.options["max_record_bytes"])
+        lines = read_lines(path, info.format, max_bytes, columns) if spec.weight is None else None
+        records: Iterator[Record | Line] = (
+            lines if lines is not None else read_records(path, info.format, max_bytes, columns)
+        )
         for taken, record in enumerate(records):
             if spec.samples is not None and taken >= spec.samples:
                 break
@@ -429,7 +433,10 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> BlockRe
     histogram: Counter[str] = Counter()
     source_records = [0] * len(state.plan.sources)
     rejects_path = block_file(state.out, block, ".rejects.jsonl")
-    with open(rejects_path.with_name(rejects_path.name + ".tmp"), "w", encoding="utf-8") as rejects:
+    # backslashreplace: a reject's raw text may hold a lone surrogate (the reason it was rejected), which has no UTF-8
+    # form; inside a JSON string it becomes the escape it was read from (\udfff).
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
+    with open(rejects_tmp, "w", encoding="utf-8", errors="backslashreplace") as rejects:
         for (position, _record), outcome in zip(records, encoded, strict=True):
             source_records[position] += 1
             if isinstance(outcome, Reject):
@@ -443,7 +450,7 @@ def process_block(state: WorkerState, block: int, read: list[Sample]) -> BlockRe
             samples[split] += 1
             per_split[split].extend(outcome)
             histogram.update(_length_bucket(len(ids)) for ids, _ in outcome)
-    os.replace(rejects_path.with_name(rejects_path.name + ".tmp"), rejects_path)
+    os.replace(rejects_tmp, rejects_path)
 
     splits: dict[str, SplitOutput] = {}
     for split, sequences in per_split.items():
@@ -507,12 +514,18 @@ def _open_out(out: Path, plan: Plan) -> None:
             raise InputError(
                 f"--out {out}: holds output of different sources or options; choose a new --out or delete it"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and not _is_fresh(out):
         raise InputError(f"--out {out}: exists and is not a prepare output; choose a new or empty directory")
     for sub in (BLOCKS_DIR, *SPLITS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     write_json_atomic(plan_path, plan.to_dict())
+
+
+def _is_fresh(out: Path) -> bool:
+    """True when ``out`` is empty, or holds only the empty folders a run that stopped before writing its plan (a
+    full disk) leaves."""
+    return all(sub.name in (BLOCKS_DIR, *SPLITS) and sub.is_dir() and not any(sub.iterdir()) for sub in out.iterdir())
 
 
 def _sum_counters(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -701,19 +714,25 @@ def _run_blocks(options: PrepareOptions, state: WorkerState, progress: _Progress
 
     pending: deque[concurrent.futures.Future[BlockResult]] = deque()
     with executor:
-        for index, block in jobs:
-            done = reuse_or_none(index)
-            if done is not None:
-                results.append(done)
-                continue
-            # At most two blocks per worker in flight: bounded memory, workers never idle.
-            while len(pending) >= 2 * options.workers:
+        try:
+            for index, block in jobs:
+                done = reuse_or_none(index)
+                if done is not None:
+                    results.append(done)
+                    continue
+                # At most two blocks per worker in flight: bounded memory, workers never idle.
+                while len(pending) >= 2 * options.workers:
+                    results.append(pending.popleft().result())
+                    progress.update(results[-1])
+                pending.append(submit(index, block))
+            while pending:
                 results.append(pending.popleft().result())
                 progress.update(results[-1])
-            pending.append(submit(index, block))
-        while pending:
-            results.append(pending.popleft().result())
-            progress.update(results[-1])
+        except BaseException:
+            # One block failed (a full disk, a Ctrl-C): start no other, and let the running ones end before the
+            # caller cleans up, so no worker writes a temporary file after that.
+            executor.shutdown(wait=True, cancel_futures=True)
+            raise
     return results, seen[0]
 
 
@@ -721,12 +740,18 @@ def prepare(options: PrepareOptions) -> Manifest:
     """Run the whole preparation; return the manifest written to OUT/manifest.json.
 
     Raises InputError (before any work) for unusable input, TooManyRejects when the rejected fraction
-    exceeds max_bad_fraction (rejects.jsonl written, no manifest).
+    exceeds max_bad_fraction (rejects.jsonl written, no manifest), space.OutOfSpace when the output's file system
+    is full (temporary files removed; the rerun reuses the finished blocks).
     """
     # One tokenizer thread per process, from the start: workers are the unit of parallelism, and a forked
     # worker must not inherit a tokenizer whose thread pool already ran.
     with _env("TOKENIZERS_PARALLELISM", "false"):
-        return _prepare(options)
+        try:
+            return _prepare(options)
+        except Exception as exc:
+            if is_out_of_space(exc):
+                raise out_of_space(Path(options.out), exc, "prepare") from exc
+            raise
 
 
 def _prepare(options: PrepareOptions) -> Manifest:
@@ -763,7 +788,24 @@ def merge(
     max_bad_fraction: float | None = None,
     max_dropped_fraction: float | None = None,
 ) -> Manifest:
-    """Assemble the partial outputs of all tasks into ``out``: the directory a single run would have written."""
+    """Assemble the partial outputs of all tasks into ``out``: the directory a single run would have written.
+
+    space.OutOfSpace (temporary files removed) when ``out``'s file system is full."""
+    try:
+        return _merge(partials, out, max_bad_fraction=max_bad_fraction, max_dropped_fraction=max_dropped_fraction)
+    except Exception as exc:
+        if is_out_of_space(exc):
+            raise out_of_space(out, exc, "merge") from exc
+        raise
+
+
+def _merge(
+    partials: Sequence[Path],
+    out: Path,
+    *,
+    max_bad_fraction: float | None,
+    max_dropped_fraction: float | None,
+) -> Manifest:
     start = time.perf_counter()
     if not partials:
         raise InputError("merge: no partial outputs given")
@@ -793,7 +835,10 @@ def merge(
         for block in range(done["task_index"], blocks, num_tasks):
             result = completed_block(part, block, plan.fingerprint)
             if result is None:
-                raise InputError(f"merge: {part}: block {block} is missing or fails verification; re-run that task")
+                raise InputError(
+                    f"merge: {part}: block {block} is missing, fails verification or names a shard outside its "
+                    "folder; re-run that task"
+                )
             for split, info in result.splits.items():
                 if info.shard is not None:
                     link_or_copy(part / split / info.shard.file, out / split / info.shard.file)

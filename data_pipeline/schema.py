@@ -40,14 +40,28 @@ class DataError(Exception):
     """A prepared data directory that cannot be used; the message names the file and what to do."""
 
 
+def is_plain_file_name(name: object) -> bool:
+    """True for a name that stays inside its folder when joined to it: no separator, not "", "." or "..".
+
+    Names read from disk (a manifest's shards, a block record's) are checked with it before any path is built:
+    a crafted ``"../../x.arrow"`` would otherwise be read, hashed or written outside the output."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardInfo:
     file: str
-    """File name relative to the split directory."""
+    """File name inside the split directory; a plain name (is_plain_file_name), checked when read."""
     rows: int
     """Number of rows (packed rows when packing is on)."""
     sha256: str
     """Hex sha256 of the file's bytes."""
+
+    def __post_init__(self) -> None:
+        if not is_plain_file_name(self.file):
+            raise ValueError(f"shard file {self.file!r} is not a plain file name inside its split folder")
+        if not isinstance(self.rows, int) or isinstance(self.rows, bool) or self.rows < 0:
+            raise ValueError(f"shard {self.file}: rows {self.rows!r} is not a count")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +126,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        """The manifest of a parsed manifest.json; ValueError/TypeError/KeyError naming what is wrong otherwise."""
+        if not isinstance(raw, dict):
+            raise ValueError("the top level is not an object")
+        if not isinstance(raw.get("splits"), dict):
+            raise ValueError(f"'splits' is {type(raw.get('splits')).__name__}, not an object of split -> shards")
+        if not isinstance(raw.get("sources"), list):
+            raise ValueError(f"'sources' is {type(raw.get('sources')).__name__}, not a list")
         splits = {
             name: SplitInfo(
                 shards=tuple(ShardInfo(**s) for s in split["shards"]),
@@ -137,10 +158,10 @@ def load_manifest(data_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise DataError(f"{path}: no manifest; run `python -m data_pipeline prepare --out {data_dir} ...` first")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8"))
         manifest = Manifest.from_dict(raw)
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc}); re-run prepare into a fresh directory") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # ValueError: bad JSON, not UTF-8, bad names
+        raise DataError(f"{path}: unreadable manifest ({exc}); re-run prepare into a fresh directory") from None
     if manifest.schema_version != SCHEMA_VERSION:
         raise DataError(
             f"{path}: schema version {manifest.schema_version}, this code reads {SCHEMA_VERSION}; re-run prepare"
@@ -164,10 +185,22 @@ def count_arrow_rows(path: str | Path) -> int:
 
 
 def verify_split(data_dir: str | Path, split: str, manifest: Manifest) -> list[str]:
-    """Return one problem line per shard whose bytes or row count differ from the manifest (empty: all good)."""
+    """Return one problem line per shard whose bytes or row count differ from the manifest, and for a split without
+    shards or whose rows are not the sum of its shards' (empty: all good)."""
     problems: list[str] = []
     split_dir = Path(data_dir) / split
-    for shard in manifest.splits[split].shards:
+    info = manifest.splits[split]
+    manifest_path = Path(data_dir) / MANIFEST_FILE
+    if not info.shards:
+        # prepare writes an empty split as one shard of zero rows; none at all is a damaged manifest.
+        problems.append(f"{manifest_path}: split {split!r} lists no shards; re-run prepare into a fresh directory")
+    total = sum(shard.rows for shard in info.shards)
+    if info.rows != total:
+        problems.append(
+            f"{manifest_path}: split {split!r} claims {info.rows} rows, its shards hold {total}; the manifest was "
+            "modified: re-run prepare into a fresh directory"
+        )
+    for shard in info.shards:
         path = split_dir / shard.file
         if not path.is_file():
             problems.append(f"{path}: missing (manifest lists it); re-run prepare into this directory")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.schema import ARROW_SCHEMA, ShardInfo, sha256_file
+from sft_stack.common.atomic import write_text_atomic
 
 BATCH_ROWS = 1024
 """Rows per Arrow record batch. Fixed, so a shard's bytes depend only on its rows."""
@@ -37,19 +38,26 @@ def write_shard(path: Path, row_lengths: Sequence[int], columns: Sequence[np.nda
     if len(columns) != len(ARROW_SCHEMA) or any(len(c) != offsets[-1] for c in columns):
         raise ValueError("write_shard: need input_ids, labels and position_ids, each sum(row_lengths) long")
     tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, ARROW_SCHEMA) as writer:
-        for start in range(0, len(row_lengths), BATCH_ROWS):
-            stop = min(start + BATCH_ROWS, len(row_lengths))
-            low, high = offsets[start], offsets[stop]
-            batch_offsets = pa.array(offsets[start : stop + 1] - low, type=pa.int32())
-            arrays = [
-                pa.ListArray.from_arrays(batch_offsets, pa.array(column[low:high].astype(np.int32, copy=False)))
-                for column in columns
-            ]
-            writer.write_batch(pa.record_batch(arrays, schema=ARROW_SCHEMA))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, ARROW_SCHEMA) as writer:
+            for start in range(0, len(row_lengths), BATCH_ROWS):
+                stop = min(start + BATCH_ROWS, len(row_lengths))
+                low, high = offsets[start], offsets[stop]
+                batch_offsets = pa.array(offsets[start : stop + 1] - low, type=pa.int32())
+                arrays = [
+                    pa.ListArray.from_arrays(batch_offsets, pa.array(column[low:high].astype(np.int32, copy=False)))
+                    for column in columns
+                ]
+                writer.write_batch(pa.record_batch(arrays, schema=ARROW_SCHEMA))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename is None and error.errno is not None:
+            # pyarrow's errors name no file (a full disk: "[Errno 28] Error writing bytes to file"): name it.
+            raise OSError(error.errno, os.strerror(error.errno), str(tmp)) from error
+        raise
     return ShardInfo(file=path.name, rows=len(row_lengths), sha256=sha256_file(path))
 
 
@@ -70,8 +78,8 @@ def write_split_metadata(split_dir: Path, shards: Sequence[ShardInfo]) -> None:
         "_output_all_columns": False,
         "_split": None,
     }
-    (split_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(split_dir / "dataset_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(split_dir / "state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -81,5 +89,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if error.errno is None:
+                raise
+            # copyfile's error may name the source; a full disk is about the file being written.
+            raise OSError(error.errno, os.strerror(error.errno), str(tmp)) from error
     os.replace(tmp, dst)

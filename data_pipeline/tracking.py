@@ -10,7 +10,8 @@ tags its run with ``data.prepare_run_id``.
   detached process and returns at once: opening MLflow costs seconds (importing mlflow, and on a fresh
   embedded store creating its tables) that the user would otherwise wait for after the data is written. Its
   output goes to ``OUT/mlflow_prepare_run.log``.
-- Store: ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store ``<OUT's parent>/mlruns``.
+- Store: ``$MLFLOW_TRACKING_URI``, else the default sqlite store ``./mlruns`` in the current directory (the
+  one training and ``python -m tracking dashboard`` use). The URI is written and printed redacted.
 - Off with ``--no-track`` or ``SFT_TRACKING=0``; mlflow is then not imported.
 - Never fails the prepare: if the server does not answer, one line says so and how to log later.
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 from data_pipeline.schema import Manifest, load_manifest, rejects_summary
 from sft_stack.common.atomic import write_json_atomic
-from tracking.naming import flatten_dict, resolve_tracking_uri
+from tracking.naming import flatten_dict, redact_text, resolve_tracking_uri
 from tracking.records import PREPARE_RUN_FILE, PrepareRecord, dumps
 from tracking.records import log_prepare_run as log_record
 from tracking.sender import short
@@ -37,6 +38,9 @@ __all__ = ["PREPARE_RUN_FILE", "is_enabled", "log_prepare_run", "record_in_backg
 
 EXPERIMENT = "sft-data"
 LOG_FILE = "mlflow_prepare_run.log"
+OPTIONS_FILE = "mlflow_prepare_options.json"
+"""The options as given, for the background process: in a file, since a command line has a length limit (620
+sources overran it)."""
 
 
 def is_enabled(flag: bool | None = None) -> bool:
@@ -115,7 +119,7 @@ def log_prepare_run(manifest: Manifest, out_dir: str | Path, options: Any = None
     output (same fingerprint, same store) again returns the existing run instead of a duplicate.
     """
     out_dir = Path(out_dir)
-    uri, _ = resolve_tracking_uri(None, out_dir)
+    uri = redact_text(resolve_tracking_uri(None)[0])
     previous = _read_prepare_file(out_dir)
     if previous and previous.get("tracking_uri") == uri and previous.get("fingerprint") == manifest.fingerprint:
         return str(previous["run_id"])
@@ -134,9 +138,13 @@ def log_prepare_run(manifest: Manifest, out_dir: str | Path, options: Any = None
 
 def record_in_background(out_dir: str | Path, options: Any = None) -> None:
     """Record ``out_dir``'s prepare from a detached process (``python -m data_pipeline.tracking OUT``);
-    ``options`` (the PrepareOptions) travel as JSON on its command line."""
+    ``options`` (the PrepareOptions) travel in ``OUT/mlflow_prepare_options.json``: nothing on its command line grows
+    with the number of sources."""
     out_dir = Path(out_dir)
-    extra = ["--options", json.dumps(dataclasses.asdict(options), default=str)] if options is not None else []
+    extra: list[str] = []
+    if options is not None:
+        write_json_atomic(out_dir / OPTIONS_FILE, dataclasses.asdict(options))
+        extra = ["--options-file", str((out_dir / OPTIONS_FILE).resolve())]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     with open(out_dir / LOG_FILE, "ab") as log_file:
@@ -160,14 +168,14 @@ def _read_prepare_file(out_dir: Path) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_pipeline.tracking OUT [--options JSON]``: log (or re-log after an outage) a prepared
-    directory; ``--options``: the prepare options as given (default: those the manifest keeps)."""
+    """``python -m data_pipeline.tracking OUT [--options-file JSON_FILE]``: log (or re-log after an outage) a
+    prepared directory; ``--options-file``: the prepare options as given (default: those the manifest keeps)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--options"):
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--options-file"):
         print("usage: python -m data_pipeline.tracking OUT   (a directory written by prepare)", file=sys.stderr)
         return 2
     out_dir = Path(args[0])
-    options = json.loads(args[2]) if len(args) == 3 else None
+    options = json.loads(Path(args[2]).read_text(encoding="utf-8")) if len(args) == 3 else None
     run_id = log_prepare_run(load_manifest(out_dir), out_dir, options)
     if run_id is None:
         return 1

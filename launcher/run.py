@@ -1,8 +1,13 @@
-"""Process entry point: argv -> config -> process group -> merged DeepSpeed config -> train.
+"""Process entry point: argv -> config -> checks -> process group -> merged DeepSpeed config -> train.
 
     deepspeed [--num_gpus N | --hostfile H] launcher/run.py --config configs/X.yaml [section.key=value ...]
     python launcher/run.py --config configs/X.yaml [section.key=value ...]      # one process
     DS_ACCELERATOR=cpu ... runs either on CPU over gloo.
+
+Everything that needs no process group is checked first (trainer/preflight.py), so a mistake in the config,
+the data, the model folder or a stale DeepSpeed build lock ends the launch in seconds with one line per
+problem and exit code 2; then a line says the process group is being joined. Exit codes: 0 done, 1 the run
+failed (non-finite loss, a rank stopped), 2 something the user must fix.
 
 Nothing imports this module.
 """
@@ -20,6 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from data_pipeline.schema import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
+from trainer.preflight import find_problems
+
+USER_ERROR = 2
+"""Exit code for anything the user must fix (config, data, model folder, a stale build lock)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -36,6 +45,28 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def set_single_process_env() -> None:
+    """Without a launcher (`python launcher/run.py`): the environment of a one-rank process group."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def is_node_leader() -> bool:
+    """Local rank 0: the one rank per node that prints what every rank of the node found alike (start-up errors
+    are decided from the config and this node's files, so the node's other ranks found the same and exit quietly;
+    a node with other files, e.g. a node-local data disk, prints its own)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def announce_join() -> None:
+    """One line per node before the rendezvous, so a wait there (a rank that never came) is never silent."""
+    if is_node_leader():
+        world, address = os.environ.get("WORLD_SIZE", "1"), os.environ.get("MASTER_ADDR", "?")
+        port = os.environ.get("MASTER_PORT", "?")
+        print(f"joining the process group: {world} rank(s), rendezvous {address}:{port}", flush=True)
+
+
 def init_distributed(timeout_s: float) -> None:
     """Join the launcher's process group, or make a one-rank group for `python launcher/run.py`.
 
@@ -46,9 +77,7 @@ def init_distributed(timeout_s: float) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    set_single_process_env()
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -59,21 +88,29 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        if is_node_leader():
+            print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR
+    problems = find_problems(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if problems and is_node_leader():
+        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr, flush=True)
+    if problems:
+        return USER_ERROR
     import torch.distributed as dist
 
     from trainer.ds_config import build_ds_config
     from trainer.loop import NonFiniteLossError, train
     from trainer.progress import CollectiveTimeoutError
 
+    set_single_process_env()
+    announce_join()
     init_distributed(cfg.train.collective_timeout_s)
     try:
         ds_config = build_ds_config(cfg, dist.get_world_size())
         train(cfg, ds_config)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except NonFiniteLossError as exc:
         print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr)
         return 1

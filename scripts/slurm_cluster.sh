@@ -6,12 +6,17 @@
 #
 # Needs root and Debian's packages (scripts/system_deps.sh installs them: slurmctld slurmd slurm-client munge).
 # Everything lives in STATE_DIR (default /tmp/sft-slurm): slurm.conf, state, spool, logs and the PIDs started.
+# STATE_DIR is never followed if it is a symlink, and must be a directory of our own: `up` refuses anything else
+# (a symlink planted in /tmp would otherwise have root's `rm -rf` delete its target), `down` too (it kills the
+# PIDs the directory lists).
 # Nothing in /etc is changed; point the client commands at the cluster with `export SLURM_CONF=STATE_DIR/slurm.conf`.
 # Ports: SLURM_CLUSTER_CTLD_PORT (default 16817) and SLURM_CLUSTER_NODE_PORT..+1 (default 17001).
 set -euo pipefail
 
 action=${1:-}
-state=$(realpath -m "${2:-${SLURM_CLUSTER_DIR:-/tmp/sft-slurm}}")
+state_arg=${2:-${SLURM_CLUSTER_DIR:-/tmp/sft-slurm}}
+# Resolve the parent only: the last component is checked as it is, never followed.
+state=$(realpath -m -- "$(dirname -- "$state_arg")")/$(basename -- "$state_arg")
 ctld_port=${SLURM_CLUSTER_CTLD_PORT:-16817}
 node_port=${SLURM_CLUSTER_NODE_PORT:-17001}
 conf=$state/slurm.conf
@@ -19,6 +24,16 @@ pids=$state/pids
 export SLURM_CONF=$conf
 
 die() { echo "slurm_cluster: $*" >&2; exit 1; }
+
+# STATE_DIR must not be a symlink, and if it exists must be a directory owned by us.
+check_state_dir() {
+    if [ -L "$state" ]; then
+        die "$state is a symlink; refusing to use it (remove it, or pass another STATE_DIR)"
+    fi
+    if [ -e "$state" ] && { [ ! -d "$state" ] || [ ! -O "$state" ]; }; then
+        die "$state is not a directory owned by $(id -un); refusing to use it (pass another STATE_DIR)"
+    fi
+}
 
 # Wait up to $1 seconds for the command after it to succeed.
 wait_for() {
@@ -103,15 +118,18 @@ start_daemon() {
 
 up() {
     [ "$(id -u)" = 0 ] || die "needs root (slurmd runs jobs as their owner)"
+    check_state_dir
     command -v slurmctld >/dev/null || die "SLURM is not installed; run scripts/system_deps.sh as root"
     if [ -s "$pids" ]; then
         while read -r name pid; do
             is_alive "$pid" && die "a cluster from $state is still up ($name pid $pid); run: $0 down $state"
         done <"$pids"
     fi
-    # A fresh state directory each time: job ids restart at 1.
-    rm -rf "$state"
-    mkdir -p "$state/ctld" "$state/slurmd-node1" "$state/slurmd-node2"
+    # A fresh state directory each time: job ids restart at 1. Checked above (not a symlink, our own); made anew
+    # with plain mkdir, which fails if anything (a symlink planted meanwhile) took its place.
+    rm -rf -- "$state"
+    mkdir -m 755 -- "$state" || die "could not create $state (something took its place?)"
+    mkdir -- "$state/ctld" "$state/slurmd-node1" "$state/slurmd-node2"
     : >"$pids"
     write_conf
     start_munge
@@ -125,6 +143,7 @@ up() {
 }
 
 down() {
+    check_state_dir
     [ -f "$pids" ] || { echo "slurm_cluster: nothing recorded in $state" >&2; return 0; }
     # Cancel this cluster's jobs first so their steps end before the daemons go.
     if [ -f "$conf" ] && is_alive "$(pid_from "$state/slurmctld.pid")"; then

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sft_stack.common.atomic import write_json_atomic
+from tracking.naming import redact_strings, redact_text
 
 RUN_FILE = "mlflow_run.json"
-"""In the output directory: {"run_id", "experiment_id", "tracking_uri"} of the run this directory logs to."""
+"""In the output directory: {"run_id", "experiment_id", "tracking_uri"} of the run this directory logs to (the
+URI redacted: no password or token reaches the disk)."""
 SPOOL_DIR = "mlflow_spool"
 """In the output directory: the journal of every tracking operation and copies of logged artifacts."""
 JOURNAL_FILE = "ops.jsonl"
@@ -78,7 +80,7 @@ class Spool:
         for op in ops:
             op["seq"] = self.next_seq
             self.next_seq += 1
-            self._handle.write(json.dumps(op, ensure_ascii=False) + "\n")
+            self._handle.write(json.dumps(redact_strings(op), ensure_ascii=False) + "\n")
         self._handle.flush()
 
     def mark_sent(self, seq: int) -> None:
@@ -121,6 +123,5 @@ def read_run_file(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_run_file(output_dir: str | Path, run_id: str, experiment_id: str | None, tracking_uri: str) -> None:
-    write_json_atomic(
-        Path(output_dir) / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}
-    )
+    body = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": redact_text(tracking_uri)}
+    write_json_atomic(Path(output_dir) / RUN_FILE, body)

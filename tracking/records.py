@@ -23,6 +23,7 @@ from tracking.naming import (
     metric_name,
     open_client,
     redact,
+    redact_text,
     resolve_tracking_uri,
 )
 from tracking.sender import log_batch, log_dataset
@@ -79,14 +80,15 @@ class PrepareRecord:
 
 
 def log_prepare_run(record: PrepareRecord, experiment: str) -> dict[str, str]:
-    """Log a finished prepare as one MLflow run; return {"run_id", "experiment_id", "tracking_uri", "fingerprint"}.
+    """Log a finished prepare as one MLflow run; return {"run_id", "experiment_id", "tracking_uri" (redacted),
+    "fingerprint"}.
 
-    The store: ``$MLFLOW_TRACKING_URI``, else the embedded store next to ``out_dir`` (where a training run
-    next to it logs, so one dashboard shows both). Raises whatever MLflow raises.
+    The store: ``$MLFLOW_TRACKING_URI``, else the default store ``./mlruns`` (where a training run started in
+    the same directory logs, so one dashboard shows both). Raises whatever MLflow raises.
     """
     from mlflow.entities import Metric, Param, RunTag
 
-    uri, artifact_location = resolve_tracking_uri(None, record.out_dir)
+    uri, artifact_location = resolve_tracking_uri(None)
     client = open_client(uri)
     experiment_id = get_or_create_experiment(client, experiment, artifact_location)
     run = client.create_run(experiment_id, run_name=f"prepare:{record.out_dir.resolve().name}")
@@ -98,7 +100,12 @@ def log_prepare_run(record: PrepareRecord, experiment: str) -> dict[str, str]:
     log_dataset(client, run_id, record.dataset)
     _log_texts(client, run_id, record.texts)
     client.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri, "fingerprint": record.fingerprint}
+    return {
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": redact_text(uri),
+        "fingerprint": record.fingerprint,
+    }
 
 
 def log_evaluation(
@@ -113,14 +120,14 @@ def log_evaluation(
     """Log prefix/* metrics (eval/* by default), the results JSON and the generations table to MLflow under
     ``prefix/``; returns the run id.
 
-    With ``run_id`` the metrics land in that run (e.g. the training run), else in a new run of ``experiment``
-    (artifacts under ./mlruns unless the server says otherwise). Distinct prefixes keep several evaluations of
+    With ``run_id`` the metrics land in that run (e.g. the training run), else in a new run of ``experiment``.
+    The store: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the default store ``./mlruns``. Distinct prefixes keep several evaluations of
     one run apart (before and after training, a subset). Secret-looking keys and URL passwords are redacted.
     """
-    import mlflow
     from mlflow.entities import Metric
 
-    client = open_client(tracking_uri or mlflow.get_tracking_uri())
+    uri, artifact_location = resolve_tracking_uri(tracking_uri)
+    client = open_client(uri)
     results = redact(results)
     generations = redact(generations) if generations else generations
     metrics: dict[str, float] = {}
@@ -131,7 +138,7 @@ def log_evaluation(
         metrics |= {f"{prefix}/{k}": gen[k] for k in ("exact_match", "bleu", "rouge_l", "stopped_fraction") if k in gen}
     new_run = run_id is None
     if run_id is None:
-        run_id = client.create_run(get_or_create_experiment(client, experiment, None)).info.run_id
+        run_id = client.create_run(get_or_create_experiment(client, experiment, artifact_location)).info.run_id
     timestamp = int(time.time() * 1000)
     log_batch(client, run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
     client.log_dict(run_id, results, f"{prefix}/results.json")
@@ -149,7 +156,7 @@ def _log_texts(client: Any, run_id: str, texts: dict[str, str]) -> None:
         for artifact_file, text in texts.items():
             directory, _, name = artifact_file.rpartition("/")
             path = Path(tmp) / name
-            path.write_text(text, encoding="utf-8")
+            path.write_text(redact_text(text), encoding="utf-8")
             client.log_artifact(run_id, str(path), directory or None)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tracking.journal import read_run_file, write_run_file
-from tracking.naming import get_or_create_experiment, open_client
+from tracking.naming import get_or_create_experiment, open_client, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def short(exc: BaseException) -> str:
-    """One line of at most 200 characters describing ``exc``."""
-    text = " ".join(str(exc).split())
+    """One line of at most 200 characters describing ``exc`` (credentials in a URL it names redacted)."""
+    text = redact_text(" ".join(str(exc).split()))
     return (text[:200] + "...") if len(text) > 200 else text or type(exc).__name__
 
 
@@ -97,7 +97,7 @@ class Sender:
         self.experiment_id: str | None = None
         self.refused = 0
         state = read_run_file(output_dir)
-        if state and state.get("tracking_uri") == tracking_uri:
+        if state and state.get("tracking_uri") == redact_text(tracking_uri):
             self.run_id, self.experiment_id = state["run_id"], state["experiment_id"]
         elif resume_run_id:
             self.run_id = resume_run_id
@@ -163,7 +163,9 @@ class Sender:
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                log.warning("tracking: run %s not found at %s; starting a new run", self.run_id, self.tracking_uri)
+                log.warning(
+                    "tracking: run %s not found at %s; starting a new run", self.run_id, redact_text(self.tracking_uri)
+                )
                 self.run_id = None
         self.experiment_id = get_or_create_experiment(self.client, op["experiment"], op.get("artifact_location"))
         run = self.client.create_run(self.experiment_id, start_time=op["time_ms"], run_name=op["run_name"])

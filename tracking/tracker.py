@@ -4,8 +4,8 @@ Only the process that tracks (rank 0 with tracking on) gets a working ``Tracker`
 no-op one and mlflow is never imported. Every method only enqueues for ``tracking.worker`` (microseconds)
 and never raises because of MLflow.
 
-The store: ``uri`` (else ``$MLFLOW_TRACKING_URI``, else the embedded sqlite store ``<output_dir's
-parent>/mlruns``). A resumed or requeued job continues the run named in ``OUT/mlflow_run.json`` (or
+The store: ``uri`` (else ``$MLFLOW_TRACKING_URI``, else the default sqlite store ``./mlruns``, the one
+``prepare`` and ``python -m tracking dashboard`` use). Files and logs name it redacted (``naming.redact_text``). A resumed or requeued job continues the run named in ``OUT/mlflow_run.json`` (or
 ``resume_run_id``, the id its checkpoint stored); steps already journaled are not logged again.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tracking.journal import Spool
-from tracking.naming import MAX_TAG_CHARS, clean_params, embedded_store, resolve_tracking_uri
+from tracking.naming import MAX_TAG_CHARS, clean_params, redact_logs, redact_text, resolve_tracking_uri
 from tracking.worker import Worker, now_ms
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,12 @@ def open_tracker(
     Waits up to 30 s for the run to be created (the server may be down; training then starts anyway).
     """
     output_dir = Path(output_dir)
+    redact_logs()
     spool = Spool(output_dir)
     if not spool.lock():
         log.warning("tracking: %s is used by another process (a sync?); this run is not tracked", spool.dir)
         return Tracker()
-    tracking_uri, artifact_location = resolve_tracking_uri(settings.uri, output_dir)
-    if artifact_location is not None:
-        embedded_store(output_dir).mkdir(parents=True, exist_ok=True)
+    tracking_uri, artifact_location = resolve_tracking_uri(settings.uri)
     worker = Worker(
         spool=spool,
         tracking_uri=tracking_uri,
@@ -161,7 +160,7 @@ def open_tracker(
             "experiment": record.experiment,
             "run_name": record.run_name,
             "artifact_location": artifact_location,
-            "tracking_uri": tracking_uri,
+            "tracking_uri": redact_text(tracking_uri),  # `sync` takes the real one from --uri or the environment
             "time_ms": now_ms(),
         }
     )

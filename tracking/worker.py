@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tracking.journal import Spool
-from tracking.naming import metric_name
+from tracking.naming import metric_name, redact_text
 from tracking.sender import Offline, Sender, short
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Worker(threading.Thread):
                 "tracking: %d operations not sent to %s within %.0f s; they are kept in %s; send them with "
                 "`python -m tracking sync %s`",
                 len(self.pending),
-                self.tracking_uri,
+                redact_text(self.tracking_uri),
                 self.close_timeout_s,
                 self.spool.dir,
                 self.spool.output_dir,
@@ -161,7 +161,7 @@ class Worker(threading.Thread):
                 return [{"op": "artifact", "path": str(path), "artifact_path": command.get("artifact_path")}]
             case "text_artifact":
                 target = self.spool.new_file(command["name"])
-                target.write_text(command["text"], encoding="utf-8")
+                target.write_text(redact_text(command["text"]), encoding="utf-8")
                 return [{"op": "artifact", "path": str(target), "artifact_path": command.get("artifact_path")}]
             case "table":
                 return [self._table_op(command["rows"], command["artifact_file"])]
@@ -239,7 +239,7 @@ class Worker(threading.Thread):
             if self.offline_since is not None:
                 log.warning(
                     "tracking: MLflow at %s answers again after %.0f s; replaying the spool",
-                    self.tracking_uri,
+                    redact_text(self.tracking_uri),
                     time.monotonic() - self.offline_since,
                 )
                 self.offline_since = None
@@ -254,7 +254,7 @@ class Worker(threading.Thread):
             log.warning(
                 "tracking: MLflow at %s is unreachable (%s); training continues, logging is spooled to %s "
                 "and replayed when the server answers (or run `python -m tracking sync %s`)",
-                self.tracking_uri,
+                redact_text(self.tracking_uri),
                 reason,
                 self.spool.dir,
                 self.spool.output_dir,

@@ -27,7 +27,6 @@ signature: someone who can rewrite the checkpoint directory can rewrite the mark
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from data_pipeline.schema import sha256_file
 from sft_stack.common.atomic import write_text_atomic
 from trainer import progress
 from trainer.config import RunConfig
@@ -209,14 +209,6 @@ def write_marker(ckpt: Path, files: dict[str, str], **fields: Any) -> None:
 def _checkpoint_files(ckpt: Path) -> list[str]:
     """Every file of a checkpoint directory (relative paths) except the marker itself."""
     return [str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != COMPLETE]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_files(ckpt: Path, names: list[str], *, local: bool = False) -> dict[str, str]:

@@ -1,17 +1,28 @@
 """The run configuration: frozen, keyword-only sections under one root, loaded strictly from YAML + overrides.
 
 A run file is flat YAML with one mapping per section (``model:``, ``train:``, ...). Overrides are dotted
-``section.key=value`` strings whose value is parsed as YAML. Unknown sections or keys, and values of the
-wrong type, fail at start-up with a message that names the key and lists the valid ones. The machinery (type
-coercion, unknown keys, overrides) is sft_stack/common/strict_config.py, shared with prepare's options; this module holds
-the run's sections and their cross-field checks.
+``section.key=value`` strings whose value is parsed as YAML. Numbers follow YAML 1.2, so ``lr: 3e-5`` and
+``train.lr=1e-5`` are numbers. Unknown sections or keys, and values of the wrong type, fail at start-up with a
+message that names the key, lists the valid ones and says where the value came from (``run.yaml:17`` or
+``override train.lr=abc``). The machinery (type coercion, unknown keys, overrides) is
+sft_stack/common/strict_config.py, shared with prepare's options; this module holds the run's sections, their
+cross-field checks, and how relative paths resolve (``PATH_KEYS``, docs/trainer.md "Paths"):
+
+- a relative path written in the YAML file is relative to that file's folder;
+- a relative path given as an override (or with no file) is relative to the current directory;
+- ``deepspeed.config`` only: when no file is there, the same relative path inside the project
+  (``ds_configs/zero2.json`` -> the project's shipped ds_configs/zero2.json).
+
+Every path in the loaded config is absolute, so the resolved run_config.yaml means the same from anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +31,20 @@ import yaml
 
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError as ConfigError  # re-exported: the trainer's error type
+from tracking.naming import redact
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout (or editable install) this trainer runs from: its ds_configs/ backs a relative deepspeed.config."""
+
+PATH_KEYS = (
+    "model.path",
+    "model.trust_remote_code_paths",
+    "data.path",
+    "train.output_dir",
+    "deepspeed.config",
+    "eval.prompts_file",
+)
+"""The keys whose values are file-system paths, resolved by ``resolve_path`` (tracking.uri is a URI: left as is)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +158,8 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedSection:
     config: str = "ds_configs/zero2.json"
-    """Path to a ds_configs JSON with DeepSpeed-only settings; batch sizes, clipping and precision are injected."""
+    """Path to a ds_configs JSON with DeepSpeed-only settings; batch sizes, clipping and precision are injected.
+    A relative path not found where it resolves falls back to the project's own (ds_configs/zero2.json)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +179,8 @@ class TrackingConfig:
     enabled: bool = True
     """Track the run in MLflow. false: mlflow is not even imported."""
     uri: str | None = None
-    """Tracking URI; None: $MLFLOW_TRACKING_URI, else the embedded store <output_dir's parent>/mlruns (sqlite)."""
+    """Tracking URI; None: $MLFLOW_TRACKING_URI, else the default store ./mlruns in the current directory (sqlite;
+    the one prepare and `python -m tracking dashboard` use). Written to files and logs with credentials redacted."""
     experiment: str = "sft"
     """MLflow experiment name."""
     run_name: str | None = None
@@ -243,10 +270,12 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     sections = _section_types()
     unknown = [name for name in raw if name not in sections]
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}")
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sections)}", key=unknown[0]
+        )
     for name, body in raw.items():
         if body is not None and not isinstance(body, dict):
-            raise ConfigError(f"section {name}: expected a mapping of key: value, got {body!r}")
+            raise ConfigError(f"section {name}: expected a mapping of key: value, got {body!r}", key=name)
     built: dict[str, Any] = {name: strict_config.build_dataclass(sections[name], raw[name] or {}, name) for name in raw}
     for name in ("model", "data", "train"):
         if name not in built:
@@ -255,19 +284,56 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run YAML (or nothing) and apply dotted overrides; the one way a RunConfig is made from files."""
+    """Read a run YAML (or nothing) and apply dotted overrides; the one way a RunConfig is made from files.
+
+    Relative paths resolve as the module docstring says. A ConfigError's message starts with where the faulty
+    value came from: ``run.yaml:17: train.lr='abc': expected a number`` or ``override train.lr=abc: ...``."""
     raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
-        loaded = strict_config.read_yaml(path)
+        loaded, lines = strict_config.read_yaml_with_lines(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
         raw = loaded
+    origins = strict_config.Origins.of(path, lines, overrides or [])
     try:
-        return build_config(apply_overrides(raw, overrides or []))
+        config = build_config(apply_overrides(raw, overrides or []))
+        config_dir = None if path is None else Path(os.path.abspath(path)).parent
+        return resolve_paths(config, config_dir, overridden=origins.overrides)
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
+        raise ConfigError(origins.describe(exc), key=exc.key) from None
+
+
+def resolve_path(value: str, base: Path, key: str) -> str:
+    """``value`` as an absolute path: itself if absolute (``~`` expanded), else joined to ``base`` and normalized.
+
+    ``deepspeed.config`` only: when nothing exists there, the project's file of the same relative path if it
+    exists (``ds_configs/zero2.json`` -> PROJECT_ROOT/ds_configs/zero2.json), so a shipped recipe runs from any
+    directory."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    joined = Path(os.path.normpath(base / path))
+    if key == "deepspeed.config" and not joined.exists() and (PROJECT_ROOT / path).is_file():
+        return os.path.normpath(PROJECT_ROOT / path)
+    return str(joined)
+
+
+def resolve_paths(config: RunConfig, config_dir: Path | None, *, overridden: Collection[str] = ()) -> RunConfig:
+    """``config`` with every ``PATH_KEYS`` value absolute: relative to ``config_dir`` (the YAML file's folder) for
+    values from the file and defaults, to the current directory for ``overridden`` keys or without a file."""
+    changes: dict[str, dict[str, Any]] = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        base = Path.cwd() if config_dir is None or key in overridden else config_dir
+        if isinstance(value, tuple):
+            changes.setdefault(section, {})[name] = tuple(resolve_path(v, base, key) for v in value)
+        elif value is not None:
+            changes.setdefault(section, {})[name] = resolve_path(value, base, key)
+    sections = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in changes.items()}
+    return dataclasses.replace(config, **sections)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
@@ -282,4 +348,6 @@ def flatten(config: RunConfig) -> dict[str, Any]:
 
 
 def dump_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    """The resolved config as written to files (run_config.yaml, every checkpoint, the MLflow artifact):
+    credentials redacted (``tracking.naming.redact``: ``tracking.uri``'s user:password and tokens)."""
+    return yaml.safe_dump(redact(to_dict(config)), sort_keys=False, allow_unicode=True)

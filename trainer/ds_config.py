@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, RunConfig
+from tracking.naming import redact
+from trainer.config import PROJECT_ROOT, ConfigError, RunConfig
 
 INJECTED_KEYS = {
     "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x world size / train.sequence_parallel_size",
@@ -43,11 +44,14 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     """Read a ds_configs JSON and check it holds DeepSpeed-only settings with no "auto" values."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"deepspeed.config={path}: file not found; pick one of ds_configs/*.json")
+        shipped = ", ".join(sorted(p.name for p in (PROJECT_ROOT / "ds_configs").glob("*.json")))
+        raise ConfigError(f"deepspeed.config={path}: file not found; pick one of ds_configs/ ({shipped})")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); expected a JSON object") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of DeepSpeed settings")
     autos = find_auto(raw)
@@ -100,4 +104,5 @@ def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def dump_ds_config(ds_config: dict[str, Any]) -> str:
-    return json.dumps(ds_config, indent=2, sort_keys=True) + "\n"
+    """The merged DeepSpeed config as written to files: credentials redacted (e.g. a monitor's api_key)."""
+    return json.dumps(redact(ds_config), indent=2, sort_keys=True) + "\n"

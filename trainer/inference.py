@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sft_stack.common.tokenizer import TokenizerError, has_tokenizer
-from sft_stack.common.tokenizer import load_tokenizer as load_tokenizer_dir
+from data_pipeline.conversation import InputError
+from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
+from data_pipeline.templates import ChatTemplate, resolve_template
+from sft_stack.common.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 from trainer.generation import GenerateError
 from trainer.run_dir import EXPORT_INFO_FILE, RunDir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from data_pipeline.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,6 @@ def resolve_run_template(
     the run config (``data.path``) in the run directory that holds the export (OUT/final -> OUT, trainer/run_dir);
     5. ``auto``: the tokenizer's own chat_template when it has one, else the neutral ``default``.
     """
-    from data_pipeline.conversation import InputError
-    from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
-    from data_pipeline.templates import resolve_template
 
     def choose(template_name: str, source: str) -> TemplateChoice:
         try:
@@ -236,13 +233,9 @@ def resolve_dirs(model_dir: str | Path, adapter_dir: str | Path | None) -> tuple
     return model_path, adapter_path
 
 
-def load_tokenizer(model_dir: Path, adapter_dir: Path | None, *, trust_remote_code: bool = False) -> Any:
-    """The adapter's tokenizer when it ships one (the export writes it), else the model's."""
-    source = adapter_dir if adapter_dir is not None and has_tokenizer(adapter_dir) else model_dir
-    try:
-        return load_tokenizer_dir(source, trust_remote_code=trust_remote_code)
-    except TokenizerError as exc:
-        raise GenerateError(str(exc)) from None
+def tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    """Where the tokenizer is: the adapter's directory when it ships one (the export writes it), else the model's."""
+    return adapter_dir if adapter_dir is not None and has_tokenizer(adapter_dir) else model_dir
 
 
 def load_for_inference(
@@ -263,10 +256,15 @@ def load_for_inference(
     """
     from transformers import AutoModelForCausalLM
 
-    import trainer.models  # noqa: F401  registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1)
+    # Here, not at the top: the family registry imports transformers' model code. Importing it registers every
+    # family's own model class (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes.
+    import trainer.families  # noqa: F401
 
     base_dir, adapter_path = resolve_dirs(model_dir, adapter_dir)
-    tokenizer = load_tokenizer(base_dir, adapter_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir(base_dir, adapter_path), trust_remote_code=trust_remote_code)
+    except TokenizerError as exc:
+        raise GenerateError(str(exc)) from None
     target = pick_device(device)
     if load_in_4bit and merge:
         raise GenerateError("--merge with --load-in-4bit: merge into the unquantized base (drop --load-in-4bit)")

@@ -82,7 +82,7 @@ def evaluate_loss(
     model: Any, rows: datasets.Dataset, *, packed: bool, pad_id: int, batch_size: int = 2, max_batches: int = 0
 ) -> LossResult:
     """Token-weighted loss of ``model`` over prepared ``rows`` in one process; batches are built like the loop's."""
-    from trainer.families import resolve_family
+    from trainer.families import resolve_family  # here: the registry imports the model classes (transformers)
 
     isolate = resolve_family("auto", getattr(model.config, "model_type", "")).supports_packed_positions
     batches = val_batches(

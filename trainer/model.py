@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,12 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-import trainer.models  # registers our own model types (Baichuan-13B/2-13B, ChatGLM-6B v1) with the Auto classes
 from sft_stack.common.tokenizer import TokenizerError, load_tokenizer
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, local_device, zero_stage
-from trainer.families import Family, check_not_original, lora_target_modules, resolve_family
+from trainer.families import (  # importing the registry registers our own model classes with the Auto classes
+    Family,
+    check_not_original,
+    lora_target_modules,
+    resolve_family,
+)
 from trainer.models.norm_head import NormHead
+from trainer.preflight import is_flash_attention_available, read_hf_config, validate_method
 from trainer.run_dir import RunDir
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,56 +54,10 @@ class LoadedModel:
     LoadedModel must stay alive for the whole run."""
 
 
-def offloaded(ds_config: dict[str, Any]) -> list[str]:
-    """Names of the ZeRO offload sections that move state off the accelerator (offload_optimizer, offload_param)."""
-    zero = ds_config.get("zero_optimization", {})
-    return [
-        key
-        for key in ("offload_optimizer", "offload_param")
-        if isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
-    ]
-
-
-def validate_method(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
-    """Refuse combinations that cannot train, before anything heavy is loaded; one line naming the key to change."""
-    method = cfg.model.method
-    where = f"deepspeed.config={cfg.deepspeed.config}"
-    if method == "qlora":
-        if zero_stage(ds_config) == 3:
-            raise ConfigError(
-                f"model.method=qlora with ZeRO-3 ({where}): 4-bit weights cannot be partitioned; "
-                "use ds_configs/zero2.json (or zero1/no ZeRO), or model.method=lora"
-            )
-        if offloaded(ds_config):
-            raise ConfigError(
-                f"model.method=qlora with {' and '.join(offloaded(ds_config))} ({where}): 4-bit weights and their "
-                "adapters stay on the GPU; use ds_configs/zero2.json without offload"
-            )
-        if cfg.model.dtype == "fp16":
-            raise ConfigError("model.dtype=fp16 with model.method=qlora: QLoRA computes in bf16; set model.dtype=bf16")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("model.method=qlora needs bitsandbytes; pip install bitsandbytes")
-    if method in ("lora", "qlora"):
-        lora = cfg.lora
-        if lora.r <= 0 or lora.alpha <= 0:
-            raise ConfigError(f"lora.r={lora.r}, lora.alpha={lora.alpha}: both must be > 0")
-        if not 0.0 <= lora.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={lora.dropout}: must be in [0, 1)")
-    if cfg.model.attn_implementation == "flash_attention_2" and not is_flash_attention_available():
-        raise ConfigError(
-            "model.attn_implementation=flash_attention_2: flash-attn is not installed or there is no CUDA device; "
-            "use model.attn_implementation=auto (sdpa)"
-        )
-
-
-def is_flash_attention_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-
-
 def attention_implementation(requested: str, remote_code: bool, model_type: str = "") -> str | None:
     """The attn_implementation to pass to transformers; None lets remote modeling code choose its own."""
     # Our own classes pass ALiBi / the GLM prefix-LM mask as a float mask, which flash-attention cannot take.
-    flash_ok = model_type not in trainer.models.OWN_MODEL_TYPES
+    flash_ok = resolve_family("auto", model_type).own_model is None
     match requested:
         case "auto":
             if remote_code:
@@ -113,14 +70,6 @@ def attention_implementation(requested: str, remote_code: bool, model_type: str 
             )
         case _:
             return requested
-
-
-def read_hf_config(path: Path) -> dict[str, Any]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model.path={path}: no config.json there; point model.path at a local HF model directory")
-    raw: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
-    return raw
 
 
 def is_remote_code_needed(raw_config: dict[str, Any]) -> bool:

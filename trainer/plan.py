@@ -94,6 +94,9 @@ def llama_shape(params: float, vocab: int = 32000) -> ModelShape:
 
 def shape_from_config(model_dir: Path) -> ModelShape:
     """The shape from config.json (Llama/Qwen/Mistral/Baichuan keys, or GPT-2/MOSS n_embd/n_layer keys)."""
+    # Here, not at the top: the registry imports torch and the model classes (about 10 s), which --params skips.
+    from trainer.families import family_of_config
+
     raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     hidden = raw.get("hidden_size", raw.get("n_embd"))
     layers = raw.get("num_hidden_layers", raw.get("n_layer", raw.get("num_layers")))
@@ -106,12 +109,10 @@ def shape_from_config(model_dir: Path) -> ModelShape:
     vocab = raw.get("vocab_size", raw.get("padded_vocab_size", 32000))
     heads = raw.get("num_attention_heads", raw.get("n_head", 1))
     kv_heads = raw.get("num_key_value_heads", raw.get("multi_query_group_num", heads))
-    model_type = raw.get("model_type")
-    # ChatGLM-6B v1 (ours, or the original with 2-D positions) and Baichuan-13B/2-13B (ours, or the original:
-    # no max_position_embeddings) keep a dense float mask; see ModelShape.mask_heads.
-    glm_v1 = model_type == "chatglm_v1" or (model_type == "chatglm" and bool(raw.get("position_encoding_2d")))
-    alibi = model_type == "baichuan_alibi" or (model_type == "baichuan" and "max_position_embeddings" not in raw)
-    gated = "intermediate_size" in raw and not glm_v1  # Llama-style MLPs have gate, up and down matrices
+    # The family's facts (an original checkpoint counts as the family the converter turns it into): ChatGLM-6B v1
+    # and Baichuan-13B/2-13B keep a dense float mask (ModelShape.mask_heads); ChatGLM-6B v1 has no gated MLP.
+    family = family_of_config(raw)
+    gated = "intermediate_size" in raw and family.gated_mlp  # Llama-style MLPs have gate, up and down matrices
     attention = hidden * hidden * (2 + 2 * kv_heads / heads)
     mlp = (3 if gated else 2) * hidden * intermediate
     head = 1 if raw.get("tie_word_embeddings", False) else 2
@@ -124,7 +125,7 @@ def shape_from_config(model_dir: Path) -> ModelShape:
         vocab=vocab,
         kv_ratio=kv_heads / heads,
         gated_mlp=gated,
-        mask_heads=heads if alibi else 1 if glm_v1 else 0,
+        mask_heads={"none": 0, "one": 1, "per_head": heads}[family.dense_mask],
     )
 
 

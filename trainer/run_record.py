@@ -12,13 +12,11 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from tracking.naming import flatten_dict, redact
 from tracking.records import PREPARE_RUN_FILE, dumps, git_commit, package_versions
 from tracking.tracker import RunRecord, Tracker, TrackerSettings
 from tracking.tracker import open_tracker as start_tracker
-from trainer.config import RunConfig, flatten, to_dict
+from trainer.config import RunConfig, dump_yaml, flatten
 
 if TYPE_CHECKING:
     from data_pipeline.schema import Manifest
@@ -145,7 +143,7 @@ def open_tracker(
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker()
     texts = {
-        "config/config.yaml": yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True),
+        "config/config.yaml": dump_yaml(cfg),
         "config/deepspeed_config.json": dumps(redact(ds_config)),
     }
     dataset = None

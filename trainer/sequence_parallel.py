@@ -38,22 +38,7 @@ from data_pipeline.schema import IGNORE_INDEX
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, RunConfig
 from trainer.data import Batch
-from trainer.families import resolve_family
-
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "glm", "codegen", "gpt2")
-"""Families whose attention runs through transformers' attention interface with plain q/k/v heads and carries
-nothing in the mask Ulysses drops. codegen and gpt2 are multi-head models whose config has no
-num_key_value_heads (DeepSpeed's Ulysses reads it): ``activate`` lends them one equal to their head count."""
-
-UNSUPPORTED_WHY = {
-    "baichuan_alibi": "our class puts ALiBi in the float attention mask, which Ulysses drops",
-    "chatglm_v1": "our class puts the prefix-LM mask in the float attention mask, which Ulysses drops",
-    "starcoder": "transformers' gpt_bigcode class does not pass position_ids to its attention, which Ulysses needs "
-    "to find the row's positions and packed samples after the all-to-all (it stops on an assertion); it is also "
-    "multi-query (one KV head for all heads)",
-    "qwen": "its modeling code is remote (trust_remote_code) and is not routed through Ulysses here",
-}
-"""Why a family is refused: the end of the one-line refusal."""
+from trainer.families import resolve_family, sequence_parallel_families
 
 
 def head_counts(hf_config: dict[str, Any]) -> tuple[int, int]:
@@ -93,10 +78,11 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
     key = f"train.sequence_parallel_size={size}"
     model_type = str(hf_config.get("model_type", ""))
     family = resolve_family(cfg.model.family, model_type)
-    if family.name not in SUPPORTED_FAMILIES:
+    if not family.sequence_parallel:
+        why = f": {family.no_sequence_parallel_because}" if family.no_sequence_parallel_because else ""
         raise ConfigError(
             f"{key}: model family {family.name!r} ({cfg.model.path}/config.json model_type {model_type!r}) has no "
-            f"Ulysses attention{_why(family.name)} (supported: {', '.join(SUPPORTED_FAMILIES)}); "
+            f"Ulysses attention{why} (supported: {', '.join(sequence_parallel_families())}); "
             "set train.sequence_parallel_size=1"
         )
     if world_size % size:
@@ -128,10 +114,6 @@ def check(cfg: RunConfig, world_size: int, hf_config: dict[str, Any]) -> None:
             f"{key} with model.attn_implementation=eager: Ulysses needs sdpa or flash_attention_2 (eager needs the "
             "full 4D mask it drops); use model.attn_implementation=auto"
         )
-
-
-def _why(family: str) -> str:
-    return f": {UNSUPPORTED_WHY[family]}" if family in UNSUPPORTED_WHY else ""
 
 
 def gradient_divisor(ds_config: dict[str, Any], world_size: int, size: int) -> int:

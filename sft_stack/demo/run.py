@@ -40,6 +40,7 @@ from typing import Any
 from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
 from sft_stack.demo.tokenizer import train_char_tokenizer
 from tracking.links import DASHBOARD, NOTE_TAG, compare_url, run_page_url
+from tracking.naming import STORE_DIR, store_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository: configs/, launcher/run.py."""
@@ -327,6 +328,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     # machine, and several times faster when another process competes for the cores.
     torch.set_num_threads(1)
     opts.out.mkdir(parents=True, exist_ok=True)
+    # The demo keeps its own store, OUT/mlruns, for its prepare, training and evaluation processes alike
+    # (they inherit this); a store the user chose with MLFLOW_TRACKING_URI wins.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", store_uri(opts.out / STORE_DIR))
     csvs = write_data(opts)
     model_dir = opts.out / "model"
     cot_data, control_data, control_len = prepare_both(opts, csvs, model_dir)

@@ -4,6 +4,11 @@ Properties, for every format: prepare never raises anything but a clean InputErr
 every record read is either written or listed in rejects.jsonl with a known reason; the counts reconcile
 (read = written + rejected = records in the file, rejects.jsonl has one line per rejected record).
 Hypothesis, derandomized, a modest number of small files per format.
+
+The records carry what used to crash prepare: lone UTF-16 surrogates (as JSON escapes, and as raw bytes that are
+no UTF-8), strings over max_record_bytes, lines of 100,000 nested brackets, random bytes; the JSON formats are
+also written as a JSON array behind a UTF-8 byte-order mark. Peak memory on a huge record is measured in
+tests/faults/test_prepare_faults.py.
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ pytestmark = pytest.mark.faults
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny_llama"
 FUZZ = settings(derandomize=True, max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+MAX_RECORD_BYTES = 4096
+"""max_record_bytes of the fuzzed prepares: the HUGE strings are over it."""
 KNOWN_REASONS = {*REJECT_REASONS, "too_long", "no_supervised_tokens", "unrenderable", "no_tool_format"}
 """The readers' reasons (formats.REJECT_REASONS) and the template/length policy's."""
 
+HUGE = st.integers(MAX_RECORD_BYTES + 1, 3 * MAX_RECORD_BYTES).map("y".__mul__)
 text = st.one_of(
     st.text(max_size=40),
     st.sampled_from(["", " ", "\n", "<|im_end|>", "</s>", "<eoh>", "<|Human|>: hi<eoh>", "答案：42", "\x00", "\ufeff"]),
+    st.sampled_from(["x\ud800y", "\udfff", "a\ud83d"]),  # lone surrogates: valid JSON escapes, no UTF-8 text
+    HUGE,
 )
 anything = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text),
@@ -113,25 +123,64 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
 assert set(RECORDS) == set(VALID) == set(FORMATS), "a format without a fuzz strategy"
 
 
-def write_source(directory: Path, fmt: str, records: list[Any], garbage: list[int]) -> tuple[Path, int]:
-    """The file prepare reads, and how many records it holds. ``garbage``: positions that become broken lines."""
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""100,000 nested arrays: RecursionError in the standard library's parser, the square of it in ijson's prefixes."""
+GARBAGE_KINDS = ("broken", "not_json", "deep_unclosed", "deep_value", "bytes")
+garbage_lines = st.lists(
+    st.tuples(st.integers(0, 12), st.sampled_from(GARBAGE_KINDS), st.binary(max_size=40)), max_size=3
+)
+
+
+def garbage_line(kind: str, payload: bytes) -> bytes:
+    match kind:
+        case "broken":
+            return b'{"broken": [1, 2,'
+        case "not_json":
+            return b"not json at all"
+        case "deep_unclosed":
+            return b"[" * 100_000
+        case "deep_value":
+            return b'{"messages": ' + DEEP + b', "text": "t", "instruction": "i", "output": "o"}'
+        case _:
+            return b"\x01" + payload.replace(b"\n", b"\x01")  # random bytes, never a blank line
+
+
+def write_source(
+    directory: Path, fmt: str, records: list[Any], garbage: list[tuple[int, str, bytes]], as_array: bool
+) -> tuple[Path, int]:
+    """The file prepare reads, and how many records it holds. ``garbage``: (position, kind, random bytes) of lines
+    that are not records (broken JSON, deep nesting, random bytes); ``as_array``: a JSON array after a BOM."""
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["prompt", "output"])
         writer.writerows(records)
         path = directory / "data.csv"
-        path.write_text(buffer.getvalue(), encoding="utf-8")
+        # A lone surrogate has no UTF-8 form: written as "?", as any text editor would.
+        path.write_bytes(buffer.getvalue().encode("utf-8", errors="replace"))
         return path, len(records)
     if fmt == "safety":
         path = directory / "safety.json"
         path.write_text(json.dumps({"Scenario_A": records[::2], "Scenario_B": records[1::2]}), encoding="utf-8")
         return path, len(records)
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    for position in garbage:
-        lines.insert(min(position, len(lines)), '{"broken": [1, 2,' if position % 2 else "not json at all")
+    if as_array:
+        items = [json.dumps(r).encode() for r in records]
+        for position, kind, _ in garbage:
+            if kind.startswith("deep"):
+                items.insert(min(position, len(items)), DEEP)  # valid JSON, too deep: a reject
+        path = directory / "data.json"
+        path.write_bytes(b"\xef\xbb\xbf[" + b",\n".join(items) + b"]")
+        return path, len(items)
+    # Even lines escape non-ASCII (a surrogate as \\ud800), odd ones write it raw (a surrogate: bytes no UTF-8 reads).
+    lines = [
+        json.dumps(r, ensure_ascii=n % 2 == 0).encode("utf-8", errors="surrogatepass") for n, r in enumerate(records)
+    ]
+    for position, kind, payload in garbage:
+        # A file opening with "[" is read as one JSON array: keep those lines off the first line.
+        at = position if kind in ("broken", "not_json") else max(position, 1)
+        lines.insert(min(at, len(lines)), garbage_line(kind, payload))
     path = directory / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_bytes(b"\n".join(lines) + b"\n")
     return path, len(lines)
 
 
@@ -142,11 +191,12 @@ def test_prepare_never_crashes_and_counts_reconcile(fmt: str) -> None:
     @FUZZ
     @given(
         records=st.lists(st.one_of(VALID[fmt], RECORDS[fmt]), min_size=1, max_size=12),
-        garbage=st.lists(st.integers(0, 12), max_size=2),
+        garbage=garbage_lines,
+        as_array=st.booleans() if fmt not in ("csv", "safety") else st.just(False),
     )
-    def check(records: list[Any], garbage: list[int]) -> None:
+    def check(records: list[Any], garbage: list[tuple[int, str, bytes]], as_array: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            source, n_records = write_source(Path(tmp), fmt, records, garbage)
+            source, n_records = write_source(Path(tmp), fmt, records, garbage, as_array)
             out = Path(tmp) / "out"
             options = PrepareOptions(
                 sources=(SourceSpec(path=str(source), format=fmt),),
@@ -157,6 +207,7 @@ def test_prepare_never_crashes_and_counts_reconcile(fmt: str) -> None:
                 val_fraction=0.2,
                 max_bad_fraction=1.0,
                 max_dropped_fraction=1.0,
+                max_record_bytes=MAX_RECORD_BYTES,
                 block_size=8,
                 progress=False,
             )
@@ -169,6 +220,7 @@ def test_prepare_never_crashes_and_counts_reconcile(fmt: str) -> None:
             counts = manifest.counts
             seen["written"] += counts["samples_written"]
             seen["rejected"] += counts["samples_rejected"]
+            seen.update({f"reason:{reason}": n for reason, n in counts["rejected_by_reason"].items()})
             assert counts["samples_read"] == n_records
             assert counts["samples_read"] == counts["samples_written"] + counts["samples_rejected"]
             rejects = [

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tracking import cli
 from tracking.journal import JOURNAL_FILE, RUN_FILE, SPOOL_DIR
-from tracking.naming import MAX_PARAM_CHARS, REDACTED, clean_params, clean_value, is_secret_name, resolve_tracking_uri
+from tracking.naming import (
+    MAX_PARAM_CHARS,
+    REDACTED,
+    clean_params,
+    clean_value,
+    is_secret_name,
+    resolve_tracking_uri,
+    store_uri,
+)
 from trainer.config import load_config
 from trainer.run_record import open_tracker
 
@@ -66,14 +75,21 @@ def test_clean_params_redacts_truncates_and_strips_url_passwords() -> None:
     assert clean_value("list", ["a", "b"]) == '["a", "b"]'
 
 
-def test_embedded_store_is_next_to_the_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_store_is_mlruns_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One default for prepare, training, evaluate and the dashboard: ./mlruns where the command runs."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri, artifacts = resolve_tracking_uri(None, tmp_path / "runs" / "a")
-    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlruns' / 'mlflow.db'}"
-    assert artifacts == (tmp_path / "runs" / "mlruns" / "artifacts").as_uri()
+    monkeypatch.chdir(tmp_path)
+    uri, artifacts = resolve_tracking_uri(None)
+    assert uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert artifacts == (tmp_path / "mlruns" / "artifacts").as_uri()
+    assert store_uri(cli._parser().parse_args(["dashboard"]).store) == uri  # what `python -m tracking dashboard` serves
+    makefile = (ROOT / "Makefile").read_text()
+    assert "STORE ?= mlruns\n" in makefile  # `make dashboard` too
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert resolve_tracking_uri(None, tmp_path) == ("http://127.0.0.1:1", None)
-    assert resolve_tracking_uri("http://h:2", tmp_path) == ("http://h:2", None)
+    assert resolve_tracking_uri(None) == ("http://127.0.0.1:1", None)
+    assert resolve_tracking_uri("http://h:2") == ("http://h:2", None)
+    other = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"  # a store of its own (the demo's) keeps its artifacts
+    assert resolve_tracking_uri(other) == (other, (tmp_path / "elsewhere" / "artifacts").as_uri())
 
 
 DISABLED_SCRIPT = """
@@ -96,11 +112,13 @@ print(sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow."))
 
 
 def test_tracking_off_or_other_rank_never_imports_mlflow(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", DISABLED_SCRIPT, str(tmp_path / "run"), str(TINY)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,
+        env=env,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -111,10 +129,11 @@ def test_tracking_off_or_other_rank_never_imports_mlflow(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_embedded_store_run_resumes_without_duplicate_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No server: the run lands in <parent>/mlruns; a second session continues it and skips steps it had."""
+    """No server: the run lands in ./mlruns; a second session continues it and skips steps it had."""
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     first = open_tracker(
         cfg=tiny_config(out, "tracking.system_metrics=false", "train.stop_at_step=3"),
@@ -181,18 +200,22 @@ def test_prepare_run_with_unreachable_server_warns_once_and_returns_none(
 
 
 @pytest.mark.slow
-def test_prepare_returns_before_its_record_and_the_record_lands(tmp_path: Path) -> None:
-    """`prepare` hands its MLflow record to a detached process; the run still lands in the embedded store."""
+def test_prepare_returns_before_its_record_and_the_record_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prepare` hands its MLflow record to a detached process; the run lands in the default store ./mlruns, the
+    one a training run started in the same directory uses, so the training run's lineage tag names it."""
     from mlflow import MlflowClient
 
     from data_pipeline.tracking import LOG_FILE, PREPARE_RUN_FILE
+    from trainer.run_record import lineage_tags
 
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SFT_TRACKING")}
     result = subprocess.run(
         [sys.executable, "-m", "data_pipeline", "prepare", "--source", str(ALPACA), "--tokenizer", str(TINY),
-         "--out", str(data), "--template", "qwen", "--max-seq-len", "128", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+         "--out", "data", "--template", "qwen", "--max-seq-len", "128", "--no-progress"],
+        cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "recording the run in MLflow in the background" in result.stdout
@@ -212,6 +235,12 @@ def test_prepare_returns_before_its_record_and_the_record_lands(tmp_path: Path) 
     }  # fmt: skip
     assert client.get_experiment(record["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Traceback" not in (data / LOG_FILE).read_text()
+    # the training run's link: the same store a training run started here logs to, and the dashboard's default
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert (
+        lineage_tags(data, None)["data.prepare_tracking_uri"] == resolve_tracking_uri(None)[0] == record["tracking_uri"]
+    )
 
 
 def test_run_is_named_by_model_method_and_data(tmp_path: Path) -> None:

@@ -91,11 +91,14 @@ def trained(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> d
         progress=False,
     )
     manifest = prepare(options)
+    suite_store = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.uri
     try:
         prepare_run_id = log_prepare_run(manifest, data_dir, options)
     finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+        os.environ.pop("MLFLOW_TRACKING_URI")
+        if suite_store is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = suite_store
     assert prepare_run_id and json.loads((data_dir / PREPARE_RUN_FILE).read_text())["run_id"] == prepare_run_id
 
     out = work / "run"

@@ -635,6 +635,12 @@ REJECT_CASES: list[tuple[str, str, Any]] = [
         "messages",
         {"messages": [{"role": "user", "content": "Describe <video> briefly"}, {"role": "assistant", "content": "A"}]},
     ),
+    # A lone surrogate escape: valid JSON (the standard library parses it), but no text a tokenizer can encode.
+    (
+        "invalid_unicode",
+        "messages",
+        '{"messages": [{"role": "user", "content": "x\\ud800y"}, {"role": "assistant", "content": "a"}]}',
+    ),
 ]
 
 
@@ -664,7 +670,8 @@ def test_reject_reason_in_place(tmp_path: Path, reason: str, fmt: str, bad: Any)
 
 
 def test_every_reject_reason_is_exercised() -> None:
-    covered = {case[0] for case in REJECT_CASES} | {"malformed_csv"}  # malformed_csv: see the csv test below
+    # malformed_csv: see the csv test below; too_large: tests/unit/test_formats_bounds.py
+    covered = {case[0] for case in REJECT_CASES} | {"malformed_csv", "too_large"}
     assert covered == set(REJECT_REASONS)
 
 

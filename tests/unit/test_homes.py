@@ -1,13 +1,16 @@
 """The one-home helpers: trainer.dist (ZeRO stage, device name), trainer.run_dir (the output folder's layout),
-trainer.data.pad_id_for (the pad fallback shared by the loop and evaluate) and common.tokenizer (the loader)."""
+trainer.data.pad_id_for (the pad fallback shared by the loop and evaluate), common.tokenizer (the loader) and
+data_pipeline.schema.sha256_file (the file digest of shards and checkpoints)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from data_pipeline.schema import sha256_file
 from sft_stack.common.tokenizer import TokenizerError, load_tokenizer
 from trainer import checkpoint
 from trainer.data import pad_id_for
@@ -67,3 +70,10 @@ def test_tokenizer_loader_converts_a_bare_sentencepiece_model() -> None:
     tokenizer = load_tokenizer(SENTENCEPIECE)
     assert tokenizer.is_fast
     assert tokenizer.decode(tokenizer("hello world", add_special_tokens=False)["input_ids"]) == "hello world"
+
+
+def test_one_file_digest_for_shards_and_checkpoints(tmp_path: Path) -> None:
+    assert checkpoint.sha256_file is sha256_file
+    body = bytes(range(256)) * 20_000  # 5 MB: several read chunks
+    (tmp_path / "blob").write_bytes(body)
+    assert sha256_file(tmp_path / "blob") == hashlib.sha256(body).hexdigest()

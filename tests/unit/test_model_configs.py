@@ -31,8 +31,8 @@ def test_the_five_large_model_configs_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)  # deepspeed.config paths are relative to the repository root
+def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # from any directory: deepspeed.config falls back to the project's ds_configs/
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith("# ") and f"--config configs/{path.name}" in first_line
     cfg = load_config(path)
@@ -41,7 +41,7 @@ def test_shipped_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -
     validate_method(cfg, ds_config)
     if path.name in PLANNED:
         method, ds_json, _ = PLANNED[path.name]
-        assert cfg.model.method == method and cfg.deepspeed.config == f"ds_configs/{ds_json}"
+        assert cfg.model.method == method and cfg.deepspeed.config == str(ROOT / "ds_configs" / ds_json)
 
 
 @pytest.mark.parametrize("name", sorted(PLANNED))

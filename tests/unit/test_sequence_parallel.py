@@ -39,7 +39,7 @@ def test_size_one_is_never_refused() -> None:
             ["model.family=starcoder"],
             2,
             TINY_LLAMA_CONFIG,
-            "model family 'starcoder' (tests/fixtures/tiny_llama/config",
+            f"model family 'starcoder' ({ROOT}/tests/fixtures/tiny_llama/config",
         ),
         (
             ["model.family=starcoder"],

@@ -12,6 +12,8 @@ import pytest
 
 from sft_stack.common.strict_config import (
     ConfigError,
+    FloatText,
+    Origins,
     UnknownKeyError,
     WrongTypeError,
     apply_flat_overrides,
@@ -19,6 +21,9 @@ from sft_stack.common.strict_config import (
     build_dataclass,
     coerce,
     field_docs,
+    load_yaml_text,
+    parse_override,
+    read_yaml_with_lines,
     to_plain,
 )
 
@@ -119,9 +124,64 @@ def test_field_docs_reads_the_docstring_under_each_field() -> None:
 
 def test_common_imports_none_of_the_project_packages() -> None:
     project = {"launcher", "trainer", "data_pipeline", "demo", "tracking", "tools", "tests", "benchmarks"}
-    for path in sorted((ROOT / "common").glob("*.py")):
+    paths = sorted((ROOT / "sft_stack" / "common").glob("*.py"))
+    assert paths
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             assert not {n.split(".")[0] for n in names} & project, (path.name, names)
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("1e-5", 1e-5), ("3e-4", 3e-4), ("1E-2", 1e-2), ("1e5", 1e5), ("+2e-3", 2e-3), ("-1E+2", -100.0)],
+)
+def test_yaml_12_floats_are_numbers_for_float_fields_and_text_for_str_fields(text: str, number: float) -> None:
+    loaded = load_yaml_text(f"lr: {text}")["lr"]
+    assert isinstance(loaded, FloatText) and loaded == text  # PyYAML's YAML 1.1 rule alone gives the string
+    assert coerce(loaded, float, "lr") == number and type(coerce(loaded, float, "lr")) is float
+    assert coerce(loaded, float | None, "lr") == number
+    assert coerce(loaded, str, "name") == text and type(coerce(loaded, str, "name")) is str  # the text, not 1e-05
+    assert parse_override(f"train.lr={text}") == ("train.lr", text)
+    assert coerce(parse_override(f"train.lr={text}")[1], float, "train.lr") == number
+
+
+def test_yaml_11_scalars_keep_their_types() -> None:
+    assert load_yaml_text("[5, 3.0e-5, 1.5, .5, 0x10, true, abc, '1e-5', 1e]") == [
+        5,
+        3e-5,
+        1.5,
+        0.5,
+        16,
+        True,
+        "abc",
+        "1e-5",
+        "1e",
+    ]
+    with pytest.raises(WrongTypeError, match=r"^lr='1e-5': expected a number$"):
+        coerce(load_yaml_text("'1e-5'"), float, "lr")  # quoted: a string, refused like "5" for an integer
+    with pytest.raises(WrongTypeError, match=r"^steps=1e3: expected an integer$"):
+        coerce(load_yaml_text("1e3"), int, "steps")
+
+
+def test_origins_name_the_file_line_or_the_override(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("# header\ntrain:\n  max_steps: 10\n  lr: abc\nmodel:\n  path: m\n")
+    data, lines = read_yaml_with_lines(path)
+    assert data == {"train": {"max_steps": 10, "lr": "abc"}, "model": {"path": "m"}}
+    assert lines == {"train": 2, "train.max_steps": 3, "train.lr": 4, "model": 5, "model.path": 6}
+    origins = Origins.of(path, lines, ["train.lr=1e-x", "model.path=n\nm"])
+    assert origins.where("train.max_steps") == f"{path}:3"
+    assert origins.where("train.lr") == "override train.lr=1e-x"  # the override wins over the file
+    assert origins.where("model.path") == "override 'model.path=n\\nm'"  # one line, whatever was typed
+    assert origins.where("train.seed") == f"{path}:2"  # not written: its section
+    assert origins.where("eval.every_steps") == str(path)
+    assert origins.describe(WrongTypeError("train.max_steps", "x", "an integer")) == (
+        f"{path}:3: train.max_steps='x': expected an integer"
+    )
+    assert (
+        origins.describe(ConfigError("train.max_steps=10: must be > 11"))
+        == f"{path}:3: train.max_steps=10: must be > 11"
+    )

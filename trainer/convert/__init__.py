@@ -1,15 +1,16 @@
 """Convert an original (remote-code) checkpoint, once, into the transformers class it really is.
 
 ``python -m trainer.convert SRC DST [--check]`` reads SRC's ``config.json``, finds the one source family whose
-``is_source`` accepts it (``registry.SOURCES``), and writes DST: safetensors shards + index, ``config.json``,
+``is_source`` accepts it (``registry.detect_source``), and writes DST: safetensors shards + index, ``config.json``,
 ``generation_config.json``, a native fast tokenizer (``tokenizer.json``) and ``conversion.json`` (source,
 family, chat template). No vendor code is run or copied; the weights stream shard by shard (``weights.py``).
 
 The per-family interface
 ------------------------
 A family is one module in this package that defines ``SOURCE = SourceFamily(...)`` (or several, one per
-variant), plus one line in ``registry.SOURCES``. The fields, all plain functions of the parsed original
-``config.json`` (``raw``):
+variant), listed in ``converted_from`` of the ``trainer.families`` record of the model family it becomes
+(``glm``, ``llama``, ``codegen`` ...: ``native_family`` in ``conversion.json``). The fields, all plain
+functions of the parsed original ``config.json`` (``raw``):
 
 - ``name``: registry key, recorded in ``conversion.json`` (``chatglm2``, ``baichuan2_7b``, ``moss`` ...).
 - ``is_source(raw) -> bool``: this family's original layout (``model_type``, ``architectures``, shape
@@ -30,7 +31,6 @@ variant), plus one line in ``registry.SOURCES``. The fields, all plain functions
 - ``generation_config(raw) -> dict``: ``generation_config.json`` of the native model (pad/bos; the vendor's
   sampling defaults are not carried over). ``eos_token_id`` is set by the converter to the template's stop
   tokens (end of turn and eos).
-- ``native_family``: the ``trainer.families`` key of the converted model (``glm``, ``llama``, ``codegen``).
 
 Errors a user can cause raise ``ConvertError`` with one line naming the file and the field or key;
 ``__main__`` prints it and exits 2.
@@ -67,8 +67,6 @@ class SourceFamily:
 
     name: str
     """Registry key, recorded as ``source_family`` in conversion.json."""
-    native_family: str
-    """trainer.families key of the converted model."""
     is_source: Callable[[RawConfig], bool]
     """True when config.json is this family's original layout."""
     native_config: Callable[[RawConfig], dict[str, Any]]

@@ -148,7 +148,6 @@ def generation_config(raw: RawConfig) -> dict[str, Any]:
 
 BAICHUAN_7B = SourceFamily(
     name="baichuan_7b",
-    native_family="llama",
     is_source=is_baichuan_7b,
     native_config=lambda raw: _native_config(raw, norm_head=False),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=True),
@@ -160,7 +159,6 @@ BAICHUAN_7B = SourceFamily(
 
 BAICHUAN2_7B = SourceFamily(
     name="baichuan2_7b",
-    native_family="llama",
     is_source=is_baichuan2_7b,
     native_config=lambda raw: _native_config(raw, norm_head=True),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=False),

@@ -89,7 +89,6 @@ def check_turn_tokens(tokenizer: Any, src: Path, template: str) -> None:
 
 BAICHUAN_13B = SourceFamily(
     name="baichuan_13b",
-    native_family="baichuan_alibi",
     is_source=is_baichuan_13b,
     native_config=lambda raw: native_config(raw, norm_head=False),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=False),
@@ -101,7 +100,6 @@ BAICHUAN_13B = SourceFamily(
 
 BAICHUAN2_13B = SourceFamily(
     name="baichuan2_13b",
-    native_family="baichuan_alibi",
     is_source=is_baichuan2_13b,
     native_config=lambda raw: native_config(raw, norm_head=True),
     source_shapes=lambda raw: source_shapes(raw, rotary_buffer=False),

@@ -10,6 +10,7 @@ fused QKV and a rename. ChatGLM-6B v1 (``position_encoding_2d``) is another arch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,6 @@ def chat_template(src: Path, raw: RawConfig) -> str:
     names = [str(raw.get("_name_or_path", ""))]
     tokenizer_config = src / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        import json
-
         names.append(str(json.loads(tokenizer_config.read_text("utf-8")).get("name_or_path", "")))
     if any("chatglm3" in name.lower() for name in names):
         return "chatglm3"
@@ -176,7 +175,6 @@ def generation_config(raw: RawConfig) -> dict[str, Any]:
 
 SOURCE = SourceFamily(
     name="chatglm2",
-    native_family="glm",
     is_source=is_source,
     native_config=native_config,
     source_shapes=source_shapes,

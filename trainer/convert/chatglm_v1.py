@@ -96,7 +96,6 @@ def generation_config(raw: RawConfig) -> dict[str, Any]:
 
 SOURCE = SourceFamily(
     name="chatglm_v1",
-    native_family="chatglm_v1",
     is_source=is_source,
     native_config=native_config,
     source_shapes=source_shapes,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.templates import CHAT_FORMAT_KEY
+from data_pipeline.templates import CHAT_FORMAT_KEY, resolve_template
 from trainer.convert import CONVERSION_FILE, ConvertError
 from trainer.convert.registry import detect_source
 from trainer.convert.weights import convert_weights
@@ -37,7 +37,7 @@ def convert_checkpoint(
     from transformers import CONFIG_MAPPING
 
     raw = read_source_config(src)
-    source = detect_source(raw, src / "config.json")
+    source, family = detect_source(raw, src / "config.json")
     if dst.exists():
         raise ConvertError(f"{dst}: already exists; pass a new output directory")
     native = source.native_config(raw)
@@ -62,7 +62,7 @@ def convert_checkpoint(
     record = {
         "source": str(src.resolve()),
         "source_family": source.name,
-        "native_family": source.native_family,
+        "native_family": family.name,
         "architecture": (config.architectures or [model_type])[0],
         "chat_template": template,
         "tokenizer": tokenizer is not None,
@@ -94,8 +94,6 @@ def _record_chat_format(directory: Path, template: str) -> None:
 
 
 def _stop_token_ids(template: str, tokenizer: Any) -> tuple[int, ...]:
-    from data_pipeline.templates import resolve_template
-
     return resolve_template(template, tokenizer).stop_token_ids
 
 

@@ -120,7 +120,6 @@ def generation_config(raw: RawConfig) -> dict[str, Any]:
 
 SOURCE = SourceFamily(
     name="moss",
-    native_family="codegen",
     is_source=is_source,
     native_config=native_config,
     source_shapes=source_shapes,

@@ -4,7 +4,7 @@ transformers has no class for them (only bloom, falcon and mpt use ALiBi, with L
 the original (facts from tests/fixtures/real/seed_models/README.md, checked against its reference outputs):
 
 - RMSNorm (eps 1e-6), SiLU-gated MLP, no biases, untied head; q/k/v are the original fused ``W_pack`` split
-  into ``q_proj``/``k_proj``/``v_proj`` by the converter (``trainer/convert/baichuan_alibi.py``).
+  into ``q_proj``/``k_proj``/``v_proj`` by the converter (``trainer/convert/baichuan_13b.py``).
 - ALiBi: score(h, i, j) = q.k / sqrt(head_dim) - slope_h * (i - j) for j <= i. The original adds slope_h * j,
   the same under softmax; we use the distance so that the bias stays small near the diagonal in bf16.
   Slopes: ``alibi_slopes`` (heads that are not a power of two included, like the real 40).
@@ -38,6 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward
 from transformers.utils.deprecation import deprecate_kwarg
 
+from trainer.models.causal_lm import causal_lm_forward, register_auto_classes
 from trainer.models.masks import additive_mask, segment_ids
 from trainer.models.norm_head import NormHead
 
@@ -276,23 +277,18 @@ class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        outputs = self.model(
+        return causal_lm_forward(
+            self,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            labels=labels,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            z_loss_weight=self.config.z_loss_weight,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-            if self.config.z_loss_weight > 0:
-                loss = loss + self.config.z_loss_weight * logits[:, :-1].float().amax(-1).pow(2).mean()
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+register_auto_classes(BaichuanAlibiConfig, BaichuanAlibiModel, BaichuanAlibiForCausalLM)

@@ -43,6 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils.deprecation import deprecate_kwarg
 
+from trainer.models.causal_lm import causal_lm_forward, register_auto_classes
 from trainer.models.masks import additive_mask, segment_ids
 
 MODEL_TYPE = "chatglm_v1"
@@ -360,24 +361,17 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        outputs = self.transformer(
+        return causal_lm_forward(
+            self,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
+            labels=labels,
             use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, *args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any
@@ -397,3 +391,6 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         positions, _, _ = glm_positions(input_ids, self.config, attention_mask=attention_mask)
         inputs["position_ids"] = positions[..., -inputs["input_ids"].shape[1] :]
         return inputs
+
+
+register_auto_classes(ChatGLMv1Config, ChatGLMv1Model, ChatGLMv1ForCausalLM)
