@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import tracking
-from data_pipeline.conversation import InputError
 from data_pipeline.inspect import rejects_summary
 from data_pipeline.options import OPTION_KEYS, PrepareOptions, build_options, read_config
 from data_pipeline.prepare import LIMIT_OPTIONS, TooManyRejects, merge, prepare
 from data_pipeline.schema import SPLITS, DataError, load_manifest, verify_split
 from data_pipeline.space import OutOfSpace
+from sft_stack.chat.conversation import InputError
 from sft_stack.common.strict_config import field_docs
 
 _CONFIG_KEYS = OPTION_KEYS

@@ -22,7 +22,7 @@ import ijson
 import orjson
 
 from data_pipeline import bounded_json
-from data_pipeline.conversation import (
+from sft_stack.chat.conversation import (
     Conversation,
     InputError,
     Message,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.conversation import InputError
 from data_pipeline.formats import COLUMN_FIELDS, MAX_RECORD_BYTES
+from sft_stack.chat.conversation import InputError
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError, WrongTypeError
 

@@ -36,7 +36,6 @@ import numpy as np
 import sft_stack.common.tokenizer
 from data_pipeline.blocks import BLOCKS_DIR as BLOCKS_DIR  # re-exported: tests and tools name it from here
 from data_pipeline.blocks import BlockResult, SplitOutput, block_file, completed_block
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import Line, convert_line, read_lines, read_records
 from data_pipeline.options import PrepareOptions as PrepareOptions  # re-exported: the API takes it from here
 from data_pipeline.options import SourceSpec as SourceSpec
@@ -56,12 +55,13 @@ from data_pipeline.schema import (
 )
 from data_pipeline.shards import link_or_copy, write_shard, write_split_metadata
 from data_pipeline.space import is_out_of_space, out_of_space
+from sft_stack.chat.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from sft_stack.common.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from data_pipeline.templates import ChatTemplate
+    from sft_stack.chat.templates import ChatTemplate
 
 RAW_CHARS = 500
 """Raw record text kept per line of rejects.jsonl."""
@@ -139,7 +139,7 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> tu
 
     Returns the plan and its templates by resolved name."""
     from data_pipeline.formats import COLUMN_FIELDS, FORMATS, detect_format
-    from data_pipeline.templates import resolve_template
+    from sft_stack.chat.templates import resolve_template
 
     formats: list[str] = []
     for spec in options.sources:
@@ -350,7 +350,7 @@ def _encode(
     state: WorkerState, records: list[tuple[int, Record]]
 ) -> list[Reject | list[tuple[np.ndarray, np.ndarray]]]:
     """Tokenize and mask every record: a Reject, or the record's sequences as (input_ids, labels) arrays."""
-    from data_pipeline.templates import fit_length_arrays
+    from sft_stack.chat.templates import fit_length_arrays
 
     options = state.plan.options
     max_len = int(options["max_seq_len"])

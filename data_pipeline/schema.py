@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from sft_stack.common.labels import IGNORE_INDEX as IGNORE_INDEX  # the trainer and the shards read it here
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
 SCHEMA_VERSION = 1
 """Bumped whenever the columns or the manifest change meaning; the trainer refuses other versions."""
-
-IGNORE_INDEX = -100
-"""Label value of tokens that carry no loss (prompt, system, padding). Matches torch's cross_entropy default."""
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 """Columns of every shard, each a list of int32 per row. ``position_ids`` restart at 0 at every packed sample."""

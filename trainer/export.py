@@ -98,8 +98,8 @@ def template_stop_token_ids(template: str | None, tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn under the training template ([] when unknown)."""
     if template is None:
         return []
-    from data_pipeline.conversation import InputError
-    from data_pipeline.templates import resolve_template
+    from sft_stack.chat.conversation import InputError
+    from sft_stack.chat.templates import resolve_template
 
     try:
         return list(resolve_template(template, tokenizer).stop_token_ids)

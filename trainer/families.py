@@ -44,7 +44,7 @@ class Family:
     needs_remote_code: bool
     """True when the modeling code ships with the weights (``auto_map`` in config.json)."""
     template: str
-    """Its chat format's name in data_pipeline.templates (``TEMPLATE_NAMES``): ``tokenizer`` where the family's
+    """Its chat format's name in sft_stack.chat.registry (``TEMPLATE_NAMES``): ``tokenizer`` where the family's
     checkpoints ship their own chat_template, ``default`` where it has none. A converted checkpoint records the
     exact one (chatglm2 or chatglm3, baichuan or baichuan2) in tokenizer_config.json."""
     sequence_parallel: bool = False

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from data_pipeline.conversation import Message, tool_schemas
+from sft_stack.chat.conversation import Message, tool_schemas
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
     from transformers.generation.streamers import BaseStreamer
 
-    from data_pipeline.templates import ChatTemplate
+    from sft_stack.chat.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from data_pipeline.conversation import InputError
 from data_pipeline.schema import MANIFEST_FILE, DataError, load_manifest
-from data_pipeline.templates import ChatTemplate, resolve_template
+from sft_stack.chat.conversation import InputError
+from sft_stack.chat.templates import ChatTemplate, resolve_template
 from sft_stack.common.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
 from trainer.generation import GenerateError
 from trainer.run_dir import EXPORT_INFO_FILE, RunDir

@@ -480,7 +480,7 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
 
 def generate(run: Run, cfg: RunConfig, step: int) -> None:
     """Sample generations on every rank (ZeRO-3 forwards are collective); rank 0 records them."""
-    from data_pipeline.templates import resolve_template
+    from sft_stack.chat.templates import resolve_template
     from trainer.generation import generate_samples, read_prompts
 
     assert cfg.eval.prompts_file is not None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.schema import DataError, load_manifest
+from sft_stack.chat.registry import template_names
 from sft_stack.common.tokenizer import TOKENIZER_FILES, has_tokenizer
 from trainer.build_lock import find_stale_locks
 from trainer.config import ConfigError, RunConfig
@@ -184,12 +185,10 @@ def check_prompts(cfg: RunConfig, template: str | None) -> None:
         return
     if not Path(cfg.eval.prompts_file).is_file():
         raise ConfigError(f"eval.prompts_file={cfg.eval.prompts_file}: no such file; fix the path or unset it")
-    from data_pipeline.templates import TEMPLATE_NAMES
-
-    if template is not None and template not in TEMPLATE_NAMES:
+    if template is not None and template not in template_names():
         raise DataError(
             f"{Path(cfg.data.path) / 'manifest.json'}: template {template!r} is not one this code renders "
-            f"(valid: {', '.join(TEMPLATE_NAMES)}); eval.prompts_file needs it: re-run prepare with --template, "
+            f"(valid: {', '.join(template_names())}); eval.prompts_file needs it: re-run prepare with --template, "
             "or unset eval.prompts_file"
         )
 

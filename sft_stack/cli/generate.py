@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_pipeline.conversation import Message
+from sft_stack.chat.conversation import Message
 from sft_stack.cli.flags import (
     add_decoding_flags,
     add_model_flags,
@@ -41,7 +41,7 @@ from trainer.generation import (
 from trainer.inference import Loaded
 
 if TYPE_CHECKING:
-    from data_pipeline.templates import ChatTemplate
+    from sft_stack.chat.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path
 @pytest.mark.parametrize("native", ["glm", "llama", "codegen"])
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_trains_exports_and_stops_at_end_of_turn(runs: dict[tuple[str, str], Path], native: str, method: str) -> None:
-    from data_pipeline.templates import resolve_template
+    from sft_stack.chat.templates import resolve_template
     from trainer.generation import decoding_for, generate_rows
     from trainer.inference import load_for_inference
 

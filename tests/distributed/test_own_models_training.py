@@ -114,7 +114,7 @@ def test_trains_exports_and_stops_at_end_of_turn(runs: Path, model_type: str, me
     from transformers import AutoModelForCausalLM
 
     import trainer.models  # noqa: F401  registers our classes with the Auto classes
-    from data_pipeline.templates import resolve_template
+    from sft_stack.chat.templates import resolve_template
     from trainer.generation import decoding_for, generate_rows
     from trainer.inference import load_for_inference
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from data_pipeline.conversation import Message, tool_schemas
 from data_pipeline.formats import read_records
 from data_pipeline.schema import load_manifest
-from data_pipeline.templates import resolve_template
+from sft_stack.chat.conversation import Message, tool_schemas
+from sft_stack.chat.templates import resolve_template
 from tests.distributed.test_training import ROOT, env, launch
 from tests.helpers.data import TINY_LLAMA, make_prepared_dir
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_pipeline.cli import _CONFIG_KEYS, _parser, options_from_args
-from data_pipeline.conversation import InputError
+from sft_stack.chat.conversation import InputError
 from trainer.config import ConfigError, RunConfig, _section_types, load_config
 
 pytestmark = pytest.mark.faults

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_pipeline.conversation import InputError
 from data_pipeline.formats import FORMATS, REJECT_REASONS
 from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
+from sft_stack.chat.conversation import InputError
 
 pytestmark = pytest.mark.faults
 

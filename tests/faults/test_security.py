@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from data_pipeline.templates import TEMPLATE_NAMES
+from sft_stack.chat.registry import TEMPLATE_NAMES
 from tracking import cli, naming
 from trainer.config import load_config, to_dict
 
@@ -286,9 +286,9 @@ def test_control_strings_typed_by_a_user_never_become_control_tokens(name: str) 
     assistant's trained tokens decode back to what it wrote."""
     from transformers import AutoTokenizer
 
-    from data_pipeline.conversation import Conversation, Message
     from data_pipeline.schema import IGNORE_INDEX
-    from data_pipeline.templates import Encoded, resolve_template
+    from sft_stack.chat.conversation import Conversation, Message
+    from sft_stack.chat.templates import Encoded, resolve_template
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tokenizers" / "tiny_bpe")
     # the families' own control tokens that tiny_bpe lacks (Baichuan-13B's, ChatGLM-6B's)

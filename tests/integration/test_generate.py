@@ -25,9 +25,9 @@ from tiny_chat import (
 )
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from data_pipeline.conversation import Conversation, Message
 from data_pipeline.schema import IGNORE_INDEX
-from data_pipeline.templates import ChatTemplate
+from sft_stack.chat.conversation import Conversation, Message
+from sft_stack.chat.templates import ChatTemplate
 from sft_stack.cli.generate import chat, main
 from trainer import inference
 from trainer.generation import (

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
-from data_pipeline.conversation import InputError
 from data_pipeline.prepare import PrepareOptions, SourceSpec, TooManyRejects, merge, prepare
 from data_pipeline.schema import (
     ARROW_SCHEMA,
@@ -24,6 +23,7 @@ from data_pipeline.schema import (
     sha256_file,
     verify_split,
 )
+from sft_stack.chat.conversation import InputError
 from tests.helpers.data import (
     ALPACA,
     BELLE,

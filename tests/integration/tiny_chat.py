@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from data_pipeline.conversation import Conversation, Message
-from data_pipeline.templates import ChatTemplate, resolve_template
+from sft_stack.chat.conversation import Conversation, Message
+from sft_stack.chat.templates import ChatTemplate, resolve_template
 
 TINY_LLAMA = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_llama"
 TEMPLATE = "qwen"

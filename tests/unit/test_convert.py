@@ -246,8 +246,8 @@ def test_baichuan2_norm_head_trains_through_the_normalization(converted: dict[st
 
 
 def test_prepare_refuses_a_vendor_tokenizer(tmp_path: Path) -> None:
-    from data_pipeline.conversation import InputError
     from data_pipeline.prepare import load_tokenizer
+    from sft_stack.chat.conversation import InputError
 
     for family in ("baichuan2_7b", "chatglm3"):
         with pytest.raises(InputError, match=r"python -m trainer\.convert") as caught:

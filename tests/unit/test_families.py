@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from data_pipeline.templates import TEMPLATE_NAMES
+from sft_stack.chat.registry import TEMPLATE_NAMES
 from trainer import families, sequence_parallel
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.convert.registry import detect_source

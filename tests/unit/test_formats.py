@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import pytest
 
-from data_pipeline.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 from data_pipeline.formats import (
     FORMATS,
     RAW_LIMIT,
@@ -21,6 +20,7 @@ from data_pipeline.formats import (
     read_lines,
     read_records,
 )
+from sft_stack.chat.conversation import Conversation, InputError, Message, Record, Reject, Text, ToolCall
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "real"
 BELLE = REAL / "belle" / "Belle_open_source_1k.json"

@@ -8,8 +8,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_pipeline.conversation import Conversation, Reject, Text
 from data_pipeline.formats import MAX_DEPTH, Line, convert_line, detect_format, read_lines, read_records
+from sft_stack.chat.conversation import Conversation, Reject, Text
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 SURROGATE = '{"messages": [{"role": "user", "content": "x\\ud800y"}, {"role": "assistant", "content": "a"}]}'

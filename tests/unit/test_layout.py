@@ -1,7 +1,7 @@
 """The folders show the architecture: imports flow one way (README, "Layout").
 
-launcher -> trainer -> data_pipeline (schema, templates, conversation); sft_stack.cli -> trainer; tracking sits
-below trainer and data_pipeline and imports neither; sft_stack.common sits below everything. Every import statement of the project's
+launcher -> trainer -> data_pipeline.schema; sft_stack.cli -> trainer; the chat formats (sft_stack.chat) sit
+below trainer and data_pipeline and import neither, as tracking does; sft_stack.common sits below everything. Every import statement of the project's
 packages is read with ``ast`` (top-level and function-local ones alike), so a lazy import cannot hide an edge.
 """
 
@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON, CLI, DEMO = "sft_stack.common", "sft_stack.cli", "sft_stack.demo"
-PACKAGES = ("launcher", CLI, DEMO, "trainer", "data_pipeline", "tracking", COMMON)
+COMMON, CHAT, CLI, DEMO = "sft_stack.common", "sft_stack.chat", "sft_stack.cli", "sft_stack.demo"
+PACKAGES = ("launcher", CLI, DEMO, "trainer", "data_pipeline", CHAT, "tracking", COMMON)
 ALLOWED = {
     COMMON: set(),
     "tracking": {COMMON},
-    "data_pipeline": {COMMON, "tracking"},
-    "trainer": {COMMON, "tracking", "data_pipeline"},
+    CHAT: {COMMON},
+    "data_pipeline": {COMMON, "tracking", CHAT},
+    "trainer": {COMMON, "tracking", CHAT, "data_pipeline"},
     "launcher": {COMMON, "tracking", "data_pipeline", "trainer"},
-    CLI: {COMMON, "tracking", "data_pipeline", "trainer"},
-    DEMO: {COMMON, "tracking", "data_pipeline", "trainer", CLI},
+    CLI: {COMMON, "tracking", CHAT, "data_pipeline", "trainer"},
+    DEMO: {COMMON, "tracking", CHAT, "data_pipeline", "trainer", CLI},
 }
 """Package -> the project packages it may import (the sft_stack namespace's subpackages count as packages)."""
 
@@ -34,8 +35,8 @@ def package_of(module: str) -> str | None:
     return top if top in PACKAGES else None
 
 
-TRAINER_MAY_USE = {"data_pipeline.schema", "data_pipeline.templates", "data_pipeline.conversation"}
-"""The data_pipeline modules the trainer may import: the shard contract and the prompt rendering it shares."""
+TRAINER_MAY_USE = {"data_pipeline.schema"}
+"""The data_pipeline modules the trainer may import: the shard contract only (prompts render through sft_stack.chat)."""
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -14,9 +14,9 @@ import pytest
 
 from data_pipeline.blocks import BLOCKS_DIR, BlockResult, SplitOutput, block_file, completed_block
 from data_pipeline.cli import _parser, options_from_args
-from data_pipeline.conversation import InputError
 from data_pipeline.options import PrepareOptions, SourceSpec
 from data_pipeline.schema import ShardInfo
+from sft_stack.chat.conversation import InputError
 from sft_stack.common.strict_config import field_docs
 
 ROOT = Path(__file__).resolve().parents[2]

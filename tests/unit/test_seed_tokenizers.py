@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from data_pipeline.conversation import Conversation, Message
 from data_pipeline.schema import IGNORE_INDEX
-from data_pipeline.templates import resolve_template
+from sft_stack.chat.conversation import Conversation, Message
+from sft_stack.chat.templates import resolve_template
 from trainer.convert import baichuan, chatglm2
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "real" / "seed_models"

@@ -9,9 +9,10 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerBase, SentencePieceBackend
 
-from data_pipeline.conversation import Conversation, InputError, Message, Reject
 from data_pipeline.schema import IGNORE_INDEX
-from data_pipeline.templates import TEMPLATE_NAMES, ChatTemplate, Encoded, fit_length, resolve_template
+from sft_stack.chat.conversation import Conversation, InputError, Message, Reject
+from sft_stack.chat.registry import TEMPLATE_NAMES
+from sft_stack.chat.templates import ChatTemplate, Encoded, fit_length, resolve_template
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
 TINY_BPE = FIXTURES / "tiny_bpe"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from data_pipeline.conversation import Conversation, Message, Record, Reject, ToolCall, uses_tools
 from data_pipeline.formats import detect_format, read_records
+from sft_stack.chat.conversation import Conversation, Message, Record, Reject, ToolCall, uses_tools
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "real"
 GLAIVE = REAL / "toolcall" / "glaive_toolcall_zh_demo.json"

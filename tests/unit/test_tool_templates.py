@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from data_pipeline.conversation import Conversation, Message, Reject, ToolCall, uses_tools
 from data_pipeline.schema import IGNORE_INDEX
-from data_pipeline.templates import (
-    TEMPLATE_NAMES,
-    TOOL_TEMPLATES,
-    ChatTemplate,
-    Encoded,
-    resolve_template,
-)
+from sft_stack.chat.conversation import Conversation, Message, Reject, ToolCall, uses_tools
+from sft_stack.chat.registry import TEMPLATE_NAMES, TOOL_TEMPLATES
+from sft_stack.chat.templates import ChatTemplate, Encoded, resolve_template
 
 TINY_BPE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "tiny_bpe"
 X = IGNORE_INDEX

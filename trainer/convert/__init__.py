@@ -25,7 +25,7 @@ functions of the parsed original ``config.json`` (``raw``):
 - ``build_tokenizer(src_dir, raw, template) -> PreTrainedTokenizerFast``: the native fast tokenizer with the family's
   special tokens at their original ids (``tokenizer.py`` has the SentencePiece and byte-level builders).
   Raise ``ConvertError`` naming the missing file (e.g. ``tokenizer.model``).
-- ``chat_template(src_dir, raw) -> str``: the ``data_pipeline.templates`` name for this checkpoint; it is
+- ``chat_template(src_dir, raw) -> str``: the ``sft_stack.chat.registry`` name for this checkpoint; it is
   written to ``tokenizer_config.json`` (``chat_format``), so ``prepare --template auto`` and ``generate`` pick it.
   ``--chat-template`` overrides it; ``build_tokenizer`` receives the final name.
 - ``generation_config(raw) -> dict``: ``generation_config.json`` of the native model (pad/bos; the vendor's
@@ -78,7 +78,7 @@ class SourceFamily:
     build_tokenizer: Callable[[Path, RawConfig, str], PreTrainedTokenizerFast]
     """The native fast tokenizer, built from the original vocabulary files in the source directory."""
     chat_template: Callable[[Path, RawConfig], str]
-    """data_pipeline.templates name for this checkpoint."""
+    """sft_stack.chat.registry name for this checkpoint."""
     generation_config: Callable[[RawConfig], dict[str, Any]]
     """generation_config.json of the native model."""
 

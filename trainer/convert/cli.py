@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.templates import CHAT_FORMAT_KEY, resolve_template
+from sft_stack.chat.templates import CHAT_FORMAT_KEY, resolve_template
 from trainer.convert import CONVERSION_FILE, ConvertError
 from trainer.convert.registry import detect_source
 from trainer.convert.weights import convert_weights

@@ -79,7 +79,7 @@ def sentencepiece_tokenizer(
         state["pre_tokenizer"] = json.loads(pre_tokenizers.Sequence(steps).__getstate__()) if steps else None
     backend = Tokenizer.from_str(json.dumps(state))
     # Control pieces are special tokens: ``encode`` matches them whole as the vendor's tokenizer does; templates
-    # encode message text with special tokens as text (data_pipeline.templates._TextEncoder).
+    # encode message text with special tokens as text (sft_stack.chat.vocab.TextEncoder).
     backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in controls])
     first_new = len(proto.pieces)
     for offset, name in enumerate(appended):
