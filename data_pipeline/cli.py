@@ -91,6 +91,11 @@ def _parser(prog: str = "python -m data_pipeline") -> argparse.ArgumentParser:
         help=f"Read every source as this format ({', '.join(FORMATS)}; docs/formats.md) instead of detecting it "
         "from the first records. Default: auto (detect).",
     )
+    p.add_argument(
+        "--columns",
+        help="A column mapping for every source, as field=column pairs: the format's field is read from that "
+        "column, e.g. instruction=question,output=answer (docs/formats.md, Column mapping).",
+    )
     add_option_flags(p)
     p.add_argument(
         "--track",
@@ -142,6 +147,10 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
     options = build_options(values, where)
     if args.format:
         sources = tuple(dataclasses.replace(s, format=args.format) for s in options.sources)
+        options = dataclasses.replace(options, sources=sources)
+    if args.columns:
+        pairs = tuple(pair for pair in args.columns.split(",") if pair)
+        sources = tuple(dataclasses.replace(s, columns=pairs) for s in options.sources)
         options = dataclasses.replace(options, sources=sources)
     return options
 

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +46,17 @@ FORMATS: tuple[str, ...] = (
     "text",
 )
 """Every format name ``--format`` accepts, in the order docs/formats.md lists them."""
+
+COLUMN_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "firefly": ("input", "target"),
+    "moss": ("meta_instruction", "chat"),
+    "conversation": ("conversation", "system"),
+    "sharegpt": ("conversations", "system", "tools"),
+    "messages": ("messages", "tools"),
+    "text": ("text",),
+}
+"""The record fields each JSON-record format reads: what a source's column mapping (``field=column``) may name."""
 
 REJECT_REASONS: tuple[str, ...] = (
     "malformed_json",
@@ -155,8 +166,9 @@ class _Item:
 # Public API
 
 
-def detect_format(path: Path) -> str:
-    """The format of ``path``: by extension for .csv/.txt, else by the keys of its first JSON record.
+def detect_format(path: Path, columns: Mapping[str, str] | None = None) -> str:
+    """The format of ``path``: by extension for .csv/.txt, else by the keys of its first JSON record, seen through
+    the source's column mapping (``columns``: field -> the column that holds it) when it has one.
 
     A directory is a MOSS directory (one conversation object per .json file). Raises InputError, in one line that
     names the file and the formats known, when the file is missing, empty, or its first record fits no format.
@@ -178,17 +190,21 @@ def detect_format(path: Path) -> str:
             f"known formats: {', '.join(FORMATS)} (.csv and .txt by extension); fix the file or pass --format NAME"
         )
     keys, item_keys = shape
+    keys |= {field for field, column in (columns or {}).items() if column in keys}
     fmt = _format_from_keys(keys, item_keys)
     if fmt is None:
         shown = ", ".join(sorted(keys)[:12]) or "none"
         raise InputError(
             f"{path}: cannot tell its format from the first record (keys: {shown}); known formats: "
-            f"{', '.join(FORMATS)}; see docs/formats.md or pass --format NAME"
+            f"{', '.join(FORMATS)}; see docs/formats.md, pass --format NAME, or map its columns "
+            f"(--columns instruction=question,output=answer)"
         )
     return fmt
 
 
-def read_records(path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Record]:
+def read_records(
+    path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES, columns: Mapping[str, str] | None = None
+) -> Iterator[Record]:
     """Yield one Conversation, Text or Reject per record of ``path`` read as ``fmt``, in file order.
 
     Every record carries ``source=str(path)`` and a stable ``index``: line number - 1 for JSON lines, array index
@@ -200,7 +216,8 @@ def read_records(path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES) -> Ite
     file, a .txt file) by its bytes, without reading it whole; an element of a JSON array or of a safety scenario
     while it streams, by the characters of its strings and keys (plus one per value), so at most its largest single
     string is held; a csv row by its fields' characters. Nesting deeper than MAX_DEPTH, and text holding lone
-    UTF-16 surrogates (valid JSON escapes, but no text a tokenizer encodes), are rejected too.
+    UTF-16 surrogates (valid JSON escapes, but no text a tokenizer encodes), are rejected too. ``columns``
+    (field -> column, JSON-record formats only) renames a record's columns to the fields ``fmt`` reads.
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -213,14 +230,13 @@ def read_records(path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES) -> Ite
     _require_nonempty(path)
     match fmt:
         case "csv":
-            columns = _csv_columns(path)
-            return _read_csv(path, columns, max_bytes)
+            return _read_csv(path, _csv_columns(path), max_bytes)
         case "text" if path.suffix.lower() == ".txt":
             return _read_txt(path, max_bytes)
         case "safety":
             return _read_safety(path, max_bytes)
         case _:
-            return _convert_items(path, fmt, _iter_json_items(path, max_bytes))
+            return _convert_items(path, fmt, _iter_json_items(path, max_bytes), tuple((columns or {}).items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,9 +249,13 @@ class Line:
     index: int
     """The line number - 1, as the record's index."""
     data: bytes
+    columns: tuple[tuple[str, str], ...] = ()
+    """The source's column mapping, (field, column) pairs."""
 
 
-def read_lines(path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Line | Record] | None:
+def read_lines(
+    path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES, columns: Mapping[str, str] | None = None
+) -> Iterator[Line | Record] | None:
     """The records of ``path`` as unparsed Lines when it is a JSON-lines file read as ``fmt``, else None.
 
     ``convert_line`` of each yields exactly the records ``read_records(path, fmt)`` yields, in the same order. A
@@ -246,18 +266,18 @@ def read_lines(path: Path, fmt: str, max_bytes: int = MAX_RECORD_BYTES) -> Itera
     )
     if not is_json_reader or not path.is_file() or path.stat().st_size == 0 or _json_layout(path) != "lines":
         return None
-    source = str(path)
+    source, mapping = str(path), tuple((columns or {}).items())
     return (
-        Line(source=source, fmt=fmt, index=number, data=line)
+        Line(source=source, fmt=fmt, index=number, data=line, columns=mapping)
         if isinstance(line, bytes)
-        else _convert_item(fmt, line, source)
+        else _convert_item(fmt, line, source, mapping)
         for number, line in _record_lines(path, max_bytes)
     )
 
 
 def convert_line(line: Line) -> Record:
     """The Conversation, Text or Reject that ``read_records`` yields for this line."""
-    return _convert_item(line.fmt, _parse_line(line.index, line.data), line.source)
+    return _convert_item(line.fmt, _parse_line(line.index, line.data), line.source, line.columns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,20 +525,22 @@ def _read_document(path: Path, *, index: int, max_bytes: int, where: str = "") -
     return _Item(index=index, value=value, raw=raw, where=where)
 
 
-def _convert_items(path: Path, fmt: str, items: Iterator[_Item]) -> Iterator[Record]:
+def _convert_items(
+    path: Path, fmt: str, items: Iterator[_Item], columns: tuple[tuple[str, str], ...] = ()
+) -> Iterator[Record]:
     source = str(path)
     for item in items:
-        yield _convert_item(fmt, item, source)
+        yield _convert_item(fmt, item, source, columns)
 
 
-def _convert_item(fmt: str, item: _Item, source: str) -> Record:
+def _convert_item(fmt: str, item: _Item, source: str, columns: tuple[tuple[str, str], ...] = ()) -> Record:
     try:
         if item.error is not None:
             raise _Refused(item.reason, item.error)
         if not isinstance(item.value, dict):
             raise _Refused("malformed_json", f"expected a JSON object, got {_type_name(item.value)}")
         _refuse_media_fields(item.value)
-        return _checked_unicode(_convert(fmt, item.value, source, item.index))
+        return _checked_unicode(_convert(fmt, _mapped(item.value, columns), source, item.index))
     except RecursionError:
         # Parsed (orjson reads up to 1,024 levels), but deeper than the standard library's printer goes.
         refused = _Refused("malformed_json", _DEEP)
@@ -559,6 +581,22 @@ def _checked_unicode(record: Conversation | Text) -> Conversation | Text:
                 f"{text[max(0, error.start - 20) : error.start]!r}...: valid JSON, but not text; fix the source",
             ) from None
     return record
+
+
+def _mapped(record: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The record with each mapped field taken from its column; a column the record lacks refuses it."""
+    if not columns:
+        return record
+    mapped = dict(record)
+    for field, column in columns:
+        if column not in record:
+            raise _Refused("missing_field", f"no {column!r} column (mapped to {field}); the record has {_keys(record)}")
+        mapped[field] = record[column]
+    return mapped
+
+
+def _keys(record: dict[str, Any]) -> str:
+    return ", ".join(sorted(record)[:12]) or "no keys"
 
 
 def _convert(fmt: str, record: dict[str, Any], source: str, index: int) -> Conversation | Text:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.formats import MAX_RECORD_BYTES
+from data_pipeline.formats import COLUMN_FIELDS, MAX_RECORD_BYTES
 from sft_stack.chat.conversation import InputError
 from sft_stack.common import strict_config
 from sft_stack.common.strict_config import ConfigError, WrongTypeError
@@ -36,6 +36,11 @@ class SourceSpec:
     weight: float | None = None
     """Up/down-sample: each record is used floor(weight) times plus once more with probability frac(weight),
     decided by a hash of (seed, source position, record index), so it is deterministic. Exclusive with samples."""
+    columns: tuple[str, ...] = ()
+    """Column mapping, ``field=column`` pairs: read the format's ``field`` from the record's ``column``, e.g.
+    ``instruction=question,output=answer`` for GSM8K's JSON lines (in YAML also a mapping ``{instruction: question}``).
+    The fields are formats.COLUMN_FIELDS (JSON-record formats only); a record without a mapped column is rejected
+    (missing_field). Detection sees the mapped fields."""
 
     def __post_init__(self) -> None:
         if self.samples is not None and self.weight is not None:
@@ -44,6 +49,29 @@ class SourceSpec:
             raise InputError(f"source {self.path}: samples must be >= 0")
         if self.weight is not None and self.weight < 0:
             raise InputError(f"source {self.path}: weight must be >= 0")
+        self.column_map()  # checks the pairs
+
+    def column_map(self) -> dict[str, str]:
+        """``columns`` as field -> column; InputError (one line) for a pair that is no ``field=column`` or a field
+        that no format (or not this source's format) reads."""
+        fields = COLUMN_FIELDS.get(self.format) if self.format != "auto" else None
+        known = fields or tuple(dict.fromkeys(f for names in COLUMN_FIELDS.values() for f in names))
+        mapping: dict[str, str] = {}
+        for pair in self.columns:
+            field, sep, column = pair.partition("=")
+            if not sep or not field or not column:
+                raise InputError(
+                    f"source {self.path}: columns: {pair!r} is not field=column, e.g. instruction=question"
+                )
+            if field not in known:
+                reads = f"the {self.format} format reads" if fields else "the formats read"
+                raise InputError(
+                    f"source {self.path}: columns: {field!r} is no field {reads}; map one of {', '.join(known)}"
+                )
+            mapping[field] = column
+        if mapping and self.format != "auto" and fields is None:
+            raise InputError(f"source {self.path}: columns apply to JSON records; the {self.format} format has none")
+        return mapping
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +233,9 @@ def _source_entries(sources: Any, where: str) -> list[Any]:
         if isinstance(entry, str | Path):
             entries.append({"path": str(entry)})
         elif isinstance(entry, dict):
+            columns = entry.get("columns")
+            if isinstance(columns, dict):  # the YAML mapping form, {field: column}
+                entry = {**entry, "columns": [f"{field}={column}" for field, column in columns.items()]}
             entries.append(entry)
         else:
             raise InputError(

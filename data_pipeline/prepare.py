@@ -138,7 +138,7 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> tu
     """Check every input (files, formats, templates) and hash the sources; InputError on the first problem.
 
     Returns the plan and its templates by resolved name."""
-    from data_pipeline.formats import FORMATS, detect_format
+    from data_pipeline.formats import COLUMN_FIELDS, FORMATS, detect_format
     from sft_stack.chat.templates import resolve_template
 
     formats: list[str] = []
@@ -147,11 +147,13 @@ def make_plan(options: PrepareOptions, tokenizer: PreTrainedTokenizerBase) -> tu
         if not path.exists():
             raise InputError(f"--source {spec.path}: no such file or directory; check the path")
         if spec.format == "auto":
-            formats.append(detect_format(path))
+            formats.append(detect_format(path, spec.column_map()))
         elif spec.format in FORMATS:
             formats.append(spec.format)
         else:
             raise InputError(f"--format {spec.format!r} for {spec.path}: unknown; choose one of {', '.join(FORMATS)}")
+        if spec.columns and (formats[-1] not in COLUMN_FIELDS or path.suffix.lower() == ".txt"):
+            raise InputError(f"source {spec.path}: columns apply to JSON records; a {formats[-1]} file has none")
     resolved: dict[str, ChatTemplate] = {}
     names: list[str] = []
     for requested in (options.template, *(spec.template or options.template for spec in options.sources)):
@@ -214,9 +216,11 @@ def iter_samples(plan: Plan) -> Iterator[Sample]:
     for position, (spec, info) in enumerate(zip(plan.specs, plan.sources, strict=True)):
         path = Path(info.path)
         # A weighted source is parsed here: a Reject is never copied, so each record must be known to be one.
-        max_bytes = int(plan.options["max_record_bytes"])
-        lines = read_lines(path, info.format, max_bytes) if spec.weight is None else None
-        records: Iterator[Record | Line] = lines if lines is not None else read_records(path, info.format, max_bytes)
+        columns, max_bytes = spec.column_map(), int(plan.options["max_record_bytes"])
+        lines = read_lines(path, info.format, max_bytes, columns) if spec.weight is None else None
+        records: Iterator[Record | Line] = (
+            lines if lines is not None else read_records(path, info.format, max_bytes, columns)
+        )
         for taken, record in enumerate(records):
             if spec.samples is not None and taken >= spec.samples:
                 break

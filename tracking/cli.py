@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from tracking.journal import JOURNAL_FILE, SPOOL_DIR, Spool
+from tracking.links import experiments_url
 from tracking.naming import REDACTED, STORE_DIR, redact_logs, redact_text, resolve_tracking_uri
 from tracking.worker import replay
 
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     command = dashboard_command(args.store, args.host, args.port, extra)
-    # MLflow 3.17 opens in its GenAI view unless told (its GenAI | Model training switch, or this parameter)
-    link = f"http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning"
+    link = experiments_url(f"http://{args.host}:{args.port}")  # in the model-training view (tracking.links)
     print(f"MLflow dashboard: {link}  (store {args.store.resolve()}; Ctrl-C stops it)")
     with contextlib.suppress(KeyboardInterrupt):
         return subprocess.call(command)

@@ -35,10 +35,6 @@ _MAX_BACKOFF_S = 30.0
 _COPY_LIMIT_BYTES = 1 << 30
 """Artifacts up to 1 GiB are copied into the spool; bigger ones are uploaded from where they are."""
 _SYSTEM_METRICS_INTERVAL_S = 10.0
-LEADING_CHARTS = {"loss": "loss/train", "val_loss": "loss/val"}
-"""Also logged under these names: MLflow's run page charts prefixed sections first (alphabetically), then the
-unprefixed "Model metrics" alphabetically, so the ``loss/`` section is what a person sees first. The loop's
-own names stay (metrics.jsonl, queries, the overview table)."""
 
 
 def now_ms() -> int:
@@ -182,7 +178,6 @@ class Worker(threading.Thread):
         fresh = {k: v for k, v in named.items() if step > self.prior_steps.get(k, -1)}
         for key, value in fresh.items():
             self.history.setdefault(key, []).append((step, value))
-        fresh |= {LEADING_CHARTS[k]: v for k, v in fresh.items() if k in LEADING_CHARTS}
         return [{**command, "metrics": fresh}] if fresh else []
 
     def _table_op(self, rows: list[dict[str, Any]], artifact_file: str) -> dict[str, Any]:

@@ -424,8 +424,19 @@ def log_step(
         "skipped_steps": meter.skipped_steps,
     }
     run.log.write(row)
-    run.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))}, state.step)
+    run.tracker.log_metrics(tracked_metrics(row), state.step)
     return Meter()
+
+
+TRACKED_NAMES = {"loss": "_loss/train", "val_loss": "_loss/val"}
+"""The MLflow names of the loop's two losses; metrics.jsonl keeps the loop's own names. MLflow's run page charts
+its metrics section by section, the prefixed sections (``eval/``, ``before/``) sorted by name before the
+unprefixed "Model metrics": ``_`` sorts before every letter, so the loss section is the first a run page shows."""
+
+
+def tracked_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row as MLflow gets it: the numbers only, the losses under TRACKED_NAMES, each metric once."""
+    return {TRACKED_NAMES.get(k, k): v for k, v in row.items() if isinstance(v, (int, float))}
 
 
 def memory_gb() -> float:
@@ -462,7 +473,7 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
         val_loss = (totals[0] / totals[1].clamp(min=1)).item()
         row = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_loss_tokens": int(totals[1])}
         run.log.write(row)
-        run.tracker.log_metrics(row, step)
+        run.tracker.log_metrics(tracked_metrics(row), step)
     if cfg.eval.prompts_file:
         generate(run, cfg, step)
 

@@ -10,7 +10,8 @@
 4. before:    ``cli.evaluate`` exact match of the random-init model on the held-out problems
 5. train:     ``deepspeed --num_gpus 2 launcher/run.py --config configs/demo_arithmetic.yaml`` (2 CPU ranks,
               gloo), tracked in the embedded MLflow store; then the answer-only control with the same budget
-6. after:     ``cli.evaluate`` of both models; every number is logged to the chain-of-thought run
+6. after:     ``cli.evaluate`` of both models, each logged to its own run as eval/* (MLflow's compare view puts
+              both on one eval/exact_match); each run's description holds its headline numbers and launch command
 7. show:      a few held-out problems side by side: greedy and the seed notes' sampling preset
 8. summary:   how to open the dashboard, and one JSON line
 
@@ -25,6 +26,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -37,9 +39,11 @@ from typing import Any
 
 from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
 from sft_stack.demo.tokenizer import train_char_tokenizer
+from tracking.links import DASHBOARD, NOTE_TAG, compare_url, run_page_url
 from tracking.naming import STORE_DIR, store_uri
 
 ROOT = Path(__file__).resolve().parents[2]
+"""The repository: configs/, launcher/run.py."""
 CONFIG = ROOT / "configs" / "demo_arithmetic.yaml"
 GENERATOR_FILES = (Path(__file__).with_name("arithmetic.py"), Path(__file__).with_name("tokenizer.py"))
 TEMPLATE = "plain"
@@ -80,6 +84,8 @@ class DemoOptions:
     """Held-out problems shown side by side at the end."""
     overrides: tuple[str, ...]
     """Extra section.key=value overrides for both training runs."""
+    command: str = "python -m sft_stack.demo"
+    """How the demo was launched, for the runs' descriptions."""
 
 
 STARTED = time.monotonic()
@@ -231,8 +237,8 @@ def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str
     return float(json.loads(out.read_text(encoding="utf-8"))["generation"]["exact_match"])
 
 
-def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, extra: Sequence[str] = ()) -> None:
-    """The real launcher: ``deepspeed --num_gpus 2 launcher/run.py`` on CPU ranks over gloo."""
+def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, extra: Sequence[str] = ()) -> str:
+    """The real launcher: ``deepspeed --num_gpus 2 launcher/run.py`` on CPU ranks over gloo; returns the command."""
     shutil.rmtree(output_dir, ignore_errors=True)
     with socket.socket() as probe:  # a free port: another launcher (a test, a second demo) may hold 29500
         probe.bind(("127.0.0.1", 0))
@@ -263,6 +269,7 @@ def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, ext
         env["DS_ACCELERATOR"] = "cpu"
     if subprocess.run(command, cwd=ROOT, env=env, check=False).returncode != 0:
         raise SystemExit(f"training into {output_dir} failed (see above)")
+    return shlex.join(["deepspeed", *command[1:]])
 
 
 def generate(model: Path, prompts: Path, out: Path, *, preset: str, max_new_tokens: int, seed: int) -> list[dict]:
@@ -340,7 +347,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     log(f"5/8 train with chain of thought: {opts.max_steps} steps on 2 CPU ranks")
     cot_dir, control_dir = opts.out / "cot", opts.out / "answer_only"
     sample_prompts = write_sample_prompts(csvs["heldout"], evals / "sample_prompts.csv", opts.samples)
-    train(
+    cot_command = train(
         opts,
         data=cot_data,
         output_dir=cot_dir,
@@ -348,11 +355,18 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         extra=[f"eval.prompts_file={sample_prompts}", f"eval.max_new_tokens={max_new}"],
     )
     log(f"5/8 control: the same model and step budget on the answers alone ({control_len}-token rows)")
-    train(opts, data=control_data, output_dir=control_dir, run_name="demo-answer-only")
+    control_command = train(opts, data=control_data, output_dir=control_dir, run_name="demo-answer-only")
 
     log("6/8 after training: exact match on the held-out problems")
     run = json.loads((cot_dir / "mlflow_run.json").read_text(encoding="utf-8"))
-    scores = score_runs(opts, csvs, evals, run, cot_dir, control_dir, max_new)
+    control_run = json.loads((control_dir / "mlflow_run.json").read_text(encoding="utf-8"))
+    scores = score_runs(opts, csvs, evals, (run, control_run), cot_dir, control_dir, max_new)
+    describe_runs(
+        opts,
+        scores,
+        ("demo-cot", run, cot_dir, cot_command),
+        ("demo-answer-only", control_run, control_dir, control_command),
+    )
 
     log("7/8 a few held-out problems: greedy and the seed notes' sampling preset")
     show_samples(cot_dir / "final", sample_prompts, evals, run, max_new_tokens=max_new, seed=opts.seed)
@@ -365,7 +379,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     }
     log("8/8 done")
     store = Path(run["tracking_uri"].removeprefix("sqlite:///")).parent
-    print(f"dashboard: make dashboard STORE={store}   (MLflow UI, http://127.0.0.1:5000; run demo-cot)")
+    print(f"dashboard: make dashboard STORE={store}, then open")
+    print(f"  the run:     {run_page_url(DASHBOARD, run['experiment_id'], run['run_id'])}")
+    print(f"  both runs:   {compare_url(DASHBOARD, run['experiment_id'])}")
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -397,12 +413,14 @@ def score_runs(
     opts: DemoOptions,
     csvs: dict[str, Path],
     evals: Path,
-    run: dict[str, str],
+    runs: tuple[dict[str, str], dict[str, str]],
     cot_dir: Path,
     control_dir: Path,
     max_new: int,
 ) -> dict[str, float]:
-    """Exact match after training (all held-out, unseen operand pairs) and of the control, logged to ``run``."""
+    """Exact match before and after training (all held-out, unseen operand pairs), logged to the chain-of-thought
+    run, and of the control, logged to the control's run: each run's own eval/*, so runs compare on one metric."""
+    run, control_run = runs
     after = evaluate(cot_dir / "final", csvs["heldout"], evals / "after.json", max_new_tokens=max_new, seed=opts.seed)
     control = evaluate(
         control_dir / "final", csvs["heldout"], evals / "answer_only.json", max_new_tokens=max_new, seed=opts.seed
@@ -423,12 +441,47 @@ def score_runs(
             unseen, evals / "after_unseen_operands_scored.json", run=run, prefix="eval_unseen_operands"
         ),
         "accuracy_answer_only": log_scores(
-            evals / "answer_only.generations.jsonl", evals / "answer_only_scored.json", run=run, prefix="answer_only"
+            evals / "answer_only.generations.jsonl", evals / "answer_only_scored.json", run=control_run, prefix="eval"
         ),
     }
     assert scores["accuracy_after"] == after["generation"]["exact_match"]
     assert scores["accuracy_answer_only"] == control["generation"]["exact_match"]
     return scores
+
+
+def describe_runs(opts: DemoOptions, scores: dict[str, float], *runs: tuple[str, dict[str, str], Path, str]) -> None:
+    """Each run's description (the MLflow note, shown at the top of its page): its headline numbers, the last
+    losses, and the commands that launched it."""
+    import mlflow
+
+    headline = {
+        "demo-cot": f"held-out exact match **{scores['accuracy_after']:.3f}** (random init "
+        f"{scores['accuracy_before']:.3f}, answer-only control {scores['accuracy_answer_only']:.3f}); unseen "
+        f"operand pairs {scores['accuracy_unseen_operands']:.3f}",
+        "demo-answer-only": f"held-out exact match **{scores['accuracy_answer_only']:.3f}**, the control: the same "
+        f"problems and steps, answers without the worked steps (chain of thought: {scores['accuracy_after']:.3f})",
+    }
+    for name, run, output_dir, command in runs:
+        losses = last_losses(output_dir / "metrics.jsonl")
+        note = "\n\n".join(
+            [
+                f"**{name}**: {headline[name]}",
+                f"Last training loss {losses['loss']:.4f}, validation loss {losses['val_loss']:.4f}, after "
+                f"{opts.max_steps} steps.",
+                f"Launched by `{opts.command}`, which ran:",
+                f"```\n{command}\n```",
+            ]
+        )
+        mlflow.MlflowClient(run["tracking_uri"]).set_tag(run["run_id"], NOTE_TAG, note)
+
+
+def last_losses(metrics_file: Path) -> dict[str, float]:
+    """The last ``loss`` and ``val_loss`` of a run's metrics.jsonl (nan when it has none)."""
+    last = {"loss": float("nan"), "val_loss": float("nan")}
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        last.update({k: row[k] for k in last if row.get(k) is not None})
+    return last
 
 
 def show_samples(
@@ -465,7 +518,7 @@ def _log_side_by_side(run: dict[str, str], greedy: list[dict], seeded: list[dict
         "greedy": [g["output"] for g in greedy],
         "seed_preset": [s["output"] for s in seeded],
     }
-    client.log_table(run["run_id"], table, "sft_stack/demo/side_by_side.json")
+    client.log_table(run["run_id"], table, "demo/side_by_side.json")
 
 
 def _length_ratio(short: Path, long: Path) -> float:
@@ -493,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = DemoOptions(**{**vars(args), "overrides": tuple(args.overrides)})
+    launched = shlex.join(["python", "-m", "sft_stack.demo", *(sys.argv[1:] if argv is None else argv)])
+    opts = DemoOptions(**{**vars(args), "overrides": tuple(args.overrides), "command": launched})
     run_demo(opts)
     return 0

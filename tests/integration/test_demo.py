@@ -10,12 +10,19 @@ in the run.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from sft_stack.demo.run import DemoOptions, run_demo
+from tests.helpers.chromium import browser, chart_titles, dump_dom, page_text, screenshot
+from tests.helpers.mlflow_server import MlflowServer, free_port
+from tracking.links import ML_VIEW, compare_url, run_page_url
 
 pytestmark = pytest.mark.slow
 
@@ -77,15 +84,35 @@ def test_mlflow_run_holds_params_loss_and_every_evaluation(demo: tuple[DemoOptio
         ("before", "accuracy_before"),
         ("eval", "accuracy_after"),
         ("eval_unseen_operands", "accuracy_unseen_operands"),
-        ("answer_only", "accuracy_answer_only"),
     ]:
         assert metrics[f"{prefix}/exact_match"] == pytest.approx(summary[key], abs=5e-5)
     assert metrics["eval/rouge_l"] > metrics["before/rouge_l"]
     assert run.data.params["train.max_steps"] == str(opts.max_steps)
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "_loss/train")
     assert len(losses) >= opts.max_steps // 10 and losses[-1].value < losses[0].value / 2
+    # each metric once, under one name; the control's numbers are in the control's run, not here
+    assert not {"loss", "val_loss", "loss/train", "loss/val"} & set(metrics)
+    assert not any(name.startswith("answer_only/") for name in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "demo")}
-    assert "sft_stack/demo/side_by_side.json" in artifacts
+    assert "demo/side_by_side.json" in artifacts
+
+    # The control logs its own eval/*: the compare view puts both runs on one eval/exact_match.
+    control_state = json.loads((opts.out / "answer_only" / "mlflow_run.json").read_text())
+    assert control_state["experiment_id"] == state["experiment_id"]
+    control = client.get_run(control_state["run_id"])
+    assert control.info.run_name == "demo-answer-only" and run.info.run_name == "demo-cot"
+    assert control.data.metrics["eval/exact_match"] == pytest.approx(summary["accuracy_answer_only"], abs=5e-5)
+    assert "_loss/train" in control.data.metrics
+
+    # Each run's description: its headline numbers and the commands that launched it.
+    note = run.data.tags["mlflow.note.content"]
+    assert f"held-out exact match **{summary['accuracy_after']:.3f}**" in note
+    assert f"answer-only control {summary['accuracy_answer_only']:.3f}" in note
+    assert "Launched by `python -m sft_stack.demo" in note and "launcher/run.py --config" in note
+    assert "tracking.run_name=demo-cot" in note
+    control_note = control.data.tags["mlflow.note.content"]
+    assert f"held-out exact match **{summary['accuracy_answer_only']:.3f}**" in control_note
+    assert "tracking.run_name=demo-answer-only" in control_note
 
 
 def test_control_run_and_reuse(demo: tuple[DemoOptions, dict[str, Any]]) -> None:
@@ -102,3 +129,50 @@ def test_control_run_and_reuse(demo: tuple[DemoOptions, dict[str, Any]]) -> None
     after = {p: p.stat().st_mtime_ns for p in (opts.out / "data").rglob("*") if p.is_file()}
     assert after == before
     assert Path(opts.out / "model" / "tokenizer.json").is_file()
+
+
+def test_dashboard_opens_the_run_on_its_loss_and_compares_both_runs(
+    demo: tuple[DemoOptions, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``python -m tracking dashboard`` on the demo's store, opened in headless Chromium by the links the demo
+    prints: the run page's first chart is the training loss, and MLflow's own query and compare view find the
+    chain-of-thought and the control run on one eval/exact_match."""
+    command = browser(tmp_path / "chromium", width=1600)
+    opts, summary = demo
+    state = json.loads((opts.out / "cot" / "mlflow_run.json").read_text())
+    store = Path(state["tracking_uri"].removeprefix("sqlite:///")).parent
+    port = free_port()
+    dashboard = [sys.executable, "-m", "tracking", "dashboard", "--store", str(store), "--port", str(port)]
+    server = MlflowServer(tmp_path / "server", port=port, argv=dashboard)
+    server.start()
+    try:
+        run_page = run_page_url(server.uri, state["experiment_id"], state["run_id"])
+        titles = chart_titles(dump_dom(command, run_page, until='title="_loss/val"'))
+        assert titles[:2] == ["_loss/train", "_loss/val"], titles
+        text = page_text(command, run_page)
+        assert "Model training" in text and "demo-cot" in text, text[:2000]
+        shot = screenshot(command, run_page, tmp_path / "dashboard_run.png")
+        if os.environ.get("SFT_DASHBOARD_SCREENSHOT"):  # docs/dashboard_run.png is refreshed this way
+            shutil.copy(shot, os.environ["SFT_DASHBOARD_SCREENSHOT"])
+
+        # The runs table, filtered and sorted by MLflow on eval/exact_match: both runs carry it (the control's
+        # accuracy is its own run's metric, not a metric of the chain-of-thought run).
+        query = (
+            f"searchFilter={quote('metrics.`eval/exact_match` >= 0')}&orderByKey={quote('metrics.`eval/exact_match`')}"
+        )
+        table_url = f"{server.uri}/#/experiments/{state['experiment_id']}/runs?{query}&{ML_VIEW}"
+        table = page_text(command, table_url, until="matching runs")
+        assert "2 matching runs" in table and "demo-cot" in table and "demo-answer-only" in table, table[:3000]
+        assert "Sort: eval/exact_match" in table
+        # The compare view: one chart per metric with every run on it, the loss curves first.
+        # (a window tall enough that every chart card is in view: MLflow renders a card when it scrolls into view)
+        tall = browser(tmp_path / "chromium-tall", width=1600, height=6000)
+        compare = dump_dom(tall, compare_url(server.uri, state["experiment_id"]), until='title="eval/exact_match"')
+        titles = chart_titles(compare)
+        assert titles[:2] == ["_loss/train", "_loss/val"] and "eval/exact_match" in titles, titles
+
+        overview_url = f"{server.uri}/#/experiments/{state['experiment_id']}/runs/{state['run_id']}?{ML_VIEW}"
+        overview = page_text(command, overview_url, until="held-out exact match")
+        assert f"held-out exact match {summary['accuracy_after']:.3f}" in overview, overview[:3000]
+    finally:
+        server.stop()

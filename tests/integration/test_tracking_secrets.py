@@ -197,7 +197,7 @@ def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer,
     client = MlflowClient(server.uri)
     live_run = client.get_run(state["run_id"])
     assert live_run.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(state["run_id"], "loss")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(state["run_id"], "_loss/train")) == [1, 2]
     assert live_run.data.params["tracking.uri"] == redacted
     assert live_run.data.tags["data.prepare_run_id"] == record["run_id"]
     assert live_run.data.tags["data.prepare_tracking_uri"] == redacted

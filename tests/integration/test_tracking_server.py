@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.chromium import browser, page_text, screenshot
 from tests.helpers.mlflow_server import MlflowServer, free_port
 from tracking import worker
 from tracking.cli import dashboard_command
 from tracking.journal import RUN_FILE, SPOOL_DIR
+from tracking.links import ML_VIEW, run_page_url
 from trainer.config import load_config
 from trainer.run_record import open_tracker
 
@@ -148,14 +149,16 @@ def test_training_run_has_params_metrics_artifacts_and_dataset(live: MlflowServe
     assert tags["data.prepare_run_id"] == trained["prepare_run_id"]
     assert tags["data.fingerprint"] == trained["manifest"].fingerprint
 
-    # every metrics.jsonl row of both sessions, each step once, with the loop's exact values
+    # every metrics.jsonl row of both sessions, each step once, with the loop's exact values; the losses once
+    # each, under their MLflow names (trainer.loop.TRACKED_NAMES)
     train_rows = {row["step"]: row for row in trained["rows"] if "loss" in row}
-    history = client.get_metric_history(run_id, "loss")
+    history = client.get_metric_history(run_id, "_loss/train")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert {m.step: m.value for m in history} == pytest.approx({s: r["loss"] for s, r in train_rows.items()})
     for key in ("lr", "grad_norm", "loss_tokens"):
         assert steps_of(client, run_id, key) == [1, 2, 3, 4], key
-    assert steps_of(client, run_id, "val_loss") == [2, 4]
+    assert steps_of(client, run_id, "_loss/val") == [2, 4]
+    assert not {"loss", "val_loss", "loss/train", "loss/val"} & set(run.data.metrics)
 
     paths = artifact_paths(client, run_id)
     expected = {"config/config.yaml", "config/deepspeed_config.json", "data/manifest.json", "data/rejects_summary.json",
@@ -298,50 +301,23 @@ def test_server_down_at_start_run_created_by_sync(live: MlflowServer, tmp_path: 
 
 def test_dashboard_shows_the_run_in_chromium(live: MlflowServer, trained: dict, tmp_path: Path) -> None:
     """Headless Chromium opens the training run's page on the dashboard; the run name and loss are rendered."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium not installed (scripts/system_deps.sh installs it)")
+    command = browser(tmp_path / "chromium")
     state = json.loads((trained["out"] / RUN_FILE).read_text())
-    url = f"{live.uri}/#/experiments/{state['experiment_id']}/runs/{state['run_id']}"
-    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000", "--hide-scrollbars"]  # fmt: skip
-    dom = subprocess.run(
-        [*browser, "--virtual-time-budget=20000", "--dump-dom", url], capture_output=True, text=True, timeout=240
-    ).stdout
-    screenshot = tmp_path / "dashboard_run.png"
-    subprocess.run([*browser, "--virtual-time-budget=15000", f"--screenshot={screenshot}", url],
-                   capture_output=True, timeout=240)  # fmt: skip
-    text = page_text(dom)
+    url = f"{live.uri}/#/experiments/{state['experiment_id']}/runs/{state['run_id']}?{ML_VIEW}"
+    text = page_text(command, url)
     assert "tiny-cpu-tracked" in text, text[:2000]
     last_loss = next(row["loss"] for row in reversed(trained["rows"]) if "loss" in row)
-    assert re.search(rf"\bloss\b {re.escape(str(last_loss)[:6])}", text), (last_loss, text[:4000])
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    assert re.search(rf"_loss/train {re.escape(str(last_loss)[:6])}", text), (last_loss, text[:4000])
+    assert screenshot(command, url, tmp_path / "dashboard_run.png").stat().st_size > 10_000
 
     # What a person opening the run sees: the model-training view (the experiment's kind; MLflow 3.17 reads
     # the view from its GenAI | Model training switch, which the link sets), and the loss section first.
     experiment = client_for(live).get_experiment(state["experiment_id"])
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    charts = f"{url}/model-metrics?workflowType=machine_learning"
-    text = page_text(
-        subprocess.run(
-            [*browser, "--virtual-time-budget=20000", "--dump-dom", charts], capture_output=True, text=True, timeout=240
-        ).stdout
-    )
+    text = page_text(command, run_page_url(live.uri, state["experiment_id"], state["run_id"]))
     assert "Model training" in text and "Evaluation runs" not in text, text[:2000]
     assert "tiny-cpu-tracked" in text
-    assert 0 <= text.index("loss (2)") < text.index("Model metrics ("), text[:2000]
-    charts_png = tmp_path / "dashboard_charts.png"
-    subprocess.run([*browser, "--virtual-time-budget=20000", f"--screenshot={charts_png}", charts],
-                   capture_output=True, timeout=240)  # fmt: skip
-    assert charts_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("SFT_DASHBOARD_SCREENSHOT"):  # docs/dashboard_run.png is refreshed this way
-        shutil.copy(charts_png, os.environ["SFT_DASHBOARD_SCREENSHOT"])
-
-
-def page_text(dom: str) -> str:
-    """The visible text of a dumped DOM, whitespace collapsed."""
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom, flags=re.S)))
+    assert 0 <= text.index("_loss (2)") < text.index("Model metrics ("), text[:2000]
 
 
 def test_bench_tracking_quick(live: MlflowServer) -> None:
