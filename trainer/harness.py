@@ -169,14 +169,21 @@ def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
 
 
 def evaluate_tasks(
-    model: Any, tokenizer: Any, options: HarnessOptions, *, template: ChatTemplate | None = None
+    model: Any,
+    tokenizer: Any,
+    options: HarnessOptions,
+    *,
+    template: ChatTemplate | None = None,
+    tasks: list[Any] | None = None,
 ) -> HarnessResult:
     """Run ``options.tasks`` on ``model`` with the harness; ``template`` renders chat prompts when
-    ``options.apply_chat_template`` is set."""
+    ``options.apply_chat_template`` is set. ``tasks``: already loaded by ``load_tasks`` (checked before a large
+    model loads); a task object serves one evaluation."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tasks = load_tasks(options.tasks, options.include_path)
+    if tasks is None:
+        tasks = load_tasks(options.tasks, options.include_path)
     if options.apply_chat_template:
         lm = chat_template_lm()(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
         lm.run_template = template

@@ -34,7 +34,14 @@ from sft_stack.cli.flags import (
     setup_logging,
     template_from_args,
 )
-from sft_stack.cli.harness import add_harness_flags, harness_summary, log_benchmarks, run_tasks, write_samples
+from sft_stack.cli.harness import (
+    add_harness_flags,
+    check_tasks,
+    harness_summary,
+    log_benchmarks,
+    run_tasks,
+    write_samples,
+)
 from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
@@ -115,6 +122,7 @@ def run(
     rows: list[dict[str, Any]] | None = None
     harness: dict[str, HarnessResult] = {}
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    tasks = check_tasks(args) if args.tasks else []
     if args.model and (args.data or args.prompts_file or args.tasks):
         loaded = load_from_args(args)
         results |= {"model": str(loaded.model_dir), "adapter": loaded.adapter_dir and str(loaded.adapter_dir)}
@@ -123,7 +131,7 @@ def run(
         if prompts is not None:
             rows = generate_for_scoring(loaded, prompts, args, results)
         if args.tasks:
-            harness = run_tasks(loaded, args)
+            harness = run_tasks(loaded, args, tasks)
             results["harness"] = harness_summary(harness)
     if args.predictions:
         rows = read_predictions(args.predictions)

@@ -18,7 +18,7 @@ from typing import Any
 
 from sft_stack.cli.flags import template_from_args
 from tracking.records import log_harness
-from trainer.harness import HarnessOptions, HarnessResult, evaluate_tasks
+from trainer.harness import HarnessOptions, HarnessResult, evaluate_tasks, load_tasks
 from trainer.inference import Loaded, load_for_inference
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,20 @@ def options_from_args(args: argparse.Namespace) -> HarnessOptions:
     )
 
 
-def run_tasks(loaded: Loaded, args: argparse.Namespace) -> dict[str, HarnessResult]:
-    """``{"model": result}``, plus ``"base"`` with ``--compare``: the same tasks and settings on both."""
+def check_tasks(args: argparse.Namespace) -> list[Any]:
+    """The tasks loaded with their data, before the model: a misspelt name or missing data fails in seconds."""
     # The harness logs each request phase at INFO and warns that a loaded model skips its loading arguments
     # (which is the point here); its errors still show.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     options = options_from_args(args)
+    return load_tasks(options.tasks, options.include_path)
+
+
+def run_tasks(loaded: Loaded, args: argparse.Namespace, tasks: list[Any]) -> dict[str, HarnessResult]:
+    """``{"model": result}``, plus ``"base"`` with ``--compare``: the same tasks and settings on both."""
+    options = options_from_args(args)
     template = template_from_args(loaded, args).template if options.apply_chat_template else None
-    found = {"model": evaluate_tasks(loaded.model, loaded.tokenizer, options, template=template)}
+    found = {"model": evaluate_tasks(loaded.model, loaded.tokenizer, options, template=template, tasks=tasks)}
     log.info("benchmarks: %s", json.dumps(found["model"].metrics))
     if args.compare:
         base = load_for_inference(
