@@ -110,12 +110,12 @@ def run(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, dict[str, HarnessResult]]:
     """Everything the CLI computes: (results, generated or scored rows, benchmark results by model)."""
+    if args.compare and not args.tasks:
+        raise GenerateError("--compare BASE runs the --tasks benchmarks on BASE too: pass --tasks")
     if not (args.data or args.prompts_file or args.predictions or args.tasks):
         raise GenerateError("nothing to evaluate: pass --data DIR, --prompts-file F, --predictions F and/or --tasks T")
     if (args.data or args.prompts_file or args.tasks) and not args.model:
         raise GenerateError("--data, --prompts-file and --tasks need --model")
-    if args.compare and not args.tasks:
-        raise GenerateError("--compare BASE runs the --tasks benchmarks on BASE too: pass --tasks")
     if args.prompts_file and args.predictions:
         raise GenerateError("pass --prompts-file or --predictions, not both")
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
