@@ -132,16 +132,24 @@ def resolve_data_files(config: dict[str, Any], yaml_dir: Path) -> dict[str, Any]
     return {**config, "dataset_kwargs": {**kwargs, "data_files": files}}
 
 
+@functools.cache
+def task_manager(include_path: str | None) -> Any:
+    """The harness's task index (its ~200 task folders, then ``include_path``): built once per process, it
+    takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
     """The harness's Task objects for ``names``, data loaded (offline), or one HarnessError line."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before datasets opens anything: never the network
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if include_path is not None and not Path(include_path).is_dir():
         raise HarnessError(f"--include-path {include_path}: no such directory")
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     loaded: list[Any] = []
     for name in names:
         entry = manager.task_index.get(name)
