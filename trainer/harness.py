@@ -228,6 +228,29 @@ def evaluate_tasks(
     return HarnessResult(results=output, samples=samples, metrics=flat_metrics(output["results"]), params=params)
 
 
+def evaluate_at_save(model: Any, tokenizer: Any, options: HarnessOptions) -> HarnessResult:
+    """``evaluate_tasks`` inside a training rank: eval mode and back, and every RNG the harness seeds (python,
+    numpy, torch) restored, so the run's losses are the same with and without it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_tasks(model, tokenizer, options)
+    finally:
+        model.train(was_training)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 @functools.cache
 def chat_template_lm() -> type:
     """HFLM rendering chat prompts with the run's template; built on first use (importing this module does not
