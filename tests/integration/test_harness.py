@@ -17,7 +17,7 @@ from tiny_chat import TEMPLATE, one_thread, random_model, save_model_dir, tokeni
 from transformers import PreTrainedTokenizerBase
 
 from sft_stack.cli.evaluate import main
-from trainer.harness import HarnessOptions, evaluate_tasks, harness_version
+from trainer.harness import HarnessOptions, chat_template_lm, evaluate_tasks, harness_version
 
 TASKS = Path(__file__).resolve().parents[1] / "fixtures" / "harness"
 BOTH = "tiny_mc,tiny_add"
@@ -173,3 +173,20 @@ def test_bad_inputs_one_line_each(base_dir: Path, tmp_path: Path, capsys: pytest
         assert len(lines) == 1 and expected in lines[0], err
         assert "Traceback" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_chat_prompts_are_the_training_templates_tokens(tok: PreTrainedTokenizerBase) -> None:
+    """--apply-chat-template: what the harness tokenizes is exactly the run template's generation prompt."""
+    from tiny_chat import template
+
+    from data_pipeline.conversation import Message
+
+    lm = chat_template_lm()(pretrained=random_model(), tokenizer=tok, batch_size=1)
+    lm.run_template = template(tok)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
+    text = lm.apply_chat_template(history)
+    expected = template(tok).encode_prompt([Message(role=h["role"], content=h["content"]) for h in history])
+    assert text.startswith("<|im_start|>system\nBe brief.") and text.endswith("<|im_start|>assistant\n")
+    assert lm.tok_encode(text) == expected
+    prefilled = lm.apply_chat_template([*history, {"role": "assistant", "content": "The answer"}], False)
+    assert prefilled == text + "The answer"
