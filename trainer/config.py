@@ -42,6 +42,7 @@ PATH_KEYS = (
     "train.output_dir",
     "deepspeed.config",
     "eval.prompts_file",
+    "eval.harness_include_path",
 )
 """The keys whose values are file-system paths, resolved by ``resolve_path`` (tracking.uri is a URI: left as is)."""
 

@@ -148,7 +148,7 @@ def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if include_path is not None and not Path(include_path).is_dir():
-        raise HarnessError(f"--include-path {include_path}: no such directory")
+        raise HarnessError(f"task folder {include_path}: no such directory (--include-path, eval.harness_include_path)")
     manager = task_manager(include_path)
     loaded: list[Any] = []
     for name in names:
@@ -157,8 +157,8 @@ def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise HarnessError(
-                f"--tasks: unknown task {name!r}{hint}; `lm_eval ls tasks` lists the harness's tasks, "
-                "--include-path DIR adds your own task YAMLs"
+                f"unknown task {name!r}{hint}; `lm_eval ls tasks` lists the harness's tasks, and --include-path DIR "
+                "(eval.harness_include_path in a run config) adds a folder of your own task YAMLs"
             )
         yaml_path = Path(name) if entry is None else entry.yaml_path
         spec: str | dict[str, Any] = name
