@@ -132,6 +132,18 @@ def resolve_data_files(config: dict[str, Any], yaml_dir: Path) -> dict[str, Any]
     return {**config, "dataset_kwargs": {**kwargs, "data_files": files}}
 
 
+def go_offline() -> None:
+    """No network for the rest of this process: datasets and huggingface_hub read these variables once, at
+    import, so their already-imported constants are set too (a training rank imported them long ago)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 @functools.cache
 def task_manager(include_path: str | None) -> Any:
     """The harness's task index (its ~200 task folders, then ``include_path``): built once per process, it
@@ -143,8 +155,7 @@ def task_manager(include_path: str | None) -> Any:
 
 def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
     """The harness's Task objects for ``names``, data loaded (offline), or one HarnessError line."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before datasets opens anything: never the network
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    go_offline()
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if include_path is not None and not Path(include_path).is_dir():

@@ -161,7 +161,13 @@ def test_bad_inputs_one_line_each(base_dir: Path, tmp_path: Path, capsys: pytest
     cases = {
         "unknown task 'tiny_mcc' (did you mean tiny_mc": ["--model", str(base_dir), "--tasks", "tiny_mcc"],
         "task 'tiny_gone': its data does not load offline": ["--model", str(base_dir), "--tasks", "tiny_gone"],
-        "task 'mmlu_anatomy': its data does not load offline": ["--model", str(base_dir), "--tasks", "mmlu_anatomy"],
+        # OfflineModeIsEnabled: datasets refused to try the network (it was imported before the flag was set)
+        "task 'mmlu_anatomy': its data does not load offline (Couldn't reach 'cais/mmlu' on the Hub (OfflineModeIsEnabled))": [
+            "--model",
+            str(base_dir),
+            "--tasks",
+            "mmlu_anatomy",
+        ],
         "no tokenizer files": ["--model", str(no_tokenizer), "--tasks", "tiny_mc"],
         "--compare BASE runs the --tasks benchmarks": ["--model", str(base_dir), "--compare", str(base_dir)],
     }
