@@ -177,14 +177,20 @@ def load_tasks(names: tuple[str, ...], include_path: str | None) -> list[Any]:
             spec = resolve_data_files(load_yaml(yaml_path, resolve_func=True), Path(yaml_path).parent)
         try:
             built = manager.load([spec])
-        except (FileNotFoundError, ConnectionError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (FileNotFoundError, ConnectionError) as exc:  # datasets' "not on the Hub/on disk" errors are these
             raise HarnessError(
-                f"task {name!r}: its data does not load offline ({first}); download it on a machine with a "
-                "network into $HF_DATASETS_CACHE (docs/generation.md) or point the task YAML at local files"
+                f"task {name!r}: its data does not load offline ({first_line(exc)}); download it on a machine "
+                "with a network into $HF_DATASETS_CACHE (docs/generation.md) or point the task YAML at local files"
             ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HarnessError(f"task {name!r} does not load ({first_line(exc)}); check {yaml_path or name}") from None
         loaded.extend(built["tasks"].values())
     return loaded
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def evaluate_tasks(
