@@ -151,6 +151,49 @@ def log_evaluation(
     return str(run_id)
 
 
+def log_harness(
+    results: dict[str, Any],
+    samples: dict[str, list[dict[str, Any]]],
+    metrics: dict[str, float],
+    params: dict[str, str],
+    *,
+    tracking_uri: str | None,
+    run_id: str | None,
+    experiment: str,
+    prefix: str = "harness",
+    step: int = 0,
+) -> str:
+    """Log an lm-evaluation-harness result: ``prefix/<task>/<metric>`` metrics at ``step``, params (harness
+    version, few-shot settings, task hashes), ``prefix/results.json`` and ``prefix/samples_<task>.jsonl``.
+
+    With ``run_id`` into that run (params already set there with another value are skipped: a second
+    evaluation of the same run keeps the first's params), else into a new run of ``experiment``.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = open_client(tracking_uri or mlflow.get_tracking_uri())
+    new_run = run_id is None
+    if run_id is None:
+        run_id = client.create_run(get_or_create_experiment(client, experiment, None)).info.run_id
+    existing = client.get_run(run_id).data.params
+    timestamp = int(time.time() * 1000)
+    log_batch(
+        client,
+        run_id,
+        metrics=[Metric(metric_name(f"{prefix}/{k}"), v, timestamp, step) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in clean_params(params).items() if k not in existing],
+    )
+    texts = {f"{prefix}/results.json": dumps(redact(results))}
+    for task, rows in samples.items():
+        lines = "".join(json.dumps(redact(row), ensure_ascii=False, default=str) + "\n" for row in rows)
+        texts[f"{prefix}/samples_{metric_name(task)}.jsonl"] = lines
+    _log_texts(client, run_id, texts)
+    if new_run:
+        client.set_terminated(run_id, "FINISHED")
+    return str(run_id)
+
+
 def _log_texts(client: Any, run_id: str, texts: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for artifact_file, text in texts.items():

@@ -43,6 +43,7 @@ PATH_KEYS = (
     "train.output_dir",
     "deepspeed.config",
     "eval.prompts_file",
+    "eval.harness_include_path",
 )
 """The keys whose values are file-system paths, resolved by ``resolve_path`` (tracking.uri is a URI: left as is)."""
 
@@ -176,6 +177,14 @@ class EvalConfig:
     """JSON lines or CSV of prompts to generate for at each evaluation (fixed seed); None: no generation."""
     max_new_tokens: int = 64
     """Tokens generated per prompt during evaluation."""
+    harness_tasks: tuple[str, ...] = ()
+    """lm-evaluation-harness tasks (``[ceval-valid, gsm8k]``) run on rank 0 after each checkpoint is written,
+    logged as harness/<task>/<metric> at that step (trainer/harness.py); (): none. Data must be on disk.
+    ZeRO-0/1/2 only: rank 0 needs the whole model."""
+    harness_limit: int | None = None
+    """Documents per task for ``harness_tasks`` (None: all; a few hundred keeps a save short)."""
+    harness_include_path: str | None = None
+    """A folder of your own task YAMLs for ``harness_tasks``."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,6 +77,11 @@ def offload_device(ds_config: dict[str, Any], what: str) -> str:
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The merged DeepSpeed config for this run: the JSON plus batch sizes, clipping and precision."""
     ds = copy.deepcopy(load_ds_json(cfg.deepspeed.config))
+    if cfg.eval.harness_tasks and ds["zero_optimization"]["stage"] == 3:
+        raise ConfigError(
+            f"eval.harness_tasks with ZeRO-3 ({cfg.deepspeed.config}): rank 0 holds only a shard of the weights; "
+            "evaluate the saved checkpoints with `python -m sft_stack.cli.evaluate --tasks` instead"
+        )
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.grad_accum_steps

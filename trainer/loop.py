@@ -509,7 +509,21 @@ def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> checkpoint.T
     )
     if run.rank == 0:
         print(f"saved {path} in {time.monotonic() - started:.1f}s", flush=True)
+    if cfg.eval.harness_tasks and run.rank == 0:  # the other ranks go on and wait at the next collective
+        benchmark(run, cfg, state.step)
     return dataclasses.replace(state, last_checkpoint=path.name)
+
+
+def benchmark(run: Run, cfg: RunConfig, step: int) -> None:
+    """eval.harness_tasks on the just-saved weights (rank 0, ZeRO-0/1/2), logged as harness/<task>/<metric>."""
+    from trainer.harness import HarnessOptions, evaluate_at_save
+
+    tasks, limit, include = cfg.eval.harness_tasks, cfg.eval.harness_limit, cfg.eval.harness_include_path
+    options = HarnessOptions(tasks=tasks, limit=limit, include_path=include, seed=cfg.train.seed)
+    metrics = evaluate_at_save(run.engine.module, run.loaded.tokenizer, options).metrics
+    row = {"step": step, **{f"harness/{k}": v for k, v in metrics.items()}}
+    run.log.write(row)
+    run.tracker.log_metrics(row, step)
 
 
 def export(run: Run, cfg: RunConfig) -> None:

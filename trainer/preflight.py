@@ -11,6 +11,7 @@ after the rendezvous, or never, behind a wait. Nothing here loads weights, a tok
   that needs converting, the family and LoRA targets;
 - the prepared data: manifest, a train split with shards, every listed shard file present;
 - eval.prompts_file and the template its prompts are rendered with (the data's);
+- eval.harness_tasks: known task names whose data loads offline;
 - the output folder is not a file;
 - a stale DeepSpeed extension-build lock (trainer/build_lock.py).
 
@@ -58,6 +59,7 @@ def find_problems(cfg: RunConfig, world_size: int) -> list[str]:
     manifest = check(lambda: check_data_dir(cfg.data.path))
     check(lambda: check_prompts(cfg, None if manifest is None else manifest.template))
     check(lambda: check_output_dir(cfg.train.output_dir))
+    check(lambda: check_harness_tasks(cfg))
     problems += [lock.message() for lock in find_stale_locks()]
     return problems
 
@@ -191,6 +193,18 @@ def check_prompts(cfg: RunConfig, template: str | None) -> None:
             f"(valid: {', '.join(template_names())}); eval.prompts_file needs it: re-run prepare with --template, "
             "or unset eval.prompts_file"
         )
+
+
+def check_harness_tasks(cfg: RunConfig) -> None:
+    """eval.harness_tasks are known and their data loads offline (else the first save would fail hours in)."""
+    if not cfg.eval.harness_tasks:
+        return
+    from trainer.harness import HarnessError, load_tasks
+
+    try:
+        load_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include_path)
+    except HarnessError as exc:
+        raise ConfigError(f"eval.harness_tasks: {exc}") from None
 
 
 def check_output_dir(output_dir: str) -> None:

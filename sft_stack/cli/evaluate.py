@@ -5,11 +5,13 @@
     sft evaluate --predictions gen.jsonl --out eval.json            # score `sft generate --out` rows
     sft evaluate ... --tracking-uri sqlite:///mlflow.db --run-id RUN   # also log to MLflow
     sft evaluate --predictions gen.jsonl --run-id RUN --metric-prefix before  # before/* metrics
+    sft evaluate --model OUT/final --tasks ceval-valid,gsm8k --limit 100 --compare BASE  # benchmarks
 
 Loss is the training loop's validation loss (trainer/loss.py: one function for both), token-weighted over
 every label that is not IGNORE_INDEX, on batches built and padded exactly as the loop builds them.
 Generation metrics (trainer/answers.py): exact match of the final answer, sacrebleu corpus BLEU and mean
-ROUGE-L F, CJK scored per character. Results go to a JSON file; generated rows (with a per-row exact-match
+ROUGE-L F, CJK scored per character. Benchmarks (``--tasks``, sft_stack/cli/harness.py): lm-evaluation-harness
+tasks, offline, logged as harness/<task>/<metric>. Results go to a JSON file; generated rows (with a per-row exact-match
 flag) go next to it as ``<out stem>.generations.jsonl``.
 """
 
@@ -32,11 +34,20 @@ from sft_stack.cli.flags import (
     setup_logging,
     template_from_args,
 )
+from sft_stack.cli.harness import (
+    add_harness_flags,
+    check_tasks,
+    harness_summary,
+    log_benchmarks,
+    run_tasks,
+    write_samples,
+)
 from sft_stack.common.errors import user_error
 from tracking.records import log_evaluation
 from trainer.answers import is_exact_match, score_generations
 from trainer.data import open_checked_split, pad_id_for
 from trainer.generation import GenerateError, generate_rows, json_lines, read_prompts
+from trainer.harness import HarnessResult
 from trainer.inference import Loaded
 from trainer.loss import evaluate_loss
 
@@ -97,6 +108,7 @@ def build_parser(prog: str = "python -m sft_stack.cli.evaluate") -> argparse.Arg
         "--predictions", help="JSON lines with 'output' and 'reference' to score without a model (sft generate --out)."
     )
     add_decoding_flags(parser)
+    add_harness_flags(parser)
     parser.add_argument("--out", default="eval_results.json", help="The results JSON file. Default: eval_results.json.")
     parser.add_argument(
         "--tracking-uri", help="Log to MLflow at this URI. Default: $MLFLOW_TRACKING_URI when --run-id is given."
@@ -111,31 +123,40 @@ def build_parser(prog: str = "python -m sft_stack.cli.evaluate") -> argparse.Arg
     return parser
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """Everything the CLI computes: (results, generated or scored rows)."""
-    if not (args.data or args.prompts_file or args.predictions):
-        raise GenerateError("nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F")
-    if (args.data or args.prompts_file) and not args.model:
-        raise GenerateError("--data and --prompts-file need --model")
+def run(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None, dict[str, HarnessResult]]:
+    """Everything the CLI computes: (results, generated or scored rows, benchmark results by model)."""
+    if args.compare and not args.tasks:
+        raise GenerateError("--compare BASE runs the --tasks benchmarks on BASE too: pass --tasks")
+    if not (args.data or args.prompts_file or args.predictions or args.tasks):
+        raise GenerateError("nothing to evaluate: pass --data DIR, --prompts-file F, --predictions F and/or --tasks T")
+    if (args.data or args.prompts_file or args.tasks) and not args.model:
+        raise GenerateError("--data, --prompts-file and --tasks need --model")
     if args.prompts_file and args.predictions:
         raise GenerateError("pass --prompts-file or --predictions, not both")
     results: dict[str, Any] = {"model": args.model, "adapter": args.adapter}
     rows: list[dict[str, Any]] | None = None
+    harness: dict[str, HarnessResult] = {}
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    if args.model and (args.data or args.prompts_file):
+    tasks = check_tasks(args) if args.tasks else []
+    if args.model and (args.data or args.prompts_file or args.tasks):
         loaded = load_from_args(args)
         results |= {"model": str(loaded.model_dir), "adapter": loaded.adapter_dir and str(loaded.adapter_dir)}
         if args.data:
             results["loss"] = score_loss(loaded, args)
         if prompts is not None:
             rows = generate_for_scoring(loaded, prompts, args, results)
+        if args.tasks:
+            harness = run_tasks(loaded, args, tasks)
+            results["harness"] = harness_summary(harness)
     if args.predictions:
         rows = read_predictions(args.predictions)
     if rows is not None:
         summary, rows = score_rows(rows)
         results["generation"] = {"file": args.prompts_file or args.predictions, **summary}
         log.info("generation: %s", json.dumps(summary))
-    return results, rows
+    return results, rows, harness
 
 
 def score_loss(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
@@ -188,7 +209,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.eva
     args = build_parser(prog).parse_args(argv)
     setup_logging()
     try:
-        results, rows = run(args)
+        results, rows, harness = run(args)
     except (GenerateError, DataError) as exc:
         return user_error(str(exc))
     out = Path(args.out)
@@ -197,14 +218,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.eva
         generations = out.with_name(out.stem + ".generations.jsonl")
         generations.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         results["generations_file"] = str(generations)
-    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for label, path in write_samples(harness, out).items():
+        results["harness"][label]["samples_file"] = str(path)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
-    if args.tracking_uri or args.run_id:
+    run_id = args.run_id
+    if (args.tracking_uri or args.run_id) and harness:
+        run_id = log_benchmarks(harness, args)
+        print(f"logged benchmarks to MLflow run {run_id}", file=sys.stderr)
+    if (args.tracking_uri or args.run_id) and (args.data or args.prompts_file or args.predictions):
         run_id = log_evaluation(
             results,
             rows,
             tracking_uri=args.tracking_uri,
-            run_id=args.run_id,
+            run_id=run_id,
             experiment=args.experiment,
             prefix=args.metric_prefix,
         )

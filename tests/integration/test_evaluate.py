@@ -220,10 +220,10 @@ def test_cli_refusals_are_one_line(
 ) -> None:
     code, err = run_main(["--model", str(memorized_dir)], capsys)
     assert code == 2 and err == [
-        "sft: error: nothing to evaluate: pass --data DIR, --prompts-file F and/or --predictions F"
+        "sft: error: nothing to evaluate: pass --data DIR, --prompts-file F, --predictions F and/or --tasks T"
     ]
     code, err = run_main(["--data", str(data_dirs["packed"])], capsys)
-    assert code == 2 and err == ["sft: error: --data and --prompts-file need --model"]
+    assert code == 2 and err == ["sft: error: --data, --prompts-file and --tasks need --model"]
     other = tmp_path / "other_tokenizer"
     shutil.copytree(data_dirs["packed"], other)
     manifest = json.loads((other / MANIFEST_FILE).read_text())

@@ -66,6 +66,7 @@ MISTAKES = [
     ("DeepSpeed config setting an injected key", ["deepspeed.config={w}/ds_injected.json"], "error: {w}/ds_injected.json: remove 'train_batch_size'", "train.micro_batch_size"),
     ("DeepSpeed config that is not JSON", ["deepspeed.config={w}/ds_broken.json"], "error: {w}/ds_broken.json:2: invalid JSON", ""),
     ("unknown model family", ["model.family=llamma"], "error: model.family='llamma': unknown; valid: auto, ", ""),
+    ("unknown benchmark task", ["eval.harness_tasks=[tiny_mcc]", f"eval.harness_include_path={ROOT}/tests/fixtures/harness"], "error: eval.harness_tasks: unknown task 'tiny_mcc' (did you mean tiny_mc", "lm_eval ls tasks"),
 ]  # fmt: skip
 
 
