@@ -23,13 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from data_pipeline.schema import DataError
+from sft_stack.common.errors import FAILURE, PREFIX, USER_ERROR  # the one convention (README, "Exit status")
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.preflight import find_problems
 from trainer.write_errors import WriteFailedError
-
-USER_ERROR = 2
-"""Exit code for anything the user must fix (config, data, model folder, a stale build lock)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,11 +88,11 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         if is_node_leader():
-            print(f"config error: {exc}", file=sys.stderr, flush=True)
+            print(f"{PREFIX}{exc}", file=sys.stderr, flush=True)
         return USER_ERROR
     problems = find_problems(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if problems and is_node_leader():
-        print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr, flush=True)
+        print("\n".join(f"{PREFIX}{problem}" for problem in problems), file=sys.stderr, flush=True)
     if problems:
         return USER_ERROR
     import torch.distributed as dist
@@ -112,14 +110,14 @@ def main(argv: list[str]) -> int:
     except WriteFailedError:  # rank 0 printed its one line before any rank left (trainer/write_errors.py)
         return USER_ERROR
     except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PREFIX}rank {dist.get_rank()}: {exc}", file=sys.stderr)
         return USER_ERROR
     except NonFiniteLossError as exc:
-        print(f"rank {dist.get_rank()}: {exc}", file=sys.stderr)
-        return 1
+        print(f"{PREFIX}rank {dist.get_rank()}: {exc}", file=sys.stderr)
+        return FAILURE
     except CollectiveTimeoutError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        os._exit(1)  # destroy_process_group would wait on the rank that hung
+        print(f"{PREFIX}{exc}", file=sys.stderr, flush=True)
+        os._exit(FAILURE)  # destroy_process_group would wait on the rank that hung
     finally:
         dist.destroy_process_group()
     return 0

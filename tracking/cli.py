@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sft_stack.common.errors import PREFIX, user_error
 from tracking.journal import JOURNAL_FILE, SPOOL_DIR, Spool
 from tracking.links import experiments_url
 from tracking.naming import REDACTED, STORE_DIR, redact_logs, redact_text, resolve_tracking_uri
@@ -29,7 +30,9 @@ def sync(output_dir: str | Path, uri: str | None = None, timeout_s: float = 300.
     output_dir = Path(output_dir)
     spool = Spool(output_dir)
     if not spool.lock():
-        raise SystemExit(f"sync: {spool.dir} is in use by a running job; wait for it to end (it replays itself)")
+        raise SystemExit(
+            f"{PREFIX}sync: {spool.dir} is in use by a running job; wait for it to end (it replays itself)"
+        )
     try:
         ops = spool.read()
         if not ops:
@@ -53,7 +56,7 @@ def spooled_uri(recorded: str | None) -> str | None:
     if environment and redact_text(environment) == recorded:
         return environment
     raise SystemExit(
-        f"sync: the run's tracking URI {recorded} had credentials, which are never stored; "
+        f"{PREFIX}sync: the run's tracking URI {recorded} had credentials, which are never stored; "
         "pass it with --uri URI or set MLFLOW_TRACKING_URI"
     )
 
@@ -110,18 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unknown arguments {extra}")
         if not (args.output_dir / SPOOL_DIR).is_dir():
-            print(f"sync: {args.output_dir / SPOOL_DIR} not found; pass a training output directory", file=sys.stderr)
-            return 2
+            return user_error(f"sync: {args.output_dir / SPOOL_DIR} not found; pass a training output directory")
         return 0 if sync(args.output_dir, args.uri, args.timeout) == 0 else 1
     if not (args.store / "mlflow.db").is_file():
         found = sorted(str(db.parent) for db in Path().glob(f"*/{STORE_DIR}/mlflow.db"))
         hint = f" (stores here: {', '.join(found)})" if found else ""
-        print(
-            f"dashboard: no store at {args.store / 'mlflow.db'}; pass --store STORE_DIR (make dashboard "
-            f"STORE=...){hint}",
-            file=sys.stderr,
+        return user_error(
+            f"dashboard: no store at {args.store / 'mlflow.db'}; pass --store STORE_DIR (make dashboard STORE=...){hint}"
         )
-        return 2
     command = dashboard_command(args.store, args.host, args.port, extra)
     link = experiments_url(f"http://{args.host}:{args.port}")  # in the model-training view (tracking.links)
     print(f"MLflow dashboard: {link}  (store {args.store.resolve()}; Ctrl-C stops it)")

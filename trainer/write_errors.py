@@ -23,6 +23,8 @@ from typing import NoReturn
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from sft_stack.common.errors import PREFIX
+
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 """What a write into a full (or failing) file system raises: OSError from plain files and torch.save's legacy
 format; RuntimeError from torch.save's zip writer (``unexpected pos``); SafetensorError from safetensors
@@ -74,7 +76,7 @@ def fail_together(message: str) -> NoReturn:
     Every rank must call it with the same message (they do after gather_failures).
     """
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.barrier()
     raise WriteFailedError(message)

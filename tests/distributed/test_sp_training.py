@@ -237,6 +237,8 @@ def test_bad_sequence_parallel_settings_are_refused_at_start_up(tmp: Path, extra
     ]
     result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # before the process group
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("sft: error: ")
+    ]  # before the process group
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "joining the process group" not in result.stdout

@@ -84,8 +84,10 @@ def test_a_launch_with_a_stale_lock_fails_fast_naming_the_file(tmp_path: Path, d
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert elapsed < 300, elapsed
-    lines = [line for line in output.splitlines() if line.startswith("error: ")]  # local rank 0 speaks for the node
-    assert lines == [f"error: {StaleLock(path=lock, op='deepspeed_shm_comm').message()}"], output[-3000:]
+    lines = [
+        line for line in output.splitlines() if line.startswith("sft: error: ")
+    ]  # local rank 0 speaks for the node
+    assert lines == [f"sft: error: {StaleLock(path=lock, op='deepspeed_shm_comm').message()}"], output[-3000:]
     assert "joining the process group" not in output and "Traceback" not in output
     assert lock.is_file()  # the user deletes it, as the line says; the trainer removes nothing it did not create
     assert not (tmp_path / "out").exists()

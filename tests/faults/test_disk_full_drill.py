@@ -104,14 +104,14 @@ def test_full_disk_during_save_ends_every_rank_with_one_line(small_fs: Path, dri
     assert [process.returncode for process in ranks] == [2, 2], stderrs[0][-3000:] + stderrs[1][-3000:]
     assert failing_phase < BOUND_S
 
-    lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
+    lines = [line for line in stderrs[0].splitlines() if line.startswith("sft: error: ")]
     assert len(lines) == 1, stderrs[0][-3000:]
     (line,) = lines
     print(line)
-    assert line.startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} failed: rank ")
+    assert line.startswith(f"sft: error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} failed: rank ")
     assert " writing " in line and "MiB free)" in line
     assert f"{previous} is untouched and stays the resume point" in line
-    assert not any(text.startswith("error: ") for text in stderrs[1].splitlines())  # printed once, by rank 0
+    assert not any(text.startswith("sft: error: ") for text in stderrs[1].splitlines())  # printed once, by rank 0
     assert "Traceback" not in stderrs[0] + stderrs[1]
 
     assert not (out / "checkpoints" / "step_00000004").exists()  # never marked, never pointed at, removed
@@ -138,10 +138,10 @@ def test_full_disk_during_the_final_export_ends_both_ranks(small_fs: Path, drill
     ranks = start_by_hand(out, drill_data, "train.save_every_steps=0")
     _, stderrs = collect(ranks)
     assert [process.returncode for process in ranks] == [2, 2], stderrs[0][-3000:] + stderrs[1][-3000:]
-    lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
+    lines = [line for line in stderrs[0].splitlines() if line.startswith("sft: error: ")]
     assert len(lines) == 1, stderrs[0][-3000:]
     print(lines[0])
-    assert lines[0].startswith(f"error: exporting to {out / 'final'} failed: rank 0: ")
+    assert lines[0].startswith(f"sft: error: exporting to {out / 'final'} failed: rank 0: ")
     assert "MiB free)" in lines[0] and f"nothing was written to {out / 'final'}" in lines[0]
     assert "Traceback" not in stderrs[0] + stderrs[1]
     assert not (out / "final").exists() and not (out / "final.partial").exists()
@@ -172,10 +172,12 @@ def test_one_rank_that_cannot_write_ends_both(drill_data: Path, tmp_path: Path) 
     _, stderrs = collect(ranks)
     print(f"whole run with the failing save: {time.monotonic() - started:.1f} s")
     assert [process.returncode for process in ranks] == [2, 2], stderrs[0][-3000:] + stderrs[1][-3000:]
-    lines = [line for line in stderrs[0].splitlines() if line.startswith("error: ")]
+    lines = [line for line in stderrs[0].splitlines() if line.startswith("sft: error: ")]
     assert len(lines) == 1, stderrs[0][-3000:]
     print(lines[0])
-    assert lines[0].startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000002'} failed: rank 1: ")
+    assert lines[0].startswith(
+        f"sft: error: saving checkpoint {out / 'checkpoints' / 'step_00000002'} failed: rank 1: "
+    )
     assert "rank 0:" not in lines[0]  # rank 0 wrote everything it had to
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in lines[0] and "no earlier checkpoint" in lines[0]
     assert "Traceback" not in stderrs[0] + stderrs[1]
@@ -207,8 +209,8 @@ def test_full_disk_during_export_is_one_line_and_leaves_nothing(
         )
         code, err, left = result.returncode, result.stderr, sorted(p.name for p in where.iterdir())
     assert code == 1, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and lines[0].startswith(f"error: exporting to {out} failed: "), err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("sft: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"sft: error: exporting to {out} failed: "), err[-3000:]
     assert "MiB free)" in lines[0] and f"nothing was written to {out}" in lines[0]
     assert "Traceback" not in err
     print(lines[0])

@@ -113,7 +113,7 @@ def test_hung_rank_fails_within_the_timeout_naming_rank_and_step(drill_data: Pat
         assert ranks[0].returncode == 1, stderr[-3000:]
         assert ranks[1].poll() is None  # ...while rank 1 is still hanging
         assert (
-            "error: rank 0: a collective of step 3 did not complete within train.collective_timeout_s=20: "
+            "sft: error: rank 0: a collective of step 3 did not complete within train.collective_timeout_s=20: "
             "rank 1 stopped at step 2 (done) while others reached step 3 (data)"
         ) in stderr
     finally:

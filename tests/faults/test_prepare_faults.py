@@ -154,7 +154,7 @@ def test_prepare_on_a_full_disk_is_one_line_and_the_rerun_is_byte_identical(
     lines = full.stderr.strip().splitlines()
     assert len(lines) == 1, full.stderr  # no traceback
     what = "No space left on device" if small_disk.mounted else "File too large"
-    assert lines[0].startswith(f"error: prepare: {what} writing {out}"), lines[0]
+    assert lines[0].startswith(f"sft: error: prepare: {what} writing {out}"), lines[0]
     assert "MiB free" in lines[0] and "rerun the same command" in lines[0], lines[0]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not (out / "manifest.json").exists()
@@ -187,7 +187,7 @@ def test_merge_on_a_full_disk_is_one_line_and_the_rerun_completes(tmp_path: Path
     )
     assert full.returncode == 1, full.stdout + full.stderr
     lines = full.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: merge: "), full.stderr
+    assert len(lines) == 1 and lines[0].startswith("sft: error: merge: "), full.stderr
     assert f"writing {out}" in lines[0] and "MiB free" in lines[0], lines[0]  # the file written, not the partial's
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     small_disk.free_space()

@@ -58,6 +58,14 @@ SKIP: dict[str, str] = {
     "python launcher/run.py": "one-process launch on a GPU (QLoRA); tests/unit/test_convert.py runs it on CPU",
     "python benchmarks/bench_train.py": "a benchmark; tests/integration/test_bench_train.py runs its dry run",
     "bash benchmarks/run_gpu.sh": "needs a GPU",
+    "export HF_DATASETS_CACHE=": "where a networked machine caches public benchmark data; no network here",
+    "lm_eval run": "downloads public benchmark data; tests/integration/test_harness.py runs local task YAMLs",
+    "sft evaluate --model OUT/final --tasks ceval-valid": "public benchmarks need their data downloaded; "
+    "tests/integration/test_harness.py runs local tasks and the offline refusal",
+    "sft evaluate --model BASE --adapter OUT/final --tasks cmmlu": "public benchmarks need their data downloaded; "
+    "tests/integration/test_harness.py runs --compare on a LoRA adapter with local tasks",
+    "sft evaluate --model OUT/final --tasks my_task": "a placeholder line (`<training run id>`, a user's task folder); "
+    "tests/integration/test_harness.py runs the fixture tasks into MLflow",
     "sft evaluate ... --tracking-uri": "a placeholder line (`...`, `<training run id>`); test_evaluate logs to MLflow",
 }
 """Commands (by their first words) that are not run here, and why."""
