@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from tests.distributed.test_training import BELLE, launch, losses
 from tests.helpers.data import make_prepared_dir
+from tracking.naming import store_uri
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,7 @@ def test_harness_metric_at_each_save_and_losses_unchanged(tmp_path: Path) -> Non
         "train.export=false",
         "eval.every_steps=0",
         "tracking.system_metrics=false",
+        f"tracking.uri={store_uri(tmp_path / 'runs' / 'mlruns')}",
     ]
     harness = ["eval.harness_tasks=[tiny_mc]", "eval.harness_limit=4", f"eval.harness_include_path={TASKS}"]
     plain, with_harness = tmp_path / "runs" / "plain", tmp_path / "runs" / "harness"
@@ -49,7 +51,7 @@ def test_harness_metric_at_each_save_and_losses_unchanged(tmp_path: Path) -> Non
 
     assert losses(with_harness) == losses(plain)
     assert len(losses(plain)) == 4
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(store_uri(tmp_path / "runs" / "mlruns"))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     by_name = {r.info.run_name: r for r in runs}
     ours = [r for r in runs if "harness/tiny_mc/acc" in r.data.metrics]
