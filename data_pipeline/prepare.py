@@ -3,14 +3,19 @@
 The unit of work is a *block*: ``block_size`` consecutive samples of the input stream (all sources in order).
 The main process reads records in order and cuts them into blocks; each block is processed independently,
 in this process or in a worker, into at most one train shard and one val shard, a rejects file and a small
-completion record (``OUT/.blocks/NNNNN.json``, a ``blocks.BlockResult``) written last. Because a block's output depends only on its
-samples and the options:
+completion record (``OUT/.blocks/NNNNN.json``, a ``blocks.BlockResult``) written last. Because a block's
+output depends only on its samples and the options:
 
 - any worker count gives byte-identical shards (results are assembled in block order);
 - a re-run after a crash keeps every block whose completion record and shards verify, and redoes the rest;
 - ``num_tasks``/``task_index`` take every T-th block, and ``merge`` assembles partial outputs into exactly the
   directory a single run writes;
 - packing runs per block and split, so memory is bounded by the block, not the corpus.
+
+This module is the pipeline, top to bottom: ``prepare``, then the records (``iter_samples``, weights, blocks),
+then one block's work (``process_block``: parse, encode, split, pack, write). Around it: ``plan`` (the typed plan
+and its fingerprint), ``encode`` (template, tokenize, mask, fit), ``pool`` and ``wire`` (threads or a process
+pool, block reuse, progress), ``assembly`` (limits, rejects.jsonl, split metadata, manifest, merge).
 """
 
 from __future__ import annotations
