@@ -1,6 +1,6 @@
 """JSON read with bounds: one record's size and nesting are checked while it streams, before it is built.
 
-What formats.py needs to read any bytes without one record costing more than its bound:
+What the format readers (data_pipeline/formats/) need to read any bytes without one record costing more than its bound:
 
 - ``read_line``: one line of a JSON-lines file, read in pieces; a line over the bound is skipped to its end and
   only its first bytes and its size come back.

@@ -157,3 +157,14 @@ def test_an_unmapped_question_answer_file_suggests_the_mapping(
     assert main(prepare_args(source, tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "keys: answer, question" in err and "--columns instruction=question" in err
+
+
+@pytest.mark.slow
+def test_two_worker_processes_read_the_mapped_columns_too(mapped: Path, tmp_path: Path) -> None:
+    """A JSON line crosses the process pool unparsed, with its source's mapping: two workers write the same shards."""
+    source = write_jsonl(tmp_path / "gsm8k.jsonl", gsm_records())
+    out = tmp_path / "out"
+    args = prepare_args(source, out, "--columns", "instruction=question,output=answer", "--workers", "2")
+    assert main([*args, "--block-size", "8"]) == 0
+    assert load_manifest(out).counts["samples_written"] == 39
+    assert train_rows(out) == train_rows(mapped)
