@@ -12,6 +12,7 @@ import yaml
 
 from data_pipeline.cli import main
 from data_pipeline.schema import IGNORE_INDEX, load_manifest
+from sft_stack.common.errors import USER_ERROR
 from tests.helpers.data import TINY_LLAMA, write_jsonl
 from trainer.data import collate, open_split
 from trainer.loss import loss_sum
@@ -144,7 +145,7 @@ def test_a_mapping_to_no_known_field_is_one_line(
     tmp_path: Path, columns: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = write_jsonl(tmp_path / "gsm8k.jsonl", gsm_records())
-    assert main(prepare_args(source, tmp_path / "out", "--columns", columns)) == 1
+    assert main(prepare_args(source, tmp_path / "out", "--columns", columns)) == USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -154,7 +155,7 @@ def test_an_unmapped_question_answer_file_suggests_the_mapping(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = write_jsonl(tmp_path / "gsm8k.jsonl", gsm_records())
-    assert main(prepare_args(source, tmp_path / "out")) == 1
+    assert main(prepare_args(source, tmp_path / "out")) == USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "keys: answer, question" in err and "--columns instruction=question" in err
 

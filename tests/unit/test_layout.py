@@ -76,3 +76,24 @@ def test_no_generic_top_level_names() -> None:
     """Installing the project adds only the design's packages and the project-named namespace to site-packages."""
     tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests"}
     assert tops == {"launcher", "trainer", "data_pipeline", "tracking", "sft_stack"}, sorted(tops)
+
+
+PRODUCT = ("launcher", "trainer", "data_pipeline", "tracking", "sft_stack")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 80
+
+
+def test_no_product_module_over_600_lines_and_no_function_over_80() -> None:
+    """Each module stays one job a reader can hold (STYLE.md); a growing file is a sign a new module is due."""
+    long_modules, long_functions = [], []
+    for package in PRODUCT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            name = str(path.relative_to(ROOT))
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                long_modules.append(name)
+            for node in ast.walk(ast.parse(text)):
+                is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                if is_function and (node.end_lineno or node.lineno) - node.lineno + 1 > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}:{node.lineno} {node.name}")
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions
