@@ -219,10 +219,13 @@ def open_client(tracking_uri: str) -> Any:
     redact_logs()
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    if tracking_uri.startswith("sqlite:///"):
-        with store_lock(tracking_uri):
-            client.search_experiments(max_results=1)  # the first call opens the store and creates its tables
+    with store_lock(tracking_uri):
+        # Both under the lock: depending on the MLflow version the client builds its store (and a fresh sqlite
+        # store's tables, an alembic migration that two processes must not run at once) in the constructor or on
+        # the first call. Seen racing here: two prepare records at once -> "table _alembic_tmp_tags already exists".
+        client = MlflowClient(tracking_uri)
+        if tracking_uri.startswith("sqlite:///"):
+            client.search_experiments(max_results=1)
     return client
 
 

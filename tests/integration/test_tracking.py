@@ -248,3 +248,21 @@ def test_run_is_named_by_model_method_and_data(tmp_path: Path) -> None:
 
     assert run_name(tiny_config(tmp_path / "out")) == "tiny_llama-full-data"
     assert run_name(tiny_config(tmp_path / "out", "tracking.run_name=mine")) == "mine"
+
+
+def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two prepare records (or a record and a run) opening a new sqlite store at once raced in its table creation
+    ("table _alembic_tmp_tags already exists", then every later run spooled): open_client holds the store's lock
+    from the client's construction on. Real processes, started together."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    code = (
+        "import sys; from tracking.naming import open_client, get_or_create_experiment;"
+        f"c = open_client({uri!r}); print(get_or_create_experiment(c, 'race', None))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err[-2000:] for _, err, rc in results if rc]
+    assert len({out.strip() for out, _, _ in results}) == 1  # one experiment, found or created by each
