@@ -604,9 +604,9 @@ def baseline_main(argv: list[str]) -> None:
 
 def _rss_gb() -> float:
     """Peak resident set size (GiB), the trainer's mem_gb on CPU."""
-    import resource
+    from sft_stack.common.memory import peak_rss_mib
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_mib() / 1024
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from data_pipeline.schema import Manifest
 from sft_stack.common.atomic import write_text_atomic
+from sft_stack.common.memory import peak_rss_mib
 from trainer import checkpoint, preemption, progress, sequence_parallel
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, pad_id_for, val_batches
@@ -443,9 +444,7 @@ def memory_gb() -> float:
     """Peak accelerator memory of this rank (GiB); on CPU the peak resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_mib() / 1024
 
 
 # -- evaluation, saving, export --

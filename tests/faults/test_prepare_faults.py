@@ -254,9 +254,9 @@ def test_a_thousand_sources_in_one_prepare(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- huge record
 
 MEMORY_BOUND_MB = 700
-"""docs/data.md, "Memory": prepare's own footprint (about 300 MB: Python, tokenizers, pyarrow, datasets) plus about
+"""docs/data.md, "Memory": prepare's own footprint (about 500 MB: Python, torch via transformers, tokenizers, pyarrow, datasets) plus about
 250x the largest record it accepts (max_record_bytes); records over that bound cost a read buffer. Here the bound is
-256 KiB, so about 300 + 64 MB; 700 leaves room for allocator slack and is far below the 4 GB the 16 MiB record
+256 KiB, so about 500 + 64 MB (measured: 513); 700 leaves room for allocator slack and is far below the 4 GB the 16 MiB record
 would cost if it were tokenized (250x)."""
 
 
@@ -270,11 +270,12 @@ def test_peak_memory_with_a_huge_record_stays_under_the_bound(tmp_path: Path) ->
             f.write(json.dumps(record) + "\n")
     out = tmp_path / "out"
     script = f"""
-import json, resource
+import json
 from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
+from sft_stack.common.memory import peak_rss_mib
 manifest = prepare(PrepareOptions(sources=(SourceSpec(path={str(source)!r}),), tokenizer={str(TINY_LLAMA)!r},
     out={str(out)!r}, max_record_bytes=256 << 10, max_seq_len=512, max_dropped_fraction=1.0, progress=False))
-print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "counts": manifest.counts}}))
+print(json.dumps({{"peak_mb": peak_rss_mib(), "counts": manifest.counts}}))
 """
     done = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -56,6 +56,8 @@ class Gateway:
         self.authorized = 0
         self.with_token = 0
         self.refused = 0
+        self.refusals: list[str] = []
+        """What each refused request was: method, path up to its query, whether it carried an Authorization."""
         gateway = self
         prefix = f"/?token={TOKEN}"
         expected_auth = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
@@ -70,6 +72,9 @@ class Gateway:
                     self.path.startswith("/?") and not self.path.startswith(prefix + "/")
                 ):
                     gateway.refused += 1
+                    auth = self.headers.get("Authorization")
+                    what = "none" if auth is None else "wrong" if auth != expected_auth else "right"
+                    gateway.refusals.append(f"{self.command} {self.path.partition('?')[0]} (authorization: {what})")
                     self.send_response(401)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -152,9 +157,16 @@ def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer,
         )  # fmt: skip
         assert prepare.returncode == 0, prepare.stderr
         record_file = work / "data" / "mlflow_prepare_run.json"
+        record_log = work / "data" / "mlflow_prepare_run.log"
         deadline = time.monotonic() + 300  # generous: the detached record imports mlflow on a busy machine
         while not record_file.is_file() and time.monotonic() < deadline:
+            if record_log.is_file() and "not tracked" in record_log.read_text():
+                break  # the record gave up: its log says why
             time.sleep(0.5)
+        assert record_file.is_file(), (
+            f"no prepare record; its log: {record_log.read_text() if record_log.is_file() else '(none)'}; "
+            f"gateway refused {gateway.refusals}"
+        )
         record = json.loads(record_file.read_text())
         assert record["tracking_uri"] == redacted
 
@@ -193,7 +205,7 @@ def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer,
         gateway.close()
 
     # the connection used the real credentials: every run landed through the gateway, none was refused
-    assert gateway.authorized > gateway.with_token > 0 and gateway.refused == 0
+    assert gateway.authorized > gateway.with_token > 0 and gateway.refusals == []
     client = MlflowClient(server.uri)
     live_run = client.get_run(state["run_id"])
     assert live_run.info.status == "FINISHED"
