@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ __all__ = ["PREPARE_RUN_FILE", "is_enabled", "log_prepare_run", "record_in_backg
 
 EXPERIMENT = "sft-data"
 LOG_FILE = "mlflow_prepare_run.log"
+BACKGROUND_RETRY_DELAYS_S = (5.0, 30.0, 60.0)
+"""The detached record (and ``python -m data_pipeline.tracking``) tries four times over about 95 s: nobody waits
+on it, and a server restarting meanwhile still gets the record."""
 OPTIONS_FILE = "mlflow_prepare_options.json"
 """The options as given, for the background process: in a file, since a command line has a length limit (620
 sources overran it)."""
@@ -112,26 +116,36 @@ def prepare_record(manifest: Manifest, out_dir: Path, options: Any = None) -> Pr
     )
 
 
-def log_prepare_run(manifest: Manifest, out_dir: str | Path, options: Any = None) -> str | None:
+def log_prepare_run(
+    manifest: Manifest, out_dir: str | Path, options: Any = None, retry_delays_s: tuple[float, ...] = ()
+) -> str | None:
     """Log one finished prepare as an MLflow run, now; return its id (None if MLflow is unreachable).
 
     ``options``: the PrepareOptions (dataclass) or a dict; None logs ``manifest.options``. Logging the same
     output (same fingerprint, same store) again returns the existing run instead of a duplicate.
+    ``retry_delays_s``: after a failed attempt, wait this long and try again, once per entry (each request is
+    tried once, so one dropped connection or slow answer would otherwise lose the record).
     """
     out_dir = Path(out_dir)
     uri = redact_text(resolve_tracking_uri(None)[0])
     previous = _read_prepare_file(out_dir)
     if previous and previous.get("tracking_uri") == uri and previous.get("fingerprint") == manifest.fingerprint:
         return str(previous["run_id"])
-    try:
-        body = log_record(prepare_record(manifest, out_dir, options), EXPERIMENT)
-    except Exception as exc:  # tracking must never fail a prepare that succeeded
-        print(
-            f"prepare: not tracked in MLflow at {uri} ({type(exc).__name__}: {short(exc)}); "
-            f"log it later with `python -m data_pipeline.tracking {out_dir}`",
-            file=sys.stderr,
-        )
-        return None
+    for attempt, delay in enumerate((*retry_delays_s, None), start=1):
+        try:
+            body = log_record(prepare_record(manifest, out_dir, options), EXPERIMENT)
+            break
+        except Exception as exc:  # tracking must never fail a prepare that succeeded
+            failure = f"{type(exc).__name__}: {short(exc)}"
+            if delay is None:
+                print(
+                    f"prepare: not tracked in MLflow at {uri} ({failure}); "
+                    f"log it later with `python -m data_pipeline.tracking {out_dir}`",
+                    file=sys.stderr,
+                )
+                return None
+            print(f"prepare: attempt {attempt} to record in MLflow failed ({failure}); retrying", file=sys.stderr)
+            time.sleep(delay)
     write_json_atomic(out_dir / PREPARE_RUN_FILE, body)
     return body["run_id"]
 
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args[0])
     options = json.loads(Path(args[2]).read_text(encoding="utf-8")) if len(args) == 3 else None
-    run_id = log_prepare_run(load_manifest(out_dir), out_dir, options)
+    run_id = log_prepare_run(load_manifest(out_dir), out_dir, options, retry_delays_s=BACKGROUND_RETRY_DELAYS_S)
     if run_id is None:
         return 1
     print(f"prepare run {run_id} -> {out_dir / PREPARE_RUN_FILE}")

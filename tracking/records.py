@@ -7,6 +7,7 @@ failure means (``prepare`` must never fail because of tracking; ``evaluate`` rep
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import subprocess
@@ -96,9 +97,14 @@ def log_prepare_run(record: PrepareRecord, experiment: str) -> dict[str, str]:
     params = [Param(k, v) for k, v in clean_params(record.params).items()]
     tags = [RunTag(k, v) for k, v in clean_params(record.tags, MAX_TAG_CHARS).items()]
     metrics = [Metric(metric_name(k), v, run.info.start_time, 0) for k, v in record.metrics.items()]
-    log_batch(client, run_id, metrics=metrics, params=params, tags=tags)
-    log_dataset(client, run_id, record.dataset)
-    _log_texts(client, run_id, record.texts)
+    try:
+        log_batch(client, run_id, metrics=metrics, params=params, tags=tags)
+        log_dataset(client, run_id, record.dataset)
+        _log_texts(client, run_id, record.texts)
+    except Exception:
+        with contextlib.suppress(Exception):  # a half-logged run must not stay RUNNING; the caller retries
+            client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return {
         "run_id": run_id,

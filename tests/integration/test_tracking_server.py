@@ -333,3 +333,36 @@ def test_bench_tracking_quick(live: MlflowServer) -> None:
     assert report["steps"] == 200
     assert report["metric_values_logged"] == report["metric_values_expected"] == 2000
     assert set(report["log_metrics_us"]) == {"mean", "p50", "p99", "max"}
+
+
+def test_prepare_record_retries_until_the_server_is_back(trained: dict, tmp_path: Path) -> None:
+    """The detached prepare record meets a real refused connection (no server on the port yet), says so, and
+    lands once a real server comes up on that port: one restart does not lose the record."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    data = tmp_path / "data"
+    shutil.copytree(trained["data_dir"], data, ignore=shutil.ignore_patterns("mlflow_prepare_run.*"))
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    record = subprocess.Popen(
+        [sys.executable, "-m", "data_pipeline.tracking", str(data)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    server = MlflowServer(tmp_path / "store", port=port)
+    try:
+        assert record.stderr is not None
+        first = record.stderr.readline()
+        assert "attempt 1 to record in MLflow failed" in first and "retrying" in first, first
+        server.start()
+        out, err = record.communicate(timeout=300)
+        assert record.returncode == 0, err
+        run_id = json.loads((data / "mlflow_prepare_run.json").read_text())["run_id"]
+        assert f"prepare run {run_id}" in out
+        run = MlflowClient(server.uri).get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params  # the options arrived
+    finally:
+        record.kill()
+        server.stop()
