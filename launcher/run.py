@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from data_pipeline.schema import DataError
 from sft_stack.common.errors import FAILURE, PREFIX, USER_ERROR  # the one convention (README, "Exit status")
+from sft_stack.common.project import SECRET_OVERRIDES_ENV
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.preflight import find_problems
@@ -85,7 +86,9 @@ def init_distributed(timeout_s: float) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # `sft train` passes overrides holding a credential here, off the command line the runner prints
+        secret = [line for line in os.environ.get(SECRET_OVERRIDES_ENV, "").splitlines() if line]
+        cfg = load_config(args.config, [*args.overrides, *secret])
     except ConfigError as exc:
         if is_node_leader():
             print(f"{PREFIX}{exc}", file=sys.stderr, flush=True)

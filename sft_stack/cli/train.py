@@ -7,6 +7,11 @@
 runs ``deepspeed [--num_gpus N] [--num_nodes M] [--hostfile H] [--master_port P] launcher/run.py --config CONFIG
 [overrides]`` (``DS_ACCELERATOR=cpu`` with ``--cpu``), printing that command first. ``deepspeed launcher/run.py``
 itself and the SLURM scripts (slurm/train.sbatch) are unchanged: this command only builds their command line.
+
+An override whose value holds a credential (``tracking.uri=http://user:PASSWORD@host``, a ``?token=`` value) is
+kept off that command line, which the deepspeed runner prints: on one node it reaches the ranks through the
+environment (``SFT_SECRET_OVERRIDES``, applied after the command line's overrides); with a hostfile it cannot
+(the runner exports only some variables, in a command it also prints), so it is refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import sys
 from pathlib import Path
 
 from sft_stack.common.errors import user_error
-from sft_stack.common.project import CONFIGS_DIR, LAUNCHER
+from sft_stack.common.project import CONFIGS_DIR, LAUNCHER, SECRET_OVERRIDES_ENV
+from tracking.naming import redact_text
 
 
 def build_parser(prog: str = "python -m sft_stack.cli.train") -> argparse.ArgumentParser:
@@ -93,10 +99,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.tra
     bad = [item for item in args.overrides if "=" not in item]
     if bad:
         return user_error(f"{bad[0]!r}: expected a section.key=value override (e.g. train.max_steps=10)")
+    secret = [item for item in args.overrides if redact_text(item) != item]
+    if secret and args.hostfile is not None:
+        return user_error(
+            f"{redact_text(secret[0])}: a credential on a multi-node command line is printed by the deepspeed "
+            "runner on every launch; put the URI without it and give the credentials as MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD in ~/.deepspeed_env on every node"
+        )
+    args.overrides = [item for item in args.overrides if item not in secret]
     command = deepspeed_command(args, config)
     env = {**os.environ, "DS_ACCELERATOR": "cpu"} if args.cpu else dict(os.environ)
+    if secret:
+        env[SECRET_OVERRIDES_ENV] = "\n".join(secret)
     shown = shlex.join(["deepspeed", *command[3:]])
-    print(f"sft train: {'DS_ACCELERATOR=cpu ' if args.cpu else ''}{shown}", file=sys.stderr, flush=True)
+    hidden = f" (from the environment: {' '.join(redact_text(item) for item in secret)})" if secret else ""
+    print(f"sft train: {'DS_ACCELERATOR=cpu ' if args.cpu else ''}{shown}{hidden}", file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
     sys.stdout.flush()

@@ -12,3 +12,6 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"
 """The shipped run recipes (``sft configs`` lists them)."""
 LAUNCHER = PROJECT_ROOT / "launcher" / "run.py"
 """The per-rank entry point ``sft train`` hands to the deepspeed launcher."""
+SECRET_OVERRIDES_ENV = "SFT_SECRET_OVERRIDES"
+"""Run-config overrides holding a credential, one per line: ``sft train`` moves them here from the command line
+(which the deepspeed runner prints) and launcher/run.py applies them after the command line's overrides."""

@@ -135,6 +135,23 @@ def test_train_builds_the_deepspeed_line(tmp_path: Path, capsys: pytest.CaptureF
     )
 
 
+PLANTED_URI = "http://alice:pw-PLANTED@127.0.0.1:9/?token=tok-PLANTED"
+
+
+def test_train_keeps_a_credential_off_the_printed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "tiny_cpu", "--cpu", "--dry-run", f"tracking.uri={PLANTED_URI}", "train.max_steps=2"]) == 0
+    assert capsys.readouterr().err == (
+        f"sft train: DS_ACCELERATOR=cpu deepspeed {REPO / 'launcher/run.py'} --config {REPO / 'configs/tiny_cpu.yaml'} "
+        "train.max_steps=2 (from the environment: tracking.uri=http://***@127.0.0.1:9/?token=***)\n"
+    )
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=8\n")
+    assert main(["train", "tiny_cpu", "--hostfile", str(hosts), "--dry-run", f"tracking.uri={PLANTED_URI}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sft: error: tracking.uri=http://***@127.0.0.1:9/?token=***: a credential on a multi-node")
+    assert "PLANTED" not in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -161,10 +178,13 @@ def test_sft_train_trains_the_tiny_model_on_two_gloo_ranks(tmp_path: Path) -> No
     result = sft(
         "train", "--cpu", "--gpus", "2", "--master-port", str(port), "configs/tiny_cpu.yaml",
         f"data.path={data}", f"train.output_dir={out}", "train.max_steps=4", "train.save_every_steps=0",
-        "eval.every_steps=0", "tracking.enabled=false", timeout=1200,
+        "eval.every_steps=0", "tracking.enabled=false", f"tracking.uri={PLANTED_URI}", timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stderr.startswith("sft train: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 ")
+    # the credential reached the ranks (their resolved config holds the URI, redacted) but no printed line
+    assert "uri: http://***@127.0.0.1:9/?token=***" in (out / "run_config.yaml").read_text()
+    assert "PLANTED" not in result.stdout + result.stderr
     ds_config = json.loads((out / "ds_config.json").read_text())
     assert ds_config["train_batch_size"] == 4 * 2 * 2  # 4 micro x 2 accum x 2 ranks: both ranks joined
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
