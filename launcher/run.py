@@ -27,6 +27,7 @@ from sft_stack.common.errors import FAILURE, PREFIX, USER_ERROR  # the one conve
 from sft_stack.common.project import SECRET_OVERRIDES_ENV
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
+from trainer.dist import remove_cpu_shm_buffer
 from trainer.preflight import find_problems
 from trainer.write_errors import WriteFailedError
 
@@ -106,6 +107,7 @@ def main(argv: list[str]) -> int:
 
     set_single_process_env()
     announce_join()
+    remove_cpu_shm_buffer()  # a killed run's, under the name this rank is about to create
     init_distributed(cfg.train.collective_timeout_s)
     try:
         ds_config = build_ds_config(cfg, dist.get_world_size())
@@ -120,9 +122,11 @@ def main(argv: list[str]) -> int:
         return FAILURE
     except CollectiveTimeoutError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr, flush=True)
+        remove_cpu_shm_buffer()
         os._exit(FAILURE)  # destroy_process_group would wait on the rank that hung
     finally:
         dist.destroy_process_group()
+        remove_cpu_shm_buffer()
     return 0
 
 

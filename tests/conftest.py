@@ -1,4 +1,4 @@
-"""Suite-wide: the MLflow store of runs that name none.
+"""Suite-wide: the MLflow store of runs that name none, and the shared memory that killed CPU ranks leave.
 
 Without ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` a run logs to ``./mlruns`` in the current directory (the
 project's default store, docs/tracking.md); the suite's runs go to a store of its own instead of the checkout's.
@@ -8,7 +8,9 @@ Tests of the default itself unset the variable and change directory.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +25,21 @@ def suite_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     os.environ["MLFLOW_TRACKING_URI"] = store_uri(tmp_path_factory.mktemp("suite") / "mlruns")
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+SESSION_STARTED = time.time()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leftover_cpu_shm_buffers() -> Iterator[None]:
+    """After each module, the DeepSpeed CPU allreduce buffers (66 MB of RAM per rank in /dev/shm) that this
+    session's launches left: launcher/run.py removes its own (trainer.dist.remove_cpu_shm_buffer), but a rank
+    the drills kill, and the test scenario scripts that call deepspeed directly, leave theirs, and hundreds of
+    launches would hold gigabytes of the machine's memory. No launch outlives its module."""
+    yield
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if path.stat().st_mtime >= SESSION_STARTED:
+                path.unlink()
+        except OSError:
+            pass

@@ -1,5 +1,5 @@
 """Distributed helpers, one home: this rank's number, a barrier, the accelerator's name and local device, the
-ZeRO stage of a DeepSpeed config.
+ZeRO stage of a DeepSpeed config, and the removal of this rank's CPU shared-memory buffer.
 
 Every function also works outside a process group (a single-process export, a test, a tool a person runs):
 rank 0 of a world of 1, and a barrier that has nobody to wait for.
@@ -7,7 +7,9 @@ rank 0 of a world of 1, and a barrier that has nobody to wait for.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,3 +61,25 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return int(stage)
+
+
+def remove_cpu_shm_buffer() -> None:
+    """Delete this rank's DeepSpeed CPU allreduce buffer, ``/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK``.
+
+    On the CPU accelerator (all ranks on one node) each rank creates a 66 MB shared-memory file at
+    ``init_distributed`` that DeepSpeed never unlinks: every launch leaves its ranks' files in RAM until reboot
+    (hundreds of launches filled 13 GB of /dev/shm here), and a killed run's files sit under the name the next
+    launch on the same address and port opens. Called before joining (no rank maps a buffer before every rank
+    has joined the rendezvous) and after leaving; a name that does not exist (a GPU run) is a no-op.
+    """
+    name = "_".join(
+        (
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            os.environ.get("RANK", "0"),
+        )
+    )
+    with contextlib.suppress(OSError):
+        (Path("/dev/shm") / name).unlink()

@@ -175,6 +175,10 @@ def test_sft_train_trains_the_tiny_model_on_two_gloo_ranks(tmp_path: Path) -> No
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "run"
+    # what a killed CPU run on this rendezvous leaves: its ranks' shared-memory buffers, which DeepSpeed never unlinks
+    buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}") for rank in (0, 1)]
+    for stale in buffers:
+        stale.write_bytes(b"\xff" * 4096)
     result = sft(
         "train", "--cpu", "--gpus", "2", "--master-port", str(port), "configs/tiny_cpu.yaml",
         f"data.path={data}", f"train.output_dir={out}", "train.max_steps=4", "train.save_every_steps=0",
@@ -190,6 +194,7 @@ def test_sft_train_trains_the_tiny_model_on_two_gloo_ranks(tmp_path: Path) -> No
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in steps if "loss" in row] == [1, 2, 3, 4]
     assert (out / "final" / "config.json").is_file()
+    assert [path for path in buffers if path.exists()] == []  # removed before joining, and this run's after leaving
 
 
 OLD_ENTRY_POINTS = [
