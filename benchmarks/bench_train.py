@@ -43,6 +43,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from sft_stack.common.tokenizer import load_tokenizer  # noqa: E402
+from trainer.data import pad_id_for  # noqa: E402
+
 LLAMA2_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "llama2_sentencepiece"
 WORDS_SOURCE = REPO / "tests" / "fixtures" / "real" / "alpaca" / "alpaca_en_demo.json"
 GIB = 2**30
@@ -239,11 +242,8 @@ def run_logged(argv: list[str], log: Path, env: dict[str, str]) -> None:
 
 
 def pad_token_id(model_dir: Path) -> int:
-    """The padding id the trainer uses: the tokenizer's pad token, else its EOS."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    """The padding id the trainer uses (trainer.data.pad_id_for) for the tokenizer in ``model_dir``."""
+    return pad_id_for(load_tokenizer(model_dir))
 
 
 def train_rows(metrics: Path) -> list[dict[str, Any]]:

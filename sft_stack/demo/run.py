@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_stack.common.ports import free_port
 from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
 from sft_stack.demo.tokenizer import train_char_tokenizer
 from tracking.links import DASHBOARD, NOTE_TAG, compare_url, run_page_url
@@ -240,9 +240,7 @@ def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str
 def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, extra: Sequence[str] = ()) -> str:
     """The real launcher: ``deepspeed --num_gpus 2 launcher/run.py`` on CPU ranks over gloo; returns the command."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    with socket.socket() as probe:  # a free port: another launcher (a test, a second demo) may hold 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # another launcher (a test, a second demo) may hold 29500
     import torch
 
     # CPU: 2 ranks over gloo. With GPUs: one rank per GPU, at most 2, so the step budget means the same.
