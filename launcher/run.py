@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(f"{PREFIX}{problem}" for problem in problems), file=sys.stderr, flush=True)
     if problems:
         return USER_ERROR
+    # Only now torch, DeepSpeed and the loop: a mistake found above ended the launch in seconds, before they load.
     import torch.distributed as dist
 
     from trainer.ds_config import build_ds_config
