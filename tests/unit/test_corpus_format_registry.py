@@ -5,8 +5,6 @@ tests/unit/test_chat_registry.py)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from data_pipeline.schema import IGNORE_INDEX
 from sft_stack.chat.conversation import Conversation, InputError, Message, Reject
 from sft_stack.chat.templates import Encoded, resolve_template
 from tests.helpers.data import write_jsonl
+from tests.helpers.modules import imported_module
 
 TINY_BPE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "tiny_bpe"
 
@@ -57,13 +56,8 @@ RECORDS = [{"q": f"What is {a} + {a}?", "a": str(2 * a)} for a in range(6)]
 def throwaway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The throwaway module imported from a temporary directory; the registry restored afterwards."""
     saved = (list(REGISTRY), list(FORMATS), dict(COLUMN_FIELDS), list(DETECTED))
-    folder = tmp_path / "formats"
-    folder.mkdir()
-    (folder / "throwaway_corpus_format.py").write_text(THROWAWAY_MODULE, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(folder))
-    importlib.import_module("throwaway_corpus_format")
-    yield "throwaway_qa"
-    sys.modules.pop("throwaway_corpus_format", None)
+    with imported_module(tmp_path / "formats", "throwaway_corpus_format", THROWAWAY_MODULE, monkeypatch):
+        yield "throwaway_qa"
     REGISTRY[:], FORMATS[:], DETECTED[:] = saved[0], saved[1], saved[3]
     COLUMN_FIELDS.clear()
     COLUMN_FIELDS.update(saved[2])
