@@ -35,6 +35,7 @@ def measure(seq: int, tile: int, sp: int, layers: int, hidden: int, vocab: int) 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # The trainer (and torch) in the measuring child only: the parent just starts the ranks and reads their JSON.
     sys.path.insert(0, str(ROOT))
     from trainer import sequence_parallel
     from trainer.data import collate

@@ -43,6 +43,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare  # noqa: E402
+from data_pipeline.schema import load_manifest  # noqa: E402
+from sft_stack.common.memory import peak_rss_mib  # noqa: E402
+from sft_stack.common.tokenizer import load_tokenizer  # noqa: E402
+from trainer.data import DataCursor, TrainData, collate, open_split, pad_id_for  # noqa: E402
+from trainer.families import resolve_family  # noqa: E402
+from trainer.metrics import mfu, peak_flops, train_flops  # noqa: E402
+from trainer.model import count_params as trainer_count  # noqa: E402
+from trainer.model import quantization_config  # noqa: E402
+
 LLAMA2_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "llama2_sentencepiece"
 WORDS_SOURCE = REPO / "tests" / "fixtures" / "real" / "alpaca" / "alpaca_en_demo.json"
 GIB = 2**30
@@ -150,8 +160,6 @@ def write_corpus(path: Path, n_records: int, seed: int, max_len: int) -> Path:
 
 def prepare_data(work: Path, model_dir: Path, case: Case) -> Path:
     """A packed prepared directory with enough rows for every step of the case (reused when present)."""
-    from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
-
     rows_needed = case.steps * case.micro_batch_size * case.grad_accum_steps
     # Packed rows fill ~95% of seq; 450 tokens per record on average; 20% spare.
     n_records = int(rows_needed * case.seq * 0.95 / 450 * 1.2) + 64
@@ -239,11 +247,8 @@ def run_logged(argv: list[str], log: Path, env: dict[str, str]) -> None:
 
 
 def pad_token_id(model_dir: Path) -> int:
-    """The padding id the trainer uses: the tokenizer's pad token, else its EOS."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    """The padding id the trainer uses (trainer.data.pad_id_for) for the tokenizer in ``model_dir``."""
+    return pad_id_for(load_tokenizer(model_dir))
 
 
 def train_rows(metrics: Path) -> list[dict[str, Any]]:
@@ -256,10 +261,6 @@ def train_rows(metrics: Path) -> list[dict[str, Any]]:
 
 def replay_steps(data_dir: Path, case: Case, pad_id: int, steps: int) -> list[tuple[int, int]]:
     """(tokens, sum_seq_sq) of each optimizer step, from the trainer's own data order (world size 1)."""
-    from data_pipeline.schema import load_manifest
-    from trainer.data import DataCursor, TrainData, open_split
-    from trainer.families import resolve_family
-
     manifest = load_manifest(data_dir)
     data = TrainData(
         open_split(data_dir, "train", manifest),
@@ -286,8 +287,6 @@ def count_params(model_dir: Path, method: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.model import count_params as trainer_count
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
         if method in ("lora", "qlora"):
@@ -310,8 +309,6 @@ def measure(
     The window runs from the last row at or before step ``warmup`` (or the start) to the last row; with
     train.log_every_steps > 1 it snaps to logged steps.
     """
-    from trainer.metrics import mfu, train_flops
-
     anchors = [i for i, row in enumerate(rows) if row["step"] <= warmup] if warmup else []
     if not rows or (anchors and anchors[-1] == len(rows) - 1):
         raise RuntimeError(f"no logged steps after warmup={warmup}: logged steps {[row['step'] for row in rows]}")
@@ -384,8 +381,6 @@ def versions() -> dict[str, str | None]:
 
 def run_case(case: Case, levers: Levers, args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
-    from trainer.metrics import peak_flops
 
     work = Path(args.work_dir) / case.name
     work.mkdir(parents=True, exist_ok=True)
@@ -472,6 +467,7 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--liger", action="store_true")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
+    # DeepSpeed (and the loop, which imports it) only in the worker process: the parent and the baseline never use it.
     import deepspeed
 
     from trainer import loop
@@ -513,20 +509,35 @@ def baseline_main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-
-    import peft
     import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    from data_pipeline.schema import load_manifest
-    from trainer.data import collate, open_split
-    from trainer.model import quantization_config
 
     config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
-    model_cfg, train_cfg = config["model"], config["train"]
     cuda = torch.cuda.is_available()
+    model = baseline_model(config, args.base, cuda)
+    tokens_per_micro, step_times = train_baseline(model, config, Path(args.out).parent / "hf_out", cuda)
+    accum, warmup = config["train"]["grad_accum_steps"], args.warmup
+    tokens = sum(tokens_per_micro[warmup * accum : len(step_times) * accum])
+    elapsed = step_times[-1] - step_times[warmup - 1]
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else _rss_gb()
+    result = {
+        "tokens_per_s": tokens / elapsed,
+        "peak_mem_gb": peak,
+        "tokens": tokens,
+        "elapsed_s": elapsed,
+        "steps_measured": len(step_times) - warmup,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def baseline_model(config: dict[str, Any], base: str, cuda: bool) -> Any:
+    """The random base in NF4, prepared for k-bit training and wrapped in the run's LoRA, as PEFT's docs do it."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = config["model"]
     model = AutoModelForCausalLM.from_pretrained(
-        args.base,
+        base,
         dtype=torch.bfloat16,
         quantization_config=quantization_config(),
         device_map={"": 0 if cuda else "cpu"},
@@ -538,7 +549,7 @@ def baseline_main(argv: list[str]) -> None:
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     lora = config["lora"]
-    model = peft.get_peft_model(  # type: ignore[assignment]
+    return peft.get_peft_model(
         model,
         peft.LoraConfig(
             r=lora["r"],
@@ -548,9 +559,16 @@ def baseline_main(argv: list[str]) -> None:
             task_type="CAUSAL_LM",
         ),
     )
-    data_dir = config["data"]["path"]
+
+
+def train_baseline(model: Any, config: dict[str, Any], output_dir: Path, cuda: bool) -> tuple[list[int], list[float]]:
+    """HF Trainer on our run's training rows, batch and steps; (tokens of each micro-batch, each step's end time)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    train_cfg, data_dir = config["train"], config["data"]["path"]
     rows = open_split(data_dir, "train", load_manifest(data_dir))
-    pad_id = pad_token_id(Path(model_cfg["path"]))
+    pad_id = pad_token_id(Path(config["model"]["path"]))
     tokens_per_micro: list[int] = []
 
     def collator(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -570,7 +588,7 @@ def baseline_main(argv: list[str]) -> None:
             step_times.append(time.monotonic())
 
     training_args = TrainingArguments(
-        output_dir=str(Path(args.out).parent / "hf_out"),
+        output_dir=str(output_dir),
         per_device_train_batch_size=train_cfg["micro_batch_size"],
         gradient_accumulation_steps=train_cfg["grad_accum_steps"],
         max_steps=train_cfg["max_steps"],
@@ -588,24 +606,11 @@ def baseline_main(argv: list[str]) -> None:
     Trainer(
         model=model, args=training_args, train_dataset=rows, data_collator=collator, callbacks=[StepClock()]
     ).train()
-    accum, warmup = train_cfg["grad_accum_steps"], args.warmup
-    tokens = sum(tokens_per_micro[warmup * accum : len(step_times) * accum])
-    elapsed = step_times[-1] - step_times[warmup - 1]
-    peak = torch.cuda.max_memory_allocated() / GIB if cuda else _rss_gb()
-    result = {
-        "tokens_per_s": tokens / elapsed,
-        "peak_mem_gb": peak,
-        "tokens": tokens,
-        "elapsed_s": elapsed,
-        "steps_measured": len(step_times) - warmup,
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return tokens_per_micro, step_times
 
 
 def _rss_gb() -> float:
     """Peak resident set size (GiB), the trainer's mem_gb on CPU."""
-    from sft_stack.common.memory import peak_rss_mib
-
     return peak_rss_mib() / 1024
 
 

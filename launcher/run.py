@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from data_pipeline.schema import DataError
 from sft_stack.common.errors import FAILURE, PREFIX, USER_ERROR  # the one convention (README, "Exit status")
+from sft_stack.common.ports import free_port
 from sft_stack.common.project import SECRET_OVERRIDES_ENV
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
@@ -38,12 +38,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     return parser.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def set_single_process_env() -> None:
@@ -99,6 +93,7 @@ def main(argv: list[str]) -> int:
         print("\n".join(f"{PREFIX}{problem}" for problem in problems), file=sys.stderr, flush=True)
     if problems:
         return USER_ERROR
+    # Only now torch, DeepSpeed and the loop: a mistake found above ended the launch in seconds, before they load.
     import torch.distributed as dist
 
     from trainer.ds_config import build_ds_config

@@ -26,10 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline.schema import DataError, load_manifest
+from sft_stack.chat.conversation import InputError
+from sft_stack.chat.templates import resolve_template
 from trainer import progress
+from trainer.checkpoint import COMPLETE, CheckpointError, is_tag, latest_tag_text, verify
 from trainer.config import ConfigError, RunConfig
 from trainer.dist import barrier, is_rank0, rank
 from trainer.model import DTYPES, LoadedModel, load_model
+from trainer.models.norm_head import NormHead, normalized_lm_head
 from trainer.run_dir import EXPORT_INFO_FILE, LATEST_FILE, RunDir
 from trainer.write_errors import WRITE_ERRORS, describe, fail_together, gather_failures
 
@@ -81,8 +86,6 @@ def adapter_problem(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 def export_info(cfg: RunConfig, base_model_path: str) -> dict[str, Any]:
     """The contents of sft_export.json: how to load the export and render prompts for it."""
-    from data_pipeline.schema import DataError, load_manifest
-
     template: str | None = None
     fingerprint: str | None = None
     try:
@@ -103,9 +106,6 @@ def template_stop_token_ids(template: str | None, tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn under the training template ([] when unknown)."""
     if template is None:
         return []
-    from sft_stack.chat.conversation import InputError
-    from sft_stack.chat.templates import resolve_template
-
     try:
         return list(resolve_template(template, tokenizer).stop_token_ids)
     except InputError as exc:
@@ -169,8 +169,6 @@ def write_adapter(
 
 def fold_norm_heads(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Write a NormHead's rows normalized, so the export is a plain Linear head that plain transformers runs."""
-    from trainer.models.norm_head import NormHead, normalized_lm_head
-
     for name, module in model.named_modules():
         key = f"{name}.weight"
         if isinstance(module, NormHead) and key in state_dict:
@@ -257,8 +255,6 @@ def resolve_checkpoint(path: Path) -> Path:
     The directory must carry our COMPLETE marker and match its hashes (trainer.checkpoint.verify) before
     anything in it is unpickled: DeepSpeed's files are loaded with ``torch.load(weights_only=False)``.
     """
-    from trainer.checkpoint import COMPLETE, CheckpointError, is_tag, latest_tag_text, verify
-
     if RunDir.of(path).checkpoints.is_dir():
         path = RunDir.of(path).checkpoints
     pointed = latest_tag_text(path)

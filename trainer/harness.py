@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sft_stack.chat.conversation import Message
 from trainer.generation import GenerateError
 
 if TYPE_CHECKING:
@@ -280,8 +281,6 @@ def chat_template_lm() -> type:
         run_template: ChatTemplate | None = None
 
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-            from sft_stack.chat.conversation import Message
-
             if self.run_template is None:
                 return str(super().apply_chat_template(chat_history, add_generation_prompt))
             turns = list(chat_history)

@@ -273,7 +273,7 @@ def load_for_inference(
         log.info("%s is a QLoRA adapter: pass --load-in-4bit to run it on the NF4 base it was trained on", adapter_path)
     kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype, target)}
     if load_in_4bit:
-        from trainer.model import quantization_config
+        from trainer.model import quantization_config  # here: trainer.model imports the family registry too
 
         kwargs = {"dtype": torch.bfloat16, "quantization_config": quantization_config(), "device_map": {"": target}}
     model: Any

@@ -20,17 +20,23 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.schema import Manifest
+from sft_stack.chat.templates import resolve_template
 from sft_stack.common.atomic import write_text_atomic
 from sft_stack.common.memory import peak_rss_mib
 from trainer import checkpoint, preemption, progress, sequence_parallel
+from trainer import model as model_lib
 from trainer.config import RunConfig, dump_yaml
 from trainer.data import Batch, DataCursor, TrainData, check_data_on_rank0, open_split, pad_id_for, val_batches
 from trainer.dist import device_name
 from trainer.ds_config import dump_ds_config, with_universal_load
+from trainer.export import export_final
+from trainer.generation import generate_samples, read_prompts
+from trainer.harness import HarnessOptions, evaluate_at_save
 from trainer.loss import forward_loss_sum, validation_totals
 from trainer.metrics import MetricsLog, eta_s, mfu, peak_flops, perplexity, train_flops
 from trainer.optim import build_optimizer, choose_adam, lr_at, set_lr
 from trainer.run_dir import RunDir
+from trainer.run_record import open_tracker
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,8 +187,6 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from trainer.run_record import open_tracker
-
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = sequence_parallel.layout(rank, world, cfg.train.sequence_parallel_size)
     out = RunDir.of(cfg.train.output_dir)
@@ -192,7 +196,6 @@ def setup(cfg: RunConfig, ds_config: dict[str, Any]) -> tuple[Run, checkpoint.Tr
 
     tag, state, ds_config = resume_point(cfg, ds_config, out, rank, world)
     run_config_yaml, ds_config_json = write_run_configs(cfg, ds_config, out, rank)
-    model_lib = _model_lib()
     model_lib.validate_method(cfg, ds_config)
     sequence_parallel.check(cfg, world, model_lib.read_hf_config(Path(cfg.model.path)))
     grad_divisor = sequence_parallel.gradient_divisor(ds_config, world, sp.size)
@@ -326,13 +329,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _model_lib() -> Any:
-    """trainer.model (the model engineer's module)."""
-    from trainer import model
-
-    return model
 
 
 # -- per-step bookkeeping --
@@ -479,9 +475,6 @@ def evaluate(run: Run, cfg: RunConfig, step: int) -> None:
 
 def generate(run: Run, cfg: RunConfig, step: int) -> None:
     """Sample generations on every rank (ZeRO-3 forwards are collective); rank 0 records them."""
-    from sft_stack.chat.templates import resolve_template
-    from trainer.generation import generate_samples, read_prompts
-
     assert cfg.eval.prompts_file is not None
     samples = generate_samples(
         run.engine.module,
@@ -515,8 +508,6 @@ def save(run: Run, cfg: RunConfig, state: checkpoint.TrainState) -> checkpoint.T
 
 def benchmark(run: Run, cfg: RunConfig, step: int) -> None:
     """eval.harness_tasks on the just-saved weights (rank 0, ZeRO-0/1/2), logged as harness/<task>/<metric>."""
-    from trainer.harness import HarnessOptions, evaluate_at_save
-
     tasks, limit, include = cfg.eval.harness_tasks, cfg.eval.harness_limit, cfg.eval.harness_include_path
     options = HarnessOptions(tasks=tasks, limit=limit, include_path=include, seed=cfg.train.seed)
     metrics = evaluate_at_save(run.engine.module, run.loaded.tokenizer, options).metrics
@@ -526,8 +517,6 @@ def benchmark(run: Run, cfg: RunConfig, step: int) -> None:
 
 
 def export(run: Run, cfg: RunConfig) -> None:
-    from trainer.export import export_final
-
     path = export_final(run.engine, run.loaded, cfg, RunDir.of(cfg.train.output_dir).final)
     if run.rank == 0:
         print(f"exported {path}", flush=True)

@@ -32,8 +32,10 @@ from sft_stack.chat.registry import template_names
 from sft_stack.common.tokenizer import TOKENIZER_FILES, has_tokenizer
 from trainer.build_lock import find_stale_locks
 from trainer.config import ConfigError, RunConfig
+from trainer.dist import zero_stage
 from trainer.ds_config import load_ds_json
 from trainer.families import check_not_original, lora_target_modules, resolve_family
+from trainer.harness import HarnessError, load_tasks
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 """Files that hold a model's weights (sharded or not) in a Hugging Face model directory."""
@@ -76,8 +78,6 @@ def offloaded(ds_config: dict[str, Any]) -> list[str]:
 
 def validate_method(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     """Refuse combinations that cannot train, before anything heavy is loaded; one line naming the key to change."""
-    from trainer.dist import zero_stage
-
     method = cfg.model.method
     where = f"deepspeed.config={cfg.deepspeed.config}"
     if method == "qlora":
@@ -199,8 +199,6 @@ def check_harness_tasks(cfg: RunConfig) -> None:
     """eval.harness_tasks are known and their data loads offline (else the first save would fail hours in)."""
     if not cfg.eval.harness_tasks:
         return
-    from trainer.harness import HarnessError, load_tasks
-
     try:
         load_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include_path)
     except HarnessError as exc:

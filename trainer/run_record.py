@@ -10,16 +10,14 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from data_pipeline.schema import Manifest, rejects_summary
 from tracking.naming import flatten_dict, redact
 from tracking.records import PREPARE_RUN_FILE, dumps, git_commit, package_versions
 from tracking.tracker import RunRecord, Tracker, TrackerSettings
 from tracking.tracker import open_tracker as start_tracker
 from trainer.config import RunConfig, dump_yaml, flatten
-
-if TYPE_CHECKING:
-    from data_pipeline.schema import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +146,6 @@ def open_tracker(
     }
     dataset = None
     if manifest is not None and data_dir is not None:
-        from data_pipeline.schema import rejects_summary
-
         dataset = dataset_input(manifest, data_dir)
         texts["data/manifest.json"] = manifest.to_json()
         texts["data/rejects_summary.json"] = dumps(rejects_summary(Path(data_dir), manifest))

@@ -11,13 +11,14 @@ emptiness, media, Unicode), ``readers`` (files, JSON lines with their numbers, a
 ``columns`` (column mapping), ``convert`` (one parsed record -> a record or a Reject), one module per format
 (``alpaca``, ``firefly``, ``moss``, ``conversation``, ``sharegpt``, ``messages``, ``safety``, ``csv_table``,
 ``text``), each defining ``FORMAT = CorpusFormat(...)``; ``registry`` lists them; ``detect`` and ``reading`` are
-the API. A new corpus format is one module with its mapper and ``FORMAT``, plus one line in ``registry.REGISTRY``.
+the API. A new corpus format is one module with its mapper and ``FORMAT``, plus one line in ``registry.REGISTRY``
+(a format defined outside the package joins with ``register(FORMAT)`` instead).
 """
 
 from data_pipeline.formats.detect import detect_format
 from data_pipeline.formats.reading import Line, convert_line, read_lines, read_records
 from data_pipeline.formats.records import MAX_DEPTH, MAX_RECORD_BYTES, RAW_LIMIT, REJECT_REASONS, CorpusFormat
-from data_pipeline.formats.registry import COLUMN_FIELDS, FORMATS, REGISTRY
+from data_pipeline.formats.registry import COLUMN_FIELDS, FORMATS, REGISTRY, register
 
 __all__ = [
     "COLUMN_FIELDS",
@@ -33,4 +34,5 @@ __all__ = [
     "detect_format",
     "read_lines",
     "read_records",
+    "register",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline.formats.checks import conversation
-from data_pipeline.formats.records import CorpusFormat, Refused, Turn, list_field, system_turn, text_field, type_name
+from data_pipeline.formats.records import CorpusFormat, Turn, object_items, system_turn, text_field
 from sft_stack.chat.conversation import Conversation
 
 
@@ -18,13 +18,7 @@ def convert(record: dict[str, Any], source: str, index: int) -> Conversation:
 
 def _turns(record: dict[str, Any]) -> list[Turn]:
     turns: list[Turn] = list(system_turn(record, "system"))
-    rounds = list_field(record, "conversation")
-    if not rounds:
-        raise Refused("missing_field", "'conversation' is an empty list")
-    for number, pair in enumerate(rounds):
-        where = f"conversation[{number}]."
-        if not isinstance(pair, dict):
-            raise Refused("non_string_field", f"conversation[{number}] is {type_name(pair)}, not an object")
+    for _, pair, where in object_items(record, "conversation"):
         turns += [("user", text_field(pair, "human", where)), ("assistant", text_field(pair, "assistant", where))]
     return turns
 

@@ -16,8 +16,6 @@ from data_pipeline.formats.records import Keys
 from data_pipeline.formats.registry import DETECTED, FORMATS, REGISTRY
 from sft_stack.chat.conversation import InputError
 
-_SUFFIXES = " and ".join(spec.suffix for spec in REGISTRY if spec.suffix)
-
 
 def detect_format(path: Path, columns: Mapping[str, str] | None = None) -> str:
     """The format of ``path``: by extension for .csv/.txt, else by the keys of its first JSON record, seen through
@@ -38,7 +36,7 @@ def detect_format(path: Path, columns: Mapping[str, str] | None = None) -> str:
     if shape is None:
         raise InputError(
             f"{path}: cannot tell its format: none of its first {SNIFF_LINES} records is a JSON object; "
-            f"known formats: {', '.join(FORMATS)} ({_SUFFIXES} by extension); fix the file or pass --format NAME"
+            f"known formats: {', '.join(FORMATS)} ({_suffixes()} by extension); fix the file or pass --format NAME"
         )
     keys, item_keys = shape
     keys |= {field for field, column in (columns or {}).items() if column in keys}
@@ -51,6 +49,11 @@ def detect_format(path: Path, columns: Mapping[str, str] | None = None) -> str:
             f"(--columns instruction=question,output=answer)"
         )
     return fmt
+
+
+def _suffixes() -> str:
+    """The extensions that name a format (registered formats included), for the refusal above."""
+    return " and ".join(spec.suffix for spec in REGISTRY if spec.suffix)
 
 
 def _detect_directory(path: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from data_pipeline.formats.checks import MEDIA_PARTS, conversation, known_role
-from data_pipeline.formats.records import CorpusFormat, Refused, Turn, list_field, text_field, type_name
+from data_pipeline.formats.records import CorpusFormat, Refused, Turn, object_items, text_field, type_name
 from data_pipeline.formats.tool_calls import tool_call, tools_field
 from sft_stack.chat.conversation import Conversation, Message, Role, ToolCall
 
@@ -30,13 +30,7 @@ def convert(record: dict[str, Any], source: str, index: int) -> Conversation:
 
 def _turns(record: dict[str, Any]) -> list[Turn]:
     turns: list[Turn] = []
-    messages = list_field(record, "messages")
-    if not messages:
-        raise Refused("missing_field", "'messages' is an empty list")
-    for number, message in enumerate(messages):
-        where = f"messages[{number}]."
-        if not isinstance(message, dict):
-            raise Refused("non_string_field", f"messages[{number}] is {type_name(message)}, not an object")
+    for number, message, where in object_items(record, "messages"):
         role = known_role(text_field(message, "role", where).lower(), _MESSAGES_ROLES, where)
         calls: tuple[ToolCall, ...] = ()
         raw_calls = message.get("tool_calls") or ([message["function_call"]] if message.get("function_call") else [])

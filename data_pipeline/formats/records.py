@@ -144,6 +144,20 @@ def optional_list(record: dict[str, Any], key: str) -> list[Any]:
     return [] if record.get(key) is None else list_field(record, key)
 
 
+def object_items(record: dict[str, Any], key: str) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """``(number, item, where)`` for each object of the record's list ``key``, ``where`` being the prefix that
+    names the item in a refusal (``conversations[2].``): what the turn-list formats (conversation, sharegpt,
+    messages) share. Refused when the list is missing, empty or not a list, and at the first item that is not an
+    object (items before it are read first, so a refusal names the first bad item in record order)."""
+    items = list_field(record, key)
+    if not items:
+        raise Refused("missing_field", f"'{key}' is an empty list")
+    for number, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise Refused("non_string_field", f"{key}[{number}] is {type_name(item)}, not an object")
+        yield number, item, f"{key}[{number}]."
+
+
 def type_name(value: Any) -> str:
     match value:
         case None:

@@ -11,13 +11,11 @@ from typing import Any
 from data_pipeline.formats.checks import conversation, known_role
 from data_pipeline.formats.records import (
     CorpusFormat,
-    Refused,
     Turn,
     dump,
-    list_field,
+    object_items,
     system_turn,
     text_field,
-    type_name,
 )
 from data_pipeline.formats.tool_calls import sharegpt_calls, tool_call, tools_field
 from sft_stack.chat.conversation import Conversation, Message, Role
@@ -45,13 +43,7 @@ def convert(record: dict[str, Any], source: str, index: int) -> Conversation:
 
 def _turns(record: dict[str, Any]) -> list[Turn]:
     turns: list[Turn] = list(system_turn(record, "system"))
-    messages = list_field(record, "conversations")
-    if not messages:
-        raise Refused("missing_field", "'conversations' is an empty list")
-    for number, message in enumerate(messages):
-        where = f"conversations[{number}]."
-        if not isinstance(message, dict):
-            raise Refused("non_string_field", f"conversations[{number}] is {type_name(message)}, not an object")
+    for number, message, where in object_items(record, "conversations"):
         # Some ShareGPT exports (ChatGLM3's among them) use OpenAI's role/content keys inside "conversations".
         role_key, text_key = ("role", "content") if "from" not in message and "role" in message else ("from", "value")
         name = text_field(message, role_key, where).lower()

@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,10 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.cli import main as data_cli
+from sft_stack.cli.evaluate import main as evaluate_main
+from sft_stack.cli.generate import main as generate_main
+from sft_stack.common.ports import free_port
 from sft_stack.demo.arithmetic import Problem, corpus_text, generate_problems, write_csv
 from sft_stack.demo.tokenizer import train_char_tokenizer
 from tracking.links import DASHBOARD, NOTE_TAG, compare_url, run_page_url
 from tracking.naming import STORE_DIR, store_uri
+from trainer.config import load_config
+from trainer.model import build_random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository: configs/, launcher/run.py."""
@@ -173,8 +178,6 @@ def write_model_dir(model_dir: Path, train: Sequence[Problem]) -> None:
 
 def prepare(source: Path, tokenizer_dir: Path, out: Path, *, max_seq_len: int, seed: int) -> Path:
     """``data_pipeline prepare`` (CSV, packed), skipped when OUT already holds a verified result of it."""
-    from data_pipeline.cli import main as data_cli
-
     if (out / "manifest.json").is_file() and data_cli(["verify", str(out)]) == 0:
         log(f"3/8 prepare: reusing {out}")
         return out
@@ -199,9 +202,6 @@ def prepare(source: Path, tokenizer_dir: Path, out: Path, *, max_seq_len: int, s
 
 def write_init_model(opts: DemoOptions, out: Path) -> Path:
     """The model exactly as training starts it (same config, same seed), saved for the 'before' evaluation."""
-    from trainer.config import load_config
-    from trainer.model import build_random_model
-
     cfg = load_config(CONFIG, [f"model.path={opts.out / 'model'}", f"train.seed={opts.seed}"])
     model = build_random_model(cfg)
     shutil.rmtree(out, ignore_errors=True)
@@ -212,8 +212,6 @@ def write_init_model(opts: DemoOptions, out: Path) -> Path:
 
 def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed: int) -> dict[str, Any]:
     """``python -m sft_stack.cli.evaluate`` on held-out prompts (greedy, batched); returns its results JSON."""
-    from sft_stack.cli.evaluate import main as evaluate_main
-
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts)),
         *("--preset", "greedy", "--max-new-tokens", str(max_new_tokens), "--batch-size", "100"),
@@ -226,8 +224,6 @@ def evaluate(model: Path, prompts: Path, out: Path, *, max_new_tokens: int, seed
 
 def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str) -> float:
     """Score ``generate``/``evaluate`` rows with ``cli.evaluate --predictions`` into the run as prefix/*."""
-    from sft_stack.cli.evaluate import main as evaluate_main
-
     argv = [
         *("--predictions", str(predictions), "--out", str(out), "--metric-prefix", prefix),
         *("--tracking-uri", run["tracking_uri"], "--run-id", run["run_id"]),
@@ -240,9 +236,7 @@ def log_scores(predictions: Path, out: Path, *, run: dict[str, str], prefix: str
 def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, extra: Sequence[str] = ()) -> str:
     """The real launcher: ``deepspeed --num_gpus 2 launcher/run.py`` on CPU ranks over gloo; returns the command."""
     shutil.rmtree(output_dir, ignore_errors=True)
-    with socket.socket() as probe:  # a free port: another launcher (a test, a second demo) may hold 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # another launcher (a test, a second demo) may hold 29500
     import torch
 
     # CPU: 2 ranks over gloo. With GPUs: one rank per GPU, at most 2, so the step budget means the same.
@@ -274,8 +268,6 @@ def train(opts: DemoOptions, *, data: Path, output_dir: Path, run_name: str, ext
 
 def generate(model: Path, prompts: Path, out: Path, *, preset: str, max_new_tokens: int, seed: int) -> list[dict]:
     """``python -m sft_stack.cli.generate --prompts-file`` with one preset; returns its rows."""
-    from sft_stack.cli.generate import main as generate_main
-
     argv = [
         *("--model", str(model), "--template", TEMPLATE, "--prompts-file", str(prompts), "--preset", preset),
         *("--max-new-tokens", str(max_new_tokens), "--seed", str(seed), "--out", str(out)),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from sft_stack.common.ports import free_port
 from tests.helpers.data import make_prepared_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +36,6 @@ DRILL_OVERRIDES = [
     "tracking.enabled=false",
     f"deepspeed.config={ROOT / 'ds_configs' / 'zero2.json'}",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def drill_env(**extra: str) -> dict[str, str]:

@@ -11,16 +11,16 @@ return within CALL_BOUND_S, far below the HTTP timeout a blocking logger would w
 
 from __future__ import annotations
 
-import http.client
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.mlflow_server import MlflowServer, free_port
+from tests.helpers.http_proxy import LoopbackProxy, forward, refuse
+from tests.helpers.mlflow_server import MlflowServer, module_server
 from tracking import worker
 from trainer.config import load_config
 from trainer.run_record import open_tracker
@@ -51,56 +51,28 @@ class FaultProxy:
         self.released = threading.Event()
         self.answered = 0
         self.errors = 0
-        proxy = self
+        self.upstream_port = upstream_port
+        self.proxy = LoopbackProxy(self._handle)
+        self.uri = self.proxy.uri
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy.mode == "hold":
-                    proxy.released.wait()
-                if proxy.mode == "error":
-                    proxy.errors += 1
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if proxy.mode == "slow":
-                    time.sleep(SLOW_S)
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                payload = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-                proxy.answered += 1
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        if self.mode == "hold":
+            self.released.wait()
+        if self.mode == "error":
+            self.errors += 1
+            refuse(request, 503)
+            return
+        if self.mode == "slow":
+            time.sleep(SLOW_S)
+        forward(request, body, self.upstream_port, drop_headers=("host", "connection"), timeout_s=60)
+        self.answered += 1
 
     def close(self) -> None:
         self.released.set()
-        self.server.shutdown()
+        self.proxy.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    srv = MlflowServer(tmp_path_factory.mktemp("mlruns"))
-    srv.start()
-    yield srv
-    srv.stop()
+server = module_server()
 
 
 def test_hung_then_failing_then_slow_server(server: MlflowServer, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

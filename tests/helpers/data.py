@@ -36,6 +36,15 @@ def arithmetic_conversations(n: int = 200, *, seed: int = 0) -> list[dict[str, A
     return records
 
 
+def prepare_argv(source: Path, out: Path, *extra: str) -> list[str]:
+    """``prepare`` on the command line (``data_pipeline.cli.main``'s argv): ``source`` with the tiny tokenizer into
+    ``out``, no progress bar, then ``extra``."""
+    return [
+        *("prepare", "--source", str(source), "--tokenizer", str(TINY_LLAMA), "--out", str(out), "--no-progress"),
+        *extra,
+    ]
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

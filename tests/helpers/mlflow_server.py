@@ -11,19 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from sft_stack.common.ports import free_port
+
+__all__ = ["MlflowServer", "free_port", "module_server"]
 
 
 class MlflowServer:
@@ -97,3 +98,17 @@ class MlflowServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.is_healthy():
             time.sleep(0.1)
+
+
+def module_server() -> Any:
+    """A module-scoped fixture (``server = module_server()`` in a test module): a real `mlflow server` on a fresh
+    store, started before the module's first test that asks for it and stopped after its last."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+        srv = MlflowServer(tmp_path_factory.mktemp("mlruns"))
+        srv.start()
+        yield srv
+        srv.stop()
+
+    return server

@@ -12,27 +12,21 @@ import pytest
 from data_pipeline.cli import main
 from data_pipeline.inspect import render_row
 from data_pipeline.schema import IGNORE_INDEX, load_manifest
-from tests.helpers.data import BELLE, FIREFLY_MOSS_FLAT, REPO, TINY_LLAMA, arithmetic_conversations, write_jsonl
-
-
-def prepare_args(out: Path, *extra: str, source: Path = BELLE) -> list[str]:
-    return [
-        "prepare",
-        "--source",
-        str(source),
-        "--tokenizer",
-        str(TINY_LLAMA),
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+from tests.helpers.data import (
+    BELLE,
+    FIREFLY_MOSS_FLAT,
+    REPO,
+    TINY_LLAMA,
+    arithmetic_conversations,
+    prepare_argv,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "packed"
-    assert main(prepare_args(out, "--max-seq-len", "512", "--pack", "--val-fraction", "0.1")) == 0
+    assert main(prepare_argv(BELLE, out, "--max-seq-len", "512", "--pack", "--val-fraction", "0.1")) == 0
     return out
 
 
@@ -78,7 +72,7 @@ def test_verify_passes_then_catches_a_flipped_byte(
     tmp_path: Path, packed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "copy"
-    assert main(prepare_args(out, "--max-seq-len", "512", "--pack", "--val-fraction", "0.1")) == 0
+    assert main(prepare_argv(BELLE, out, "--max-seq-len", "512", "--pack", "--val-fraction", "0.1")) == 0
     assert main(["verify", str(out)]) == 0
     assert "match the manifest" in capsys.readouterr().out
     shard = out / "val" / load_manifest(out).splits["val"].shards[0].file
@@ -123,7 +117,7 @@ def test_merge_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parts = []
     for index in range(2):
         part = tmp_path / f"part{index}"
-        args = prepare_args(part, "--block-size", "300", "--num-tasks", "2", "--task-index", str(index))
+        args = prepare_argv(BELLE, part, "--block-size", "300", "--num-tasks", "2", "--task-index", str(index))
         assert main([*args, "--max-seq-len", "512"]) == 0
         parts.append(str(part))
     assert main(["merge", *parts, "--out", str(tmp_path / "merged"), "--no-track"]) == 0
@@ -155,7 +149,7 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path: Path, case: str, caps
     extra, needle = ERROR_CASES[case]
     extra = [str(_bad_tokenizer(tmp_path)) if x == "BROKEN" else x for x in extra]
     out = tmp_path / "out"
-    args = prepare_args(out)
+    args = prepare_argv(BELLE, out)
     # The later flag wins for single-valued options; a second --source is appended (and is the bad one).
     assert main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -178,7 +172,7 @@ def test_too_many_rejects_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     lines = [json.dumps(r) for r in arithmetic_conversations(10)] + ["{broken", "{broken again"]
     source = tmp_path / "bad.jsonl"
     source.write_text("\n".join(lines) + "\n")
-    assert main(prepare_args(tmp_path / "out", source=source)) == 2
+    assert main(prepare_argv(source, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "2 of 12 records rejected" in err[0] and "malformed_json 2" in err[0]
     assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 2

@@ -13,7 +13,7 @@ import yaml
 from data_pipeline.cli import main
 from data_pipeline.schema import IGNORE_INDEX, load_manifest
 from sft_stack.common.errors import USER_ERROR
-from tests.helpers.data import TINY_LLAMA, write_jsonl
+from tests.helpers.data import TINY_LLAMA, prepare_argv, write_jsonl
 from trainer.data import collate, open_split
 from trainer.loss import loss_sum
 
@@ -35,24 +35,9 @@ def gsm_records() -> list[dict[str, str]]:
 
 
 def prepare_args(source: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "prepare",
-        "--source",
-        str(source),
-        "--tokenizer",
-        str(TINY_LLAMA),
-        "--template",
-        "llama2",
-        "--out",
-        str(out),
-        "--val-fraction",
-        "0",
-        "--max-bad-fraction",
-        "0.1",
-        "--no-track",
-        "--no-progress",
-        *extra,
-    ]
+    return prepare_argv(
+        source, out, "--template", "llama2", "--val-fraction", "0", "--max-bad-fraction", "0.1", "--no-track", *extra
+    )
 
 
 def train_rows(out: Path) -> list[tuple[list[int], list[int], list[int]]]:

@@ -17,21 +17,7 @@ from data_pipeline.cli import main
 from data_pipeline.prepare import BLOCKS_DIR
 from data_pipeline.schema import DataError, is_plain_file_name, load_manifest, load_split
 from sft_stack.common.errors import FAILURE, USER_ERROR
-from tests.helpers.data import TINY_LLAMA, arithmetic_conversations, write_jsonl
-
-
-def prepare_args(source: Path, out: Path) -> list[str]:
-    return [
-        "prepare",
-        "--source",
-        str(source),
-        "--tokenizer",
-        str(TINY_LLAMA),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--no-track",
-    ]
+from tests.helpers.data import arithmetic_conversations, prepare_argv, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +25,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("names")
     source = write_jsonl(tmp / "src.jsonl", arithmetic_conversations(60))
     out = tmp / "out"
-    assert main([*prepare_args(source, out), "--block-size", "20", "--max-seq-len", "128"]) == 0
+    assert main(prepare_argv(source, out, "--no-track", "--block-size", "20", "--max-seq-len", "128")) == 0
     return out
 
 
@@ -117,7 +103,7 @@ def test_merge_refuses_a_block_record_naming_a_shard_outside_the_partial(
     for index in range(2):
         part = tmp_path / f"part{index}"
         extra = ["--block-size", "10", "--num-tasks", "2", "--task-index", str(index), "--max-seq-len", "128"]
-        assert main([*prepare_args(source, part), *extra]) == 0
+        assert main(prepare_argv(source, part, "--no-track", *extra)) == 0
         parts.append(part)
     # The crafted record: block 1 (task 1) names a shard two folders up, which merge would have linked outside --out.
     record_path = parts[1] / BLOCKS_DIR / "00001.json"

@@ -19,21 +19,18 @@ for the password and the token value.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers.mlflow_server import MlflowServer, free_port
+from tests.helpers.http_proxy import LoopbackProxy, forward, refuse
+from tests.helpers.mlflow_server import MlflowServer, free_port, module_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -52,69 +49,49 @@ class Gateway:
     ``/?token=TOKEN/api/2.0/mlflow/...`` (its own query joined with ``&``): the gateway counts and strips it.
     """
 
+    PREFIX = f"/?token={TOKEN}"
+    EXPECTED_AUTH = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+
     def __init__(self, upstream_port: int) -> None:
         self.authorized = 0
         self.with_token = 0
         self.refused = 0
         self.refusals: list[str] = []
         """What each refused request was: method, path up to its query, whether it carried an Authorization."""
-        gateway = self
-        prefix = f"/?token={TOKEN}"
-        expected_auth = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+        self.upstream_port = upstream_port
+        self.proxy = LoopbackProxy(self._handle)
+        self.port = self.proxy.port
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.headers.get("Authorization") != expected_auth or (
-                    self.path.startswith("/?") and not self.path.startswith(prefix + "/")
-                ):
-                    gateway.refused += 1
-                    auth = self.headers.get("Authorization")
-                    what = "none" if auth is None else "wrong" if auth != expected_auth else "right"
-                    gateway.refusals.append(f"{self.command} {self.path.partition('?')[0]} (authorization: {what})")
-                    self.send_response(401)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                gateway.authorized += 1
-                if self.path.startswith(prefix):
-                    gateway.with_token += 1
-                    path, _, query = self.path.removeprefix(prefix).partition("&")
-                else:
-                    path, _, query = self.path.partition("?")
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization")}
-                upstream.request(self.command, f"{path}?{query}" if query else path, body=body, headers=headers)
-                response = upstream.getresponse()
-                payload = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        auth = request.headers.get("Authorization")
+        if auth != self.EXPECTED_AUTH or (
+            request.path.startswith("/?") and not request.path.startswith(self.PREFIX + "/")
+        ):
+            self.refused += 1
+            what = "none" if auth is None else "wrong" if auth != self.EXPECTED_AUTH else "right"
+            self.refusals.append(f"{request.command} {request.path.partition('?')[0]} (authorization: {what})")
+            refuse(request, 401)
+            return
+        self.authorized += 1
+        if request.path.startswith(self.PREFIX):
+            self.with_token += 1
+            path, _, query = request.path.removeprefix(self.PREFIX).partition("&")
+        else:
+            path, _, query = request.path.partition("?")
+        forward(
+            request,
+            body,
+            self.upstream_port,
+            path=f"{path}?{query}" if query else path,
+            drop_headers=("host", "authorization"),
+            timeout_s=120,
+        )
 
     def close(self) -> None:
-        self.server.shutdown()
+        self.proxy.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    srv = MlflowServer(tmp_path_factory.mktemp("store"))
-    srv.start()
-    yield srv
-    srv.stop()
+server = module_server()
 
 
 def secret_uri(port: int) -> str:

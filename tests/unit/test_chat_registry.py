@@ -4,8 +4,6 @@ the real ``prepare`` on a few records, without any other file of the project bei
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from sft_stack.chat.conversation import Conversation, InputError, Message
 from sft_stack.chat.registry import RENDERERS, TEMPLATE_NAMES, template_names
 from sft_stack.chat.templates import ChatTemplate, Encoded, resolve_template
 from tests.helpers.data import write_jsonl
+from tests.helpers.modules import imported_module
 
 TINY_BPE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "tiny_bpe"
 X = IGNORE_INDEX
@@ -61,13 +60,8 @@ register("throwaway", Throwaway)
 def throwaway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The throwaway module imported from a temporary directory; the registry restored afterwards."""
     saved = dict(RENDERERS)
-    folder = tmp_path / "formats"
-    folder.mkdir()
-    (folder / "throwaway_chat_format.py").write_text(THROWAWAY_MODULE, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(folder))
-    importlib.import_module("throwaway_chat_format")
-    yield "throwaway"
-    sys.modules.pop("throwaway_chat_format", None)
+    with imported_module(tmp_path / "formats", "throwaway_chat_format", THROWAWAY_MODULE, monkeypatch):
+        yield "throwaway"
     RENDERERS.clear()
     RENDERERS.update(saved)
 

@@ -3,9 +3,7 @@ and the Auto registration; a new family is one record, shown here with a throwaw
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from sft_stack.chat.registry import TEMPLATE_NAMES
+from tests.helpers.modules import imported_module
 from trainer import families, sequence_parallel
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.convert.registry import detect_source
@@ -114,10 +113,8 @@ def registry() -> Iterator[None]:
 @pytest.fixture
 def throwaway(registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Family]:
     """The throwaway module, imported from a temporary directory."""
-    (tmp_path / "throwaway_family.py").write_text(THROWAWAY_MODULE, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield importlib.import_module("throwaway_family").THROWAWAY
-    sys.modules.pop("throwaway_family", None)
+    with imported_module(tmp_path, "throwaway_family", THROWAWAY_MODULE, monkeypatch) as module:
+        yield module.THROWAWAY
 
 
 def test_a_new_family_is_one_record(throwaway: Family, tmp_path: Path) -> None:
