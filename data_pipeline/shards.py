@@ -25,7 +25,8 @@ BATCH_ROWS = 1024
 """Rows per Arrow record batch. Fixed, so a shard's bytes depend only on its rows."""
 
 DATASETS_FEATURES = {
-    name: {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"} for name in ("input_ids", "labels", "position_ids")
+    name: {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"}
+    for name in ("input_ids", "labels", "position_ids")
 }
 """``datasets.Features.from_arrow_schema(ARROW_SCHEMA).to_dict()``, written out: importing ``datasets`` to compute it
 costs a second or two of every run (tests/unit/test_prepare_speed.py checks they agree)."""
