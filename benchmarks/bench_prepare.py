@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+CODE = Path(os.environ.get("BENCH_PREPARE_CODE", REPO))
+"""The checkout whose ``prepare`` is measured: this one, or another (``--code``, the before measurement)."""
+sys.path.insert(0, str(CODE))
 from sft_stack.common.memory import peak_rss_mib  # noqa: E402  (after the checkout is on the path)
 
 REAL = REPO / "tests" / "fixtures" / "real"
@@ -329,7 +331,7 @@ def run_child(job: str, *, cores: int = 2, rayon: bool = False, **kwargs: Any) -
     env = {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "true" if rayon else "false",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(CODE),
         "SFT_TRACKING": "0",
     }
     payload = json.dumps(
@@ -388,14 +390,25 @@ def main() -> None:
     )
     parser.add_argument("--skip-baseline", action="store_true", help="skip the datasets.map baseline")
     parser.add_argument("--write", type=Path, help="also write the JSON report to this file (benchmarks/results/...)")
+    parser.add_argument("--code", type=Path, help="measure the prepare of this checkout (e.g. main, for before/after)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.code:
+        os.environ["BENCH_PREPARE_CODE"] = str(args.code.resolve())
+        global CODE
+        CODE = args.code.resolve()
     if args.child:
         _child_main(args.child)
         return
     records = 500 if args.quick else args.records
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
-    report: dict[str, Any] = {"machine": machine(), "records": records, "max_seq_len": MAX_SEQ_LEN, "tokenizers": {}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "code": str(CODE),
+        "records": records,
+        "max_seq_len": MAX_SEQ_LEN,
+        "tokenizers": {},
+    }
     try:
         corpus = work / "corpus.jsonl"
         start = time.perf_counter()
