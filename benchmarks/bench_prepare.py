@@ -2,7 +2,8 @@
 
     python benchmarks/bench_prepare.py                      # 200k generated records, Llama 2 + byte-level BPE
     python benchmarks/bench_prepare.py --quick              # 500 records (what the test runs)
-    python benchmarks/bench_prepare.py --tokenizers "" --rss-records 1000000   # only the 1M-record RSS run
+    python benchmarks/bench_prepare.py --tokenizers "" --rss-records 5000000   # only the 5M-record memory run
+    python benchmarks/bench_prepare.py --records 100000 --code /work/main --skip-baseline   # another checkout
 
 Measured per tokenizer, on the same generated corpus (mixed Chinese/English multi-turn ``messages`` records with
 BELLE-like lengths):
@@ -15,7 +16,14 @@ BELLE-like lengths):
 - ``datasets_map_{typical,batched}_np{1,2}``: the same job with ``datasets.load_dataset("json")`` +
   ``.map(batched=True, num_proc=N)`` + ``save_to_disk`` on N cores, the same template text and masks; "typical"
   calls the tokenizer per message segment per example (as LLaMA-Factory does), "batched" once per map batch;
-- ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader).
+- ``profile_1core``: CPU-seconds per stage of a 1-worker run (benchmarks/profile_prepare.py);
+- ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader);
+- ``rss_small`` / ``rss_run`` (``--rss-records N``): ``--workers 2`` on N/50 and N short records written to a
+  temporary directory: peak memory that does not grow with the corpus.
+
+Start-up is timed on both sides (imports and tokenizer loading). Peak RSS is each process's own VmHWM (the job's,
+and each worker's sampled from /proc), never ``ru_maxrss``, which a forked worker inherits from its parent.
+``--write FILE`` also saves the report (benchmarks/results/); each row carries the 1-minute load after it.
 
 Every measurement runs in a fresh child process pinned to the cores it is given (sched_setaffinity); ratios
 compare equal cores, except ``w1_vs_raw_1core`` and ``w2_vs_w1``, which are labelled by what they compare.
