@@ -2,7 +2,8 @@
 
     python benchmarks/bench_prepare.py                      # 200k generated records, Llama 2 + byte-level BPE
     python benchmarks/bench_prepare.py --quick              # 500 records (what the test runs)
-    python benchmarks/bench_prepare.py --tokenizers "" --rss-records 1000000   # only the 1M-record RSS run
+    python benchmarks/bench_prepare.py --tokenizers "" --rss-records 5000000   # only the 5M-record memory run
+    python benchmarks/bench_prepare.py --records 100000 --code /work/main --skip-baseline   # another checkout
 
 Measured per tokenizer, on the same generated corpus (mixed Chinese/English multi-turn ``messages`` records with
 BELLE-like lengths):
@@ -15,7 +16,14 @@ BELLE-like lengths):
 - ``datasets_map_{typical,batched}_np{1,2}``: the same job with ``datasets.load_dataset("json")`` +
   ``.map(batched=True, num_proc=N)`` + ``save_to_disk`` on N cores, the same template text and masks; "typical"
   calls the tokenizer per message segment per example (as LLaMA-Factory does), "batched" once per map batch;
-- ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader).
+- ``profile_1core``: CPU-seconds per stage of a 1-worker run (benchmarks/profile_prepare.py);
+- ``real_samples``: ``prepare`` on the real corpus samples in tests/fixtures/real (every format reader);
+- ``rss_small`` / ``rss_run`` (``--rss-records N``): ``--workers 2`` on N/50 and N short records written to a
+  temporary directory: peak memory that does not grow with the corpus.
+
+Start-up is timed on both sides (imports and tokenizer loading). Peak RSS is each process's own VmHWM (the job's,
+and each worker's sampled from /proc), never ``ru_maxrss``, which a forked worker inherits from its parent.
+``--write FILE`` also saves the report (benchmarks/results/); each row carries the 1-minute load after it.
 
 Every measurement runs in a fresh child process pinned to the cores it is given (sched_setaffinity); ratios
 compare equal cores, except ``w1_vs_raw_1core`` and ``w2_vs_w1``, which are labelled by what they compare.
@@ -34,11 +42,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+CODE = Path(os.environ.get("BENCH_PREPARE_CODE", REPO))
+"""The checkout whose ``prepare`` is measured: this one, or another (``--code``, the before measurement)."""
+sys.path.insert(0, str(CODE))
+from sft_stack.common.memory import peak_rss_mib  # noqa: E402  (after the checkout is on the path)
+
 REAL = REPO / "tests" / "fixtures" / "real"
 TOKENIZERS = {
     "llama2": REPO / "tests" / "fixtures" / "tokenizers" / "llama2_sentencepiece",
@@ -53,110 +67,13 @@ _ZH = (
     "但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便位因重被走电"
     "四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场师书比住员九笑性"
 )
-_EN = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "you",
-    "that",
-    "it",
-    "he",
-    "was",
-    "for",
-    "on",
-    "are",
-    "as",
-    "with",
-    "his",
-    "they",
-    "at",
-    "be",
-    "this",
-    "have",
-    "from",
-    "or",
-    "one",
-    "had",
-    "by",
-    "word",
-    "but",
-    "not",
-    "what",
-    "all",
-    "were",
-    "we",
-    "when",
-    "your",
-    "can",
-    "said",
-    "there",
-    "use",
-    "an",
-    "each",
-    "which",
-    "she",
-    "do",
-    "how",
-    "their",
-    "if",
-    "will",
-    "up",
-    "other",
-    "about",
-    "out",
-    "many",
-    "then",
-    "them",
-    "these",
-    "so",
-    "some",
-    "her",
-    "would",
-    "make",
-    "like",
-    "him",
-    "into",
-    "time",
-    "has",
-    "look",
-    "two",
-    "more",
-    "write",
-    "go",
-    "see",
-    "number",
-    "no",
-    "way",
-    "could",
-    "people",
-    "my",
-    "than",
-    "first",
-    "water",
-    "been",
-    "call",
-    "who",
-    "oil",
-    "its",
-    "now",
-    "find",
-    "long",
-    "down",
-    "day",
-    "did",
-    "get",
-    "come",
-    "made",
-    "may",
-    "part",
-    "model",
-    "data",
-    "train",
-    "answer",
-]
+_EN = (  # noqa: SIM905  (a list literal is one line per word once formatted)
+    "the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+    "word but not what all were we when your can said there use an each which she do how their if will up other "
+    "about out many then them these so some her would make like him into time has look two more write go see "
+    "number no way could people my than first water been call who oil its now find long down day did get come "
+    "made may part model data train answer "
+).split()
 
 
 def _sentence(rng: random.Random, chars: int, lang: str) -> str:
@@ -193,6 +110,20 @@ def generate_corpus(path: Path, records: int, seed: int = 0) -> None:
             handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
+def generate_short_corpus(path: Path, records: int) -> None:
+    """Write ``records`` short one-turn ``messages`` records (about 150 bytes each), fast: the many-records corpus
+    of the memory run, where the record count, not the text, is what grows."""
+    with path.open("w", encoding="utf-8") as handle:
+        for start in range(0, records, 10_000):
+            handle.write(
+                "".join(
+                    f'{{"messages": [{{"role": "user", "content": "问题 {i}: what is {i % 97} + {i % 89}?"}}, '
+                    f'{{"role": "assistant", "content": "{i % 97} + {i % 89} = {i % 97 + i % 89}。答案是 {i}."}}]}}\n'
+                    for i in range(start, min(start + 10_000, records))
+                )
+            )
+
+
 def fast_tokenizer_dir(name: str, work: Path) -> Path:
     """A directory with tokenizer.json: the Llama 2 SentencePiece model is converted to fast once, here."""
     source = TOKENIZERS[name]
@@ -226,29 +157,61 @@ def _rates(tokens: int, seconds: float, cpu: float) -> dict[str, float]:
     }
 
 
-def _peaks() -> dict[str, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_main_mb": round(own, 1), "peak_rss_worker_mb": round(children, 1)}
+class _ChildPeaks(threading.Thread):
+    """The peak RSS of every child process (the pool's workers) while the job runs: each child's VmHWM, sampled.
+
+    ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` would report this process's own peak for a forked child (Linux keeps
+    the parent's resident set across fork), so each worker's own high-water mark is read from /proc instead."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, float] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.05):
+            for children in Path("/proc/self/task").glob("*/children"):
+                for pid in children.read_text().split():
+                    try:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except OSError:
+                        continue
+                    for line in status.splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peaks[int(pid)] = max(self.peaks.get(int(pid), 0.0), int(line.split()[1]) / 1024)
+
+    def stop(self) -> dict[str, Any]:
+        self._done.set()
+        self.join()
+        return {
+            "peak_rss_main_mb": round(peak_rss_mib(), 1),
+            "peak_rss_worker_mb": round(max(self.peaks.values(), default=0.0), 1),
+            "peak_rss_workers_mb": sorted(round(v, 1) for v in self.peaks.values()),
+        }
 
 
 def job_raw(corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
     """The Rust tokenizer's batch encode on every message text, with the threads TOKENIZERS_PARALLELISM allows."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     texts = []
     with corpus.open(encoding="utf-8") as handle:
         for line in handle:
             texts.extend(m["content"] for m in json.loads(line)["messages"])
+    # Start-up included, as for prepare: importing tokenizers and loading tokenizer.json count.
     start, cpu = time.perf_counter(), _cpu_seconds()
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     tokens = 0
     for i in range(0, len(texts), 1024):
         tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(texts[i : i + 1024], add_special_tokens=False))
-    return {**_rates(tokens, time.perf_counter() - start, _cpu_seconds() - cpu), **_peaks()}
+    return {**_rates(tokens, time.perf_counter() - start, _cpu_seconds() - cpu), "peak_rss_main_mb": peak_rss_mib()}
 
 
 def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int) -> dict[str, Any]:
+    """prepare end to end, start-up (importing data_pipeline, loading the tokenizer) included."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    children = _ChildPeaks()
+    children.start()
     from data_pipeline.prepare import PrepareOptions, SourceSpec, prepare
 
     options = PrepareOptions(
@@ -264,7 +227,6 @@ def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int
         workers=workers,
         progress=False,
     )
-    start, cpu = time.perf_counter(), _cpu_seconds()
     manifest = prepare(options)
     seconds = time.perf_counter() - start
     return {
@@ -274,7 +236,7 @@ def job_prepare(sources: list[str], tokenizer_dir: Path, out: Path, workers: int
         "records_per_s": round(manifest.counts["samples_read"] / seconds),
         "packing_efficiency": manifest.packing_efficiency,
         "shards": sum(len(s.shards) for s in manifest.splits.values()),
-        **_peaks(),
+        **children.stop(),
     }
 
 
@@ -286,6 +248,9 @@ def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int, st
     do. style "batched": one batched tokenizer call per map batch (what our encoder does), a stronger baseline.
     Neither packs, splits off val, or checks and reports rejects, which prepare does.
     """
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    children = _ChildPeaks()
+    children.start()
     import datasets
     from transformers import AutoTokenizer
 
@@ -350,14 +315,20 @@ def job_baseline(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int, st
         labels = [x[:MAX_SEQ_LEN] for x in labels]
         return {"input_ids": ids, "labels": labels, "position_ids": [list(range(len(x))) for x in ids]}
 
-    start, cpu = time.perf_counter(), _cpu_seconds()
     raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(out / "cache"))
     encode = encode_typical if style == "typical" else encode_batched
     mapped = raw.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=raw.column_names)
     mapped.save_to_disk(str(out / "saved"))
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     tokens = sum(len(x) for batch in mapped.iter(batch_size=10_000) for x in batch["input_ids"])
-    return {**_rates(tokens, seconds, cpu), **_peaks()}
+    return {**_rates(tokens, seconds, cpu), **children.stop()}
+
+
+def job_profile(corpus: Path, tokenizer_dir: Path, out: Path) -> dict[str, Any]:
+    """CPU seconds per stage of prepare with one worker on one core (benchmarks/profile_prepare.py)."""
+    from profile_prepare import profile  # this script's folder is on sys.path
+
+    return profile(corpus, tokenizer_dir, out, "default", MAX_SEQ_LEN)
 
 
 def run_child(job: str, *, cores: int = 2, rayon: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -368,7 +339,7 @@ def run_child(job: str, *, cores: int = 2, rayon: bool = False, **kwargs: Any) -
     env = {
         **os.environ,
         "TOKENIZERS_PARALLELISM": "true" if rayon else "false",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(CODE),
         "SFT_TRACKING": "0",
     }
     payload = json.dumps(
@@ -383,7 +354,7 @@ def run_child(job: str, *, cores: int = 2, rayon: bool = False, **kwargs: Any) -
     )
     if result.returncode != 0:
         raise SystemExit(f"bench_prepare: child {job} failed:\n{result.stderr[-3000:]}")
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
 
 
 def _child_main(payload: str) -> None:
@@ -394,7 +365,7 @@ def _child_main(payload: str) -> None:
     for key in ("corpus", "tokenizer_dir", "out"):
         if key in kwargs:
             kwargs[key] = Path(kwargs[key])
-    jobs = {"raw": job_raw, "prepare": job_prepare, "baseline": job_baseline}
+    jobs = {"raw": job_raw, "prepare": job_prepare, "baseline": job_baseline, "profile": job_profile}
     print(json.dumps(jobs[spec["job"]](**kwargs)))
 
 
@@ -426,14 +397,26 @@ def main() -> None:
         "--rss-tokenizer", default="llama2", choices=sorted(TOKENIZERS), help="tokenizer of the RSS run"
     )
     parser.add_argument("--skip-baseline", action="store_true", help="skip the datasets.map baseline")
+    parser.add_argument("--write", type=Path, help="also write the JSON report to this file (benchmarks/results/...)")
+    parser.add_argument("--code", type=Path, help="measure the prepare of this checkout (e.g. main, for before/after)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.code:
+        os.environ["BENCH_PREPARE_CODE"] = str(args.code.resolve())
+        global CODE
+        CODE = args.code.resolve()
     if args.child:
         _child_main(args.child)
         return
     records = 500 if args.quick else args.records
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
-    report: dict[str, Any] = {"machine": machine(), "records": records, "max_seq_len": MAX_SEQ_LEN, "tokenizers": {}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "code": str(CODE),
+        "records": records,
+        "max_seq_len": MAX_SEQ_LEN,
+        "tokenizers": {},
+    }
     try:
         corpus = work / "corpus.jsonl"
         start = time.perf_counter()
@@ -471,6 +454,7 @@ def main() -> None:
                             style=style,
                         )
                         shutil.rmtree(out)
+            result["profile_1core"] = run_child("profile", cores=1, corpus=corpus, tokenizer_dir=tok, out=work / "prof")
             result["real_samples"] = run_child("prepare", sources=real, tokenizer_dir=tok, out=work / "real", workers=1)
             shutil.rmtree(work / "real")
 
@@ -491,14 +475,21 @@ def main() -> None:
             result["ratios"] = ratios
             report["tokenizers"][name] = result
         if args.rss_records:
-            big = work / "big.jsonl"
-            generate_corpus(big, args.rss_records, seed=1)
+            # The same short records at 1/50 and at full size: a bounded pipeline has the same peaks at both.
             tok = fast_tokenizer_dir(args.rss_tokenizer, work)
-            report["rss_run"] = run_child("prepare", sources=[str(big)], tokenizer_dir=tok, out=work / "big", workers=2)
+            for label, count in (("rss_small", max(1, args.rss_records // 50)), ("rss_run", args.rss_records)):
+                big = work / "big.jsonl"
+                generate_short_corpus(big, count)
+                run = run_child("prepare", sources=[str(big)], tokenizer_dir=tok, out=work / "big", workers=2)
+                report[label] = {**run, "corpus_bytes": big.stat().st_size}
+                shutil.rmtree(work / "big")
+                big.unlink()
         report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
+    if args.write:
+        args.write.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,20 @@ from sft_stack.common.atomic import write_text_atomic
 BATCH_ROWS = 1024
 """Rows per Arrow record batch. Fixed, so a shard's bytes depend only on its rows."""
 
+DATASETS_FEATURES = {
+    name: {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"}
+    for name in ("input_ids", "labels", "position_ids")
+}
+"""``datasets.Features.from_arrow_schema(ARROW_SCHEMA).to_dict()``, written out: importing ``datasets`` to compute it
+costs a second or two of every run (tests/unit/test_prepare_speed.py checks they agree)."""
+
+
+def _int32_array(values: np.ndarray) -> pa.Array:
+    """An int32 Arrow array over the bytes of ``values`` (no copy): ``pa.array(ndarray)`` would import pandas, a
+    second of every worker's start-up, and gives the same array."""
+    values = np.ascontiguousarray(values, dtype=np.int32)
+    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
+
 
 def write_shard(path: Path, row_lengths: Sequence[int], columns: Sequence[np.ndarray]) -> ShardInfo:
     """Write rows to ``path`` via a temporary name and an atomic rename; return its ShardInfo.
@@ -43,11 +57,8 @@ def write_shard(path: Path, row_lengths: Sequence[int], columns: Sequence[np.nda
             for start in range(0, len(row_lengths), BATCH_ROWS):
                 stop = min(start + BATCH_ROWS, len(row_lengths))
                 low, high = offsets[start], offsets[stop]
-                batch_offsets = pa.array(offsets[start : stop + 1] - low, type=pa.int32())
-                arrays = [
-                    pa.ListArray.from_arrays(batch_offsets, pa.array(column[low:high].astype(np.int32, copy=False)))
-                    for column in columns
-                ]
+                batch_offsets = _int32_array(offsets[start : stop + 1] - low)
+                arrays = [pa.ListArray.from_arrays(batch_offsets, _int32_array(column[low:high])) for column in columns]
                 writer.write_batch(pa.record_batch(arrays, schema=ARROW_SCHEMA))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -63,10 +74,7 @@ def write_shard(path: Path, row_lengths: Sequence[int], columns: Sequence[np.nda
 
 def write_split_metadata(split_dir: Path, shards: Sequence[ShardInfo]) -> None:
     """Write the ``state.json`` and ``dataset_info.json`` that let ``datasets.load_from_disk`` open the split."""
-    from datasets import Features
-
-    features = Features.from_arrow_schema(ARROW_SCHEMA).to_dict()
-    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
+    info = {"citation": "", "description": "", "features": DATASETS_FEATURES, "homepage": "", "license": ""}
     # datasets keys its cache on _fingerprint; derive it from the shards so identical data gives identical files.
     fingerprint = hashlib.sha256("".join(s.sha256 for s in shards).encode()).hexdigest()[:16]
     state: dict[str, object] = {

@@ -45,8 +45,9 @@ class TextEncoder:
             _unspell_special_pieces(raw)
             self._backend_json = json.dumps(raw)
             self._backend = _plain_text_backend(self._backend_json)
+            # Its Joined twin is built on first use: most templates have no Joined part, and building a backend
+            # is a tenth of prepare's start-up.
             self._joined_json = json.dumps(_without_dummy_prefix(raw))
-            self._joined_backend = _plain_text_backend(self._joined_json)
 
     def __getstate__(self) -> dict[str, Any]:
         # tokenizers does not pickle encode_special_tokens: rebuild the backend on unpickling (workers).
@@ -56,13 +57,13 @@ class TextEncoder:
         self.__dict__.update(state)
         if self._backend_json is not None:
             self._backend = _plain_text_backend(self._backend_json)
-        if self._joined_json is not None:
-            self._joined_backend = _plain_text_backend(self._joined_json)
 
     def encode(self, texts: list[str], *, joined: bool = False) -> list[list[int]]:
         """Ids of each text; joined: without the SentencePiece dummy prefix (see ``Joined``)."""
         if not texts:
             return []
+        if joined and self._joined_backend is None and self._joined_json is not None:
+            self._joined_backend = _plain_text_backend(self._joined_json)  # two threads may both build it: same ids
         backend = self._joined_backend if joined else self._backend
         if backend is not None:
             # encode_batch_fast skips offsets; both run the batch in Rust threads. Sub-batches of ENCODE_CHUNK

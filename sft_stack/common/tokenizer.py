@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,9 +35,12 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
         raise TokenizerError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer there")
     if not trust_remote_code:
         refuse_vendor_tokenizer(directory)
-    from transformers import AutoTokenizer, LlamaTokenizerFast
-
     try:
+        direct = _direct_class(directory)
+        if direct is not None:
+            return direct.from_pretrained(str(directory), local_files_only=True)  # type: ignore[no-any-return]
+        from transformers import AutoTokenizer, LlamaTokenizerFast
+
         if not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file():
             # A bare SentencePiece model (e.g. Llama 2): transformers converts it to a fast tokenizer.
             return LlamaTokenizerFast.from_pretrained(str(directory), local_files_only=True)
@@ -50,6 +53,42 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
         raise TokenizerError(
             f"{path}: does not load ({first}); pass a directory with tokenizer.json or tokenizer.model"
         ) from exc
+
+
+def _direct_class(directory: Path) -> Any:
+    """The tokenizer class ``AutoTokenizer`` picks for ``directory`` when that is certain without asking it, else None.
+
+    ``AutoTokenizer`` decides through ``AutoConfig``, which imports torch: 2 of the 3.5 CPU-seconds ``prepare`` spends
+    starting up. For a tokenizer.json whose tokenizer_config.json names ``TokenizersBackend`` (what transformers 5
+    saves) or, without ByteLevel pre-tokenization, ``LlamaTokenizer``, and whose config.json is absent or a Llama's,
+    every branch of its resolution ends in that same class (tests/unit/test_prepare_speed.py compares the two loaders
+    on every tokenizer fixture); any other directory goes through ``AutoTokenizer``."""
+    tokenizer_json, config_file = directory / "tokenizer.json", directory / "tokenizer_config.json"
+    if not tokenizer_json.is_file() or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        model = (
+            json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            if (directory / "config.json").is_file()
+            else {}
+        )
+    except (ValueError, OSError):
+        return None
+    if not isinstance(config, dict) or not isinstance(model, dict) or "auto_map" in config or "auto_map" in model:
+        return None
+    if model and model.get("model_type") != "llama":
+        return None
+    name = config.get("tokenizer_class")
+    if name == "TokenizersBackend":
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend
+    if name in ("LlamaTokenizer", "LlamaTokenizerFast") and '"ByteLevel"' not in tokenizer_json.read_text("utf-8"):
+        from transformers import LlamaTokenizer
+
+        return LlamaTokenizer
+    return None
 
 
 def refuse_vendor_tokenizer(directory: Path) -> None:

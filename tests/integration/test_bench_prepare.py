@@ -14,7 +14,7 @@ from tests.helpers.data import REPO
 @pytest.mark.slow
 def test_bench_prepare_quick() -> None:
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_prepare.py", "--quick", "--tokenizers", "bpe"],
+        [sys.executable, "benchmarks/bench_prepare.py", "--quick", "--tokenizers", "bpe", "--rss-records", "2000"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -46,6 +46,27 @@ def test_bench_prepare_quick() -> None:
     assert len(set(baselines)) == 1
     assert 0.9 < bpe["prepare_w1"]["packing_efficiency"] <= 1.0
     assert bpe["prepare_w2"]["peak_rss_worker_mb"] > 0
+    # Each worker's own peak (VmHWM), not the parent's peak that ru_maxrss carries across fork.
+    assert len(bpe["prepare_w2"]["peak_rss_workers_mb"]) == 2
+    assert bpe["prepare_w1_1core"]["peak_rss_workers_mb"] == []
+    profile = bpe["profile_1core"]
+    assert profile["tokens"] == bpe["prepare_w1"]["tokens"]
+    assert set(profile["stages_cpu_s"]) == {
+        "start_up",
+        "reading",
+        "transfer",
+        "parsing",
+        "rendering",
+        "tokenizer",
+        "labels",
+        "routing",
+        "packing",
+        "writing",
+    }
+    assert profile["stages_cpu_s"]["tokenizer"] > 0 and abs(sum(profile["stages_share"].values()) - 1) < 0.01
+    # The memory run: short records at 1/50 and full size, every record read, both workers measured.
+    assert (report["rss_small"]["records"], report["rss_run"]["records"]) == (40, 2000)
+    assert len(report["rss_run"]["peak_rss_workers_mb"]) == 2
     assert set(bpe["ratios"]) == {
         "w1_1core_vs_raw_1core",
         "w1_vs_raw_2cores_rayon",
