@@ -3,7 +3,8 @@
 Each case runs ``prepare`` on real corpora (tests/fixtures/real) with a template, worker count and packing choice;
 its digest covers every output file (shards, split metadata, rejects, block records) and the manifest less what
 names this machine (paths, timings). The digests were computed from main at 7a60db5, before any change to the
-pipeline; ``python -m tests.integration.test_prepare_golden`` prints the current ones.
+pipeline, in another checkout than the one they were first checked in (so nothing in them depends on where the
+repository is); ``python -m tests.integration.test_prepare_golden`` prints the current ones.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 GOLDEN = {
-    "belle_default_w1": "196b524fd2fb0bb12a87221ff68af935ce885a2bfac1c1123c6a5febe357328b",
-    "belle_default_pack_w2": "54b8d5c6a27a4367179b2fa8ff749a780d0e3f9819c41254835c35c292e38d1d",
-    "mixed_qwen_pack_w1": "1112c32b406883cd21d164066fc46de65e1186b26cd2270b4e8ee1fe8389a482",
-    "moss_truncate_w2": "6061a86aa7ca3c086f6309c16ceb8a2559ebc92d658f17b5b6b3b87dd2778688",
-    "belle_llama2_sp_pack_w2": "354f96297c372e551dbdb4117d3ef21093f8134f706fb098f1cc56fa9afae1de",
+    "belle_default_w1": "bb4655fccfd0995e011523043c13471f9b9b42a4bd4e398af9938a2c3ba0644d",
+    "belle_default_pack_w2": "1a152e505494d434bd5f9c666a7e06a7631a953f32bf4aa0c3b6fbe48615ce12",
+    "mixed_qwen_pack_w1": "6211a705ff4733450b5dc661d0ddcd57c0066a0500616ea00090fa6a647a9612",
+    "moss_truncate_w2": "f5e75f2875e02212afd947c9b2f29ccaa476fda706422b7235c01de3c57abf9f",
+    "belle_llama2_sp_pack_w2": "46bacf8ece4689ec2807d8fe9dd6d736a61d277f85ce3a7dc3c2bd6b565212cb",
 }
 
 
@@ -82,15 +83,19 @@ def run_case(name: str, out: Path) -> None:
 
 
 def output_digest(out: Path) -> str:
-    """sha256 over every output file's path and bytes; the manifest and plan less paths and timings."""
+    """sha256 over every output file's path and bytes, with what names the checkout left out: the repository's
+    path becomes ``REPO`` (rejects name their source file), the manifest and plan lose paths and timings, and the
+    plan's fingerprint (a hash over the sources' paths) is dropped where the plan and each block record keep it."""
     digest = hashlib.sha256()
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         relative = path.relative_to(out).as_posix()
-        body = path.read_bytes()
+        body = path.read_bytes().replace(str(REPO).encode(), b"REPO")
         if relative == MANIFEST_FILE:
             body = _portable(json.loads(body), ("timings", "tokenizer_path"))
         elif relative == ".blocks/plan.json":
-            body = _portable(json.loads(body), ("tokenizer_path",))
+            body = _portable(json.loads(body), ("tokenizer_path", "fingerprint"))
+        elif relative.startswith(".blocks/") and relative.endswith(".json"):
+            body = _portable(json.loads(body), ("plan",))
         digest.update(relative.encode() + b"\0" + hashlib.sha256(body).digest())
     return digest.hexdigest()
 
