@@ -1,4 +1,5 @@
-"""Suite-wide: the MLflow store of runs that name none, and the shared memory that killed CPU ranks leave.
+"""Suite-wide: the MLflow store of runs that name none, the shared memory that killed CPU ranks leave, and an
+environment that no module leaves changed for the next.
 
 Without ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` a run logs to ``./mlruns`` in the current directory (the
 project's default store, docs/tracking.md); the suite's runs go to a store of its own instead of the checkout's.
@@ -43,3 +44,16 @@ def no_leftover_cpu_shm_buffers() -> Iterator[None]:
                 path.unlink()
         except OSError:
             pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def environment_restored_after_each_module() -> Iterator[None]:
+    """Whatever a module's in-process code sets in ``os.environ`` (a fixture's ``SFT_TRACKING=0``, MLflow's HTTP
+    settings that ``open_client`` defaults) is undone when the module ends, so no later module's subprocesses
+    inherit it: a leaked ``SFT_TRACKING=0`` once turned off the prepare record another module waited for, and
+    only in the whole suite's order."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)

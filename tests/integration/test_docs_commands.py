@@ -171,9 +171,17 @@ def _write_inputs(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def subs(tmp_path_factory: pytest.TempPathFactory) -> Substitutes:
+def subs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Substitutes]:
     tmp = tmp_path_factory.mktemp("docs")
-    os.environ["SFT_TRACKING"] = "0"  # prepare's MLflow record runs in a process of its own: not needed here
+    with pytest.MonkeyPatch.context() as patch:
+        # prepare's MLflow record runs in a process of its own: not needed here (and not after this module:
+        # left set, it turned off the records that later modules wait for)
+        patch.setenv("SFT_TRACKING", "0")
+        yield _substitutes(tmp)
+
+
+def _substitutes(tmp: Path) -> Substitutes:
+    """The tiny prepared data and the tiny 2-rank LoRA run the commands are pointed at."""
     data = tmp / "data"
     prepare = ["prepare", "--source", str(BELLE), "--tokenizer", str(TINY_LLAMA), "--template", "qwen", "--out",
                str(data), "--max-seq-len", "256", "--pack", "--val-fraction", "0.1", "--no-progress"]  # fmt: skip

@@ -120,7 +120,7 @@ def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer,
     gateway = Gateway(server.port)
     uri = secret_uri(gateway.port)
     redacted = f"http://***@127.0.0.1:{gateway.port}/?token=***"
-    base_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    base_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SFT_TRACKING")}
     base_env |= {"PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     work = tmp_path / "work"
     work.mkdir()
