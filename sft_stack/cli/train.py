@@ -72,8 +72,9 @@ def resolve_config(config: Path) -> Path | None:
     return shipped if len(config.parts) == 1 and shipped.is_file() else None
 
 
-def deepspeed_command(args: argparse.Namespace, config: Path) -> list[str]:
-    """The launcher's command line; the launcher is run by this interpreter, like the ranks it starts."""
+def deepspeed_command(args: argparse.Namespace, config: Path, overrides: list[str]) -> list[str]:
+    """The launcher's command line with ``overrides``; the launcher is run by this interpreter, like the ranks
+    it starts."""
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
     for flag, value in (
         ("--num_gpus", args.gpus),
@@ -83,7 +84,7 @@ def deepspeed_command(args: argparse.Namespace, config: Path) -> list[str]:
     ):
         if value is not None:
             launcher += [flag, str(value)]
-    return [*launcher, str(LAUNCHER), "--config", str(config), *args.overrides]
+    return [*launcher, str(LAUNCHER), "--config", str(config), *overrides]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.train") -> int:
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sft_stack.cli.tra
             "runner on every launch; put the URI without it and give the credentials as MLFLOW_TRACKING_USERNAME "
             "and MLFLOW_TRACKING_PASSWORD in ~/.deepspeed_env on every node"
         )
-    args.overrides = [item for item in args.overrides if item not in secret]
-    command = deepspeed_command(args, config)
+    command = deepspeed_command(args, config, [item for item in args.overrides if item not in secret])
     env = {**os.environ, "DS_ACCELERATOR": "cpu"} if args.cpu else dict(os.environ)
     if secret:
         env[SECRET_OVERRIDES_ENV] = "\n".join(secret)

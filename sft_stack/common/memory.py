@@ -8,6 +8,7 @@ is the high-water mark of the current address space only, so it starts afresh at
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -16,10 +17,8 @@ __all__ = ["peak_rss_mib"]
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process's address space (MiB): VmHWM, or ru_maxrss where /proc is absent."""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

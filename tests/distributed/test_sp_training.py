@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from sft_stack.common.ports import free_port
 from tests.distributed.test_training import BELLE, ROOT, env, launch, losses
 from tests.helpers.data import TINY_LLAMA, make_prepared_dir
 
@@ -183,7 +184,7 @@ def test_packed_samples_are_isolated_under_sp2(tmp: Path) -> None:
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "tests/distributed/sp_packing_script.py"),
         "--data",
         str(data),
@@ -203,14 +204,6 @@ def test_packed_samples_are_isolated_under_sp2(tmp: Path) -> None:
         # Without isolation every sample after the first would also attend to the ones before it (off by ~1e-2).
         for alone, packed in zip(found["alone"], found["packed"], strict=True):
             assert packed == pytest.approx(alone, rel=1e-5), (path, found["alone"], found["packed"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from sft_stack.common.ports import free_port
 from tests.helpers.data import make_prepared_dir
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,7 @@ def env() -> dict[str, str]:
 def launch(world: int, plan: list[dict[str, Any]], tmp: Path) -> None:
     plan_file = tmp / f"plan_w{world}.json"
     plan_file.write_text(json.dumps(plan))
-    with socket.socket() as probe:  # other suites may run a launcher on the default port 29500 at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     command = [
         str(Path(sys.executable).parent / "deepspeed"),  # the venv's launcher, whether or not the venv is active
         "--num_gpus",

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from sft_stack.common.ports import free_port
 
 SCRIPT = Path(__file__).with_name("zero3_export_script.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -31,9 +32,7 @@ def test_two_rank_zero3_partition_export_and_qlora(tmp_path: Path) -> None:
 
     from trainer.model import quantization_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
     proc = subprocess.run(

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from sft_stack.cli.main import main as sft_main
+from sft_stack.common.ports import free_port
 from tests.helpers.data import BELLE, REPO, TINY_LLAMA
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -186,9 +186,7 @@ def _substitutes(tmp: Path) -> Substitutes:
     prepare = ["prepare", "--source", str(BELLE), "--tokenizer", str(TINY_LLAMA), "--template", "qwen", "--out",
                str(data), "--max-seq-len", "256", "--pack", "--val-fraction", "0.1", "--no-progress"]  # fmt: skip
     assert sft_main(prepare) == 0
-    with socket.socket() as probe:  # other suites may run a launcher on the default port at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     run = tmp / "run"
     train = [sys.executable, "-m", "sft_stack.cli", "train", "tiny_cpu_lora", "--cpu", "--gpus", "2",
              "--master-port", str(port), f"data.path={data}", f"train.output_dir={run}", "train.max_steps=2", "train.warmup_steps=0",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from sft_stack.common.ports import free_port
 from trainer.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from trainer.export import EXPORT_INFO_FILE, export_final, merge_adapter
 from trainer.model import LoadedModel, load_model, param_groups, quantization_config
@@ -28,9 +28,7 @@ def single_rank() -> None:
 
     if torch.distributed.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     saved = dict(os.environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import trainer.loop as loop
+from sft_stack.common.ports import free_port
 from tests.helpers.data import make_prepared_dir
 from trainer.config import load_config
 from trainer.ds_config import build_ds_config
@@ -25,9 +25,7 @@ def one_rank_group() -> Iterator[None]:
     import deepspeed
     import torch.distributed as dist
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     saved = dict(os.environ)
     os.environ.update(
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu"

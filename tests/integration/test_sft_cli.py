@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import tomllib
 from sft_stack.chat.registry import TEMPLATE_NAMES
 from sft_stack.cli import configs as configs_cli
 from sft_stack.cli.main import COMMANDS, main
+from sft_stack.common.ports import free_port
 from tests.helpers.data import REPO, make_prepared_dir
 
 ALL = [
@@ -171,9 +171,7 @@ def test_train_user_errors_are_one_line(args: list[str], message: str, capsys: p
 @pytest.mark.slow
 def test_sft_train_trains_the_tiny_model_on_two_gloo_ranks(tmp_path: Path) -> None:
     data = make_prepared_dir(tmp_path / "data", pack=True, max_seq_len=128)
-    with socket.socket() as probe:  # other suites may run a launcher on the default port at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # not the default port: another launcher may hold it
     out = tmp_path / "run"
     # what a killed CPU run on this rendezvous leaves: its ranks' shared-memory buffers, which DeepSpeed never unlinks
     buffers = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}") for rank in (0, 1)]

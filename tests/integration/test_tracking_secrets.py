@@ -26,6 +26,7 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,23 @@ def files_holding_a_secret(*roots: Path) -> list[str]:
     return found
 
 
+def wait_for_prepare_record(data: Path, gateway: Gateway) -> dict[str, Any]:
+    """The detached prepare record's result, once it lands; fails with its log and the gateway's refusals if the
+    record gives up or never comes."""
+    record_file = data / "mlflow_prepare_run.json"
+    record_log = data / "mlflow_prepare_run.log"
+    deadline = time.monotonic() + 300  # generous: the detached record imports mlflow on a busy machine
+    while not record_file.is_file() and time.monotonic() < deadline:
+        if record_log.is_file() and "not tracked" in record_log.read_text():
+            break  # the record gave up: its log says why
+        time.sleep(0.5)
+    assert record_file.is_file(), (
+        f"no prepare record; its log: {record_log.read_text() if record_log.is_file() else '(none)'}; "
+        f"gateway refused {gateway.refusals}"
+    )
+    return dict(json.loads(record_file.read_text()))
+
+
 def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
@@ -133,18 +151,7 @@ def test_planted_secret_reaches_no_file_record_or_log_line(server: MlflowServer,
             work, base_env | {"MLFLOW_TRACKING_URI": uri}, outputs,
         )  # fmt: skip
         assert prepare.returncode == 0, prepare.stderr
-        record_file = work / "data" / "mlflow_prepare_run.json"
-        record_log = work / "data" / "mlflow_prepare_run.log"
-        deadline = time.monotonic() + 300  # generous: the detached record imports mlflow on a busy machine
-        while not record_file.is_file() and time.monotonic() < deadline:
-            if record_log.is_file() and "not tracked" in record_log.read_text():
-                break  # the record gave up: its log says why
-            time.sleep(0.5)
-        assert record_file.is_file(), (
-            f"no prepare record; its log: {record_log.read_text() if record_log.is_file() else '(none)'}; "
-            f"gateway refused {gateway.refusals}"
-        )
-        record = json.loads(record_file.read_text())
+        record = wait_for_prepare_record(work / "data", gateway)
         assert record["tracking_uri"] == redacted
 
         # 2. a tracked training run, the URI given as an override, a checkpoint at every step
