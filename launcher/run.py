@@ -25,6 +25,7 @@ from data_pipeline.schema import DataError
 from sft_stack.common.errors import FAILURE, PREFIX, USER_ERROR  # the one convention (README, "Exit status")
 from sft_stack.common.ports import free_port
 from sft_stack.common.project import SECRET_OVERRIDES_ENV
+from tracking.naming import redact_text
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.dist import remove_cpu_shm_buffer
@@ -85,12 +86,12 @@ def main(argv: list[str]) -> int:
         secret = [line for line in os.environ.get(SECRET_OVERRIDES_ENV, "").splitlines() if line]
         cfg = load_config(args.config, [*args.overrides, *secret])
     except ConfigError as exc:
-        if is_node_leader():
-            print(f"{PREFIX}{exc}", file=sys.stderr, flush=True)
+        if is_node_leader():  # the message quotes the value: a URI's password is redacted
+            print(f"{PREFIX}{redact_text(str(exc))}", file=sys.stderr, flush=True)
         return USER_ERROR
     problems = find_problems(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if problems and is_node_leader():
-        print("\n".join(f"{PREFIX}{problem}" for problem in problems), file=sys.stderr, flush=True)
+        print("\n".join(f"{PREFIX}{redact_text(problem)}" for problem in problems), file=sys.stderr, flush=True)
     if problems:
         return USER_ERROR
     # Only now torch, DeepSpeed and the loop: a mistake found above ended the launch in seconds, before they load.

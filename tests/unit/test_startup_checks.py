@@ -121,3 +121,15 @@ def test_a_shipped_recipe_runs_from_a_directory_outside_the_repository(tmp_path:
     assert resolved["deepspeed"]["config"] == str(ROOT / "ds_configs" / "zero2.json")
     assert resolved["data"]["path"] == str(tmp_path / "data") and resolved["train"]["lr"] == 1e-3
     assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_a_mistaken_override_holding_a_password_is_refused_without_printing_it(world: Path) -> None:
+    """The refusal quotes the override, as every refusal does, but with the URI's password redacted: it may come
+    from `sft train`'s SFT_SECRET_OVERRIDES, which exists to keep that password off every printed line."""
+    result = launch(world, TINY, f"data.path={world / 'data'}", "tracking.urii=http://alice:pw-PLANTED@127.0.0.1:9/")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "sft: error: override tracking.urii=http://***@127.0.0.1:9/: unknown key tracking.urii; valid keys of "
+        "tracking: enabled, uri, experiment, run_name, upload_weights, close_timeout_s, system_metrics"
+    ]
+    assert "PLANTED" not in result.stdout + result.stderr
