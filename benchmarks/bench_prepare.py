@@ -387,7 +387,16 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+REAL_SAMPLES = [
+    str(REAL / "belle" / "Belle_open_source_1k.json"),
+    str(REAL / "alpaca" / "alpaca_en_demo.json"),
+    str(REAL / "firefly_moss_flat" / "dummy_data.jsonl"),
+    str(REAL / "moss_003"),
+]
+"""The committed real corpora, prepared once per tokenizer as the small real-data row."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500 records: a smoke run")
     parser.add_argument("--records", type=int, default=200_000, help="generated records (default 200k)")
@@ -400,7 +409,65 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="also write the JSON report to this file (benchmarks/results/...)")
     parser.add_argument("--code", type=Path, help="measure the prepare of this checkout (e.g. main, for before/after)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def measure_tokenizer(name: str, corpus: Path, work: Path, *, baseline: bool) -> dict[str, Any]:
+    """Every row for one tokenizer: the raw tokenizer, prepare at 1 and 2 workers, the datasets.map baseline
+    (unless skipped), the per-stage profile, the real samples, and the ratios the issue asks for."""
+    tok = fast_tokenizer_dir(name, work)
+    result: dict[str, Any] = {
+        "raw_tokenizer_1core": run_child("raw", cores=1, corpus=corpus, tokenizer_dir=tok),
+        "raw_tokenizer_2cores_rayon": run_child("raw", rayon=True, corpus=corpus, tokenizer_dir=tok),
+    }
+    for label, workers, cores in (("prepare_w1_1core", 1, 1), ("prepare_w1", 1, 2), ("prepare_w2", 2, 2)):
+        out = work / f"{name}_{label}"
+        result[label] = run_child(
+            "prepare", cores=cores, sources=[str(corpus)], tokenizer_dir=tok, out=out, workers=workers
+        )
+        shutil.rmtree(out)
+    styles = ("typical", "batched") if baseline else ()
+    for style in styles:
+        for num_proc in (1, 2):
+            out = work / f"{name}_{style}{num_proc}"
+            result[f"datasets_map_{style}_np{num_proc}"] = run_child(
+                "baseline", cores=num_proc, corpus=corpus, tokenizer_dir=tok, out=out, num_proc=num_proc, style=style
+            )
+            shutil.rmtree(out)
+    result["profile_1core"] = run_child("profile", cores=1, corpus=corpus, tokenizer_dir=tok, out=work / "prof")
+    result["real_samples"] = run_child("prepare", sources=REAL_SAMPLES, tokenizer_dir=tok, out=work / "real", workers=1)
+    shutil.rmtree(work / "real")
+    ratios = {
+        # Like with like: one core each, then two cores each (prepare's 2 threads vs rayon's 2 threads).
+        "w1_1core_vs_raw_1core": ratio(result, "prepare_w1_1core", "raw_tokenizer_1core"),
+        "w1_vs_raw_2cores_rayon": ratio(result, "prepare_w1", "raw_tokenizer_2cores_rayon"),
+        "w1_vs_raw_1core": ratio(result, "prepare_w1", "raw_tokenizer_1core"),
+        "w2_vs_w1_1core": ratio(result, "prepare_w2", "prepare_w1_1core"),
+        "w2_vs_w1": ratio(result, "prepare_w2", "prepare_w1"),
+    }
+    for style in styles:
+        ratios[f"w1_1core_vs_datasets_map_{style}_np1"] = ratio(result, "prepare_w1_1core", f"datasets_map_{style}_np1")
+        ratios[f"w2_vs_datasets_map_{style}_np2"] = ratio(result, "prepare_w2", f"datasets_map_{style}_np2")
+    result["ratios"] = ratios
+    return result
+
+
+def measure_memory(records: int, tokenizer: str, work: Path) -> dict[str, Any]:
+    """The same short records at 1/50 and at full size, 2 workers: a bounded pipeline has the same peaks at both."""
+    tok = fast_tokenizer_dir(tokenizer, work)
+    rows: dict[str, Any] = {}
+    for label, count in (("rss_small", max(1, records // 50)), ("rss_run", records)):
+        big = work / "big.jsonl"
+        generate_short_corpus(big, count)
+        run = run_child("prepare", sources=[str(big)], tokenizer_dir=tok, out=work / "big", workers=2)
+        rows[label] = {**run, "corpus_bytes": big.stat().st_size}
+        shutil.rmtree(work / "big")
+        big.unlink()
+    return rows
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.code:
         os.environ["BENCH_PREPARE_CODE"] = str(args.code.resolve())
         global CODE
@@ -422,68 +489,10 @@ def main() -> None:
         start = time.perf_counter()
         generate_corpus(corpus, records)
         report["corpus"] = {"path_bytes": corpus.stat().st_size, "generate_s": round(time.perf_counter() - start, 1)}
-        real = [
-            str(REAL / "belle" / "Belle_open_source_1k.json"),
-            str(REAL / "alpaca" / "alpaca_en_demo.json"),
-            str(REAL / "firefly_moss_flat" / "dummy_data.jsonl"),
-            str(REAL / "moss_003"),
-        ]
         for name in [n for n in args.tokenizers.split(",") if n]:
-            tok = fast_tokenizer_dir(name, work)
-            result: dict[str, Any] = {
-                "raw_tokenizer_1core": run_child("raw", cores=1, corpus=corpus, tokenizer_dir=tok),
-                "raw_tokenizer_2cores_rayon": run_child("raw", rayon=True, corpus=corpus, tokenizer_dir=tok),
-            }
-            for label, workers, cores in (("prepare_w1_1core", 1, 1), ("prepare_w1", 1, 2), ("prepare_w2", 2, 2)):
-                out = work / f"{name}_{label}"
-                result[label] = run_child(
-                    "prepare", cores=cores, sources=[str(corpus)], tokenizer_dir=tok, out=out, workers=workers
-                )
-                shutil.rmtree(out)
-            if not args.skip_baseline:
-                for style in ("typical", "batched"):
-                    for num_proc in (1, 2):
-                        out = work / f"{name}_{style}{num_proc}"
-                        result[f"datasets_map_{style}_np{num_proc}"] = run_child(
-                            "baseline",
-                            cores=num_proc,
-                            corpus=corpus,
-                            tokenizer_dir=tok,
-                            out=out,
-                            num_proc=num_proc,
-                            style=style,
-                        )
-                        shutil.rmtree(out)
-            result["profile_1core"] = run_child("profile", cores=1, corpus=corpus, tokenizer_dir=tok, out=work / "prof")
-            result["real_samples"] = run_child("prepare", sources=real, tokenizer_dir=tok, out=work / "real", workers=1)
-            shutil.rmtree(work / "real")
-
-            ratios = {
-                # Like with like: one core each, then two cores each (prepare's 2 threads vs rayon's 2 threads).
-                "w1_1core_vs_raw_1core": ratio(result, "prepare_w1_1core", "raw_tokenizer_1core"),
-                "w1_vs_raw_2cores_rayon": ratio(result, "prepare_w1", "raw_tokenizer_2cores_rayon"),
-                "w1_vs_raw_1core": ratio(result, "prepare_w1", "raw_tokenizer_1core"),
-                "w2_vs_w1_1core": ratio(result, "prepare_w2", "prepare_w1_1core"),
-                "w2_vs_w1": ratio(result, "prepare_w2", "prepare_w1"),
-            }
-            if not args.skip_baseline:
-                for style in ("typical", "batched"):
-                    ratios[f"w1_1core_vs_datasets_map_{style}_np1"] = ratio(
-                        result, "prepare_w1_1core", f"datasets_map_{style}_np1"
-                    )
-                    ratios[f"w2_vs_datasets_map_{style}_np2"] = ratio(result, "prepare_w2", f"datasets_map_{style}_np2")
-            result["ratios"] = ratios
-            report["tokenizers"][name] = result
+            report["tokenizers"][name] = measure_tokenizer(name, corpus, work, baseline=not args.skip_baseline)
         if args.rss_records:
-            # The same short records at 1/50 and at full size: a bounded pipeline has the same peaks at both.
-            tok = fast_tokenizer_dir(args.rss_tokenizer, work)
-            for label, count in (("rss_small", max(1, args.rss_records // 50)), ("rss_run", args.rss_records)):
-                big = work / "big.jsonl"
-                generate_short_corpus(big, count)
-                run = run_child("prepare", sources=[str(big)], tokenizer_dir=tok, out=work / "big", workers=2)
-                report[label] = {**run, "corpus_bytes": big.stat().st_size}
-                shutil.rmtree(work / "big")
-                big.unlink()
+            report |= measure_memory(args.rss_records, args.rss_tokenizer, work)
         report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
